@@ -1,0 +1,1 @@
+"""Checkpoints in, compressed container out and back (installed as ``offload_runtime.loaders``)."""

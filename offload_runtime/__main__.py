@@ -1,0 +1,3 @@
+from offload_runtime.cli import main
+
+raise SystemExit(main())
