@@ -42,7 +42,9 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     transformers and accelerate use to mark blocks); else the ``ModuleList`` holding the most parameters.
     """
     no_split = set(getattr(model, "_no_split_modules", None) or [])
-    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)]
+    candidates = [
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod)
+    ]
     marked = [(n, m) for n, m in candidates if type(m[0]).__name__ in no_split]
     pool = marked or candidates
     if not pool:
@@ -81,7 +83,9 @@ def find_groups(model: nn.Module) -> list[GroupSpec]:
     groups: dict[str, GroupSpec] = {}
     stored_as: dict[int, tuple[str, str]] = {}  # id(tensor) -> (stored name, group)
     for module_path, module in model.named_modules(remove_duplicate=False):
-        own = [(f"{module_path}.{n}" if module_path else n, p) for n, p in module.named_parameters(recurse=False)]
+        own = [
+            (f"{module_path}.{n}" if module_path else n, p) for n, p in module.named_parameters(recurse=False)
+        ]
         own += _persistent_buffers(module, module_path)
         for full_name, tensor in own:
             group_name, kind = group_of(module_path)

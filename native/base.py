@@ -86,7 +86,10 @@ class GpuDecoder(ABC):
 
 
 class GroupCodec(ABC):
-    """A codec for whole groups. Subclasses set ``name`` and ``lossless`` and register with :func:`register`."""
+    """A codec for whole groups.
+
+    Subclasses set ``name`` and ``lossless`` and register themselves with :func:`register`.
+    """
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = True

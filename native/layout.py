@@ -74,7 +74,9 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: Mapping) -> TensorSpec:
-        return cls(str(obj["name"]), str(obj["dtype"]), tuple(int(d) for d in obj["shape"]), int(obj["offset"]))
+        return cls(
+            str(obj["name"]), str(obj["dtype"]), tuple(int(d) for d in obj["shape"]), int(obj["offset"])
+        )
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ class GroupLayout:
             src = tensors[spec.name]
             if tuple(src.shape) != spec.shape or src.dtype != spec.torch_dtype:
                 raise ValueError(
-                    f"tensor {spec.name!r} is {src.dtype} {tuple(src.shape)}, layout says {spec.dtype} {spec.shape}"
+                    f"tensor {spec.name!r} is {src.dtype} {tuple(src.shape)}, "
+                    f"layout says {spec.dtype} {spec.shape}"
                 )
             view.copy_(src.detach())
         return out
@@ -126,9 +129,12 @@ class GroupLayout:
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero-copy typed views of each tensor inside a uint8 ``buffer`` of at least ``size`` bytes."""
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < self.size:
-            raise ValueError(f"need a 1-D uint8 buffer of >= {self.size} bytes, got {buffer.dtype} {tuple(buffer.shape)}")
+            raise ValueError(
+                f"need a 1-D uint8 buffer of >= {self.size} bytes, got {buffer.dtype} {tuple(buffer.shape)}"
+            )
         return {
-            t.name: buffer[t.offset : t.offset + t.nbytes].view(t.torch_dtype).view(t.shape) for t in self.tensors
+            t.name: buffer[t.offset : t.offset + t.nbytes].view(t.torch_dtype).view(t.shape)
+            for t in self.tensors
         }
 
     def to_json(self) -> dict:

@@ -39,7 +39,13 @@ def tiny_config(arch: str, *, num_layers: int = 3, **overrides):
         )
     elif arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=256, n_embd=64, n_layer=num_layers, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=1
+            vocab_size=256,
+            n_embd=64,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=1,
         )
     elif arch == "bert":
         cfg = BertConfig(

@@ -1,0 +1,66 @@
+"""``raw``: no compression. The baseline, and what accelerate streams."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.chunking import crc32, split
+from offload_runtime.native.layout import GroupLayout
+
+RAW_CHUNK_SIZE = 4 << 20  # only granularity for checksums: raw chunks are contiguous
+
+
+@register
+class RawCodec(GroupCodec):
+    name = "raw"
+    lossless = True
+
+    def __init__(self, chunk_size: int = RAW_CHUNK_SIZE) -> None:
+        self.chunk_size = chunk_size
+
+    def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
+        chunks, offset = [], 0
+        for piece in split(data, self.chunk_size):
+            crc = crc32(piece)
+            chunks.append(Chunk(offset, piece.size, piece.size, crc, crc))
+            offset += piece.size
+        return EncodedGroup(np.ascontiguousarray(data), chunks, {"chunk_size": self.chunk_size})
+
+    def decode_cpu(
+        self,
+        payload: memoryview | np.ndarray,
+        chunks: Sequence[Chunk],
+        params: Mapping[str, Any],
+        layout: GroupLayout,
+        out: torch.Tensor,
+    ) -> None:
+        size = sum(c.decoded_size for c in chunks)
+        src = (
+            torch.frombuffer(payload, dtype=torch.uint8, count=size)
+            if size
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        out[:size].copy_(src)
+
+    def gpu_decoder(
+        self,
+        chunks: Sequence[Chunk],
+        params: Mapping[str, Any],
+        layout: GroupLayout,
+        device: torch.device,
+    ) -> GpuDecoder:
+        return _RawGpuDecoder(sum(c.decoded_size for c in chunks))
+
+
+class _RawGpuDecoder(GpuDecoder):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        with torch.cuda.stream(stream):
+            out[: self.size].copy_(src[: self.size], non_blocking=True)
