@@ -132,10 +132,7 @@ class GroupLayout:
             raise ValueError(
                 f"need a 1-D uint8 buffer of >= {self.size} bytes, got {buffer.dtype} {tuple(buffer.shape)}"
             )
-        return {
-            t.name: buffer[t.offset : t.offset + t.nbytes].view(t.torch_dtype).view(t.shape)
-            for t in self.tensors
-        }
+        return {t.name: _view(buffer, t) for t in self.tensors}
 
     def to_json(self) -> dict:
         return {"size": self.size, "tensors": [t.to_json() for t in self.tensors]}
@@ -143,6 +140,12 @@ class GroupLayout:
     @classmethod
     def from_json(cls, obj: Mapping) -> GroupLayout:
         return cls(tuple(TensorSpec.from_json(t) for t in obj["tensors"]), int(obj["size"]))
+
+
+def _view(buffer: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    if spec.nbytes == 0:  # an empty slice cannot be re-viewed as another dtype; it holds no data anyway
+        return torch.empty(spec.shape, dtype=spec.torch_dtype, device=buffer.device)
+    return buffer[spec.offset : spec.offset + spec.nbytes].view(spec.torch_dtype).view(spec.shape)
 
 
 def total_size(layouts: Sequence[GroupLayout]) -> int:

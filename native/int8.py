@@ -1,0 +1,204 @@
+"""``int8``: lossy per-output-channel symmetric INT8 for 2-D float weights, everything else lossless.
+
+Each floating 2-D tensor ``w`` [out, in] is stored as ``q = round(w / scale)`` (int8 in [-127, 127]) and
+``scale = max|w[row]| / 127`` (fp32, one per output channel), so every decoded element is within
+``scale / 2`` of the original (plus the rounding of the compute dtype). Other tensors (biases, norms, int
+buffers, 1-D or 3-D+ tensors) are stored unchanged. The stored bytes are then compressed by an inner
+lossless codec: ``ans`` when CUDA and nvCOMP are present, else ``zstd``.
+
+The stored layout is a pure function of the group's layout (:func:`stored_layout_for`), so decoders need
+nothing beyond the group layout and ``params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from offload_runtime.errors import CodecUnavailableError, CorruptCheckpointError
+from offload_runtime.native.base import (
+    Chunk,
+    EncodedGroup,
+    GpuDecoder,
+    GroupCodec,
+    register,
+    registered_codecs,
+)
+from offload_runtime.native.layout import GroupLayout, TensorSpec
+
+SCALE_SUFFIX = ".__scale__"
+INT8_MAX = 127  # symmetric: -128 is never used, so negating a row never overflows
+_FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def is_quantised(spec: TensorSpec) -> bool:
+    """True for the tensors ``int8`` quantises: floating, 2-D, non-empty."""
+    return spec.dtype in _FLOAT_DTYPES and len(spec.shape) == 2 and spec.numel > 0
+
+
+def stored_layout_for(layout: GroupLayout) -> GroupLayout:
+    """The layout of what ``int8`` stores for ``layout``: int8 values + fp32 row scales, others as is."""
+    named: list[tuple[str, torch.Tensor]] = []
+    for spec in layout.tensors:
+        if is_quantised(spec):
+            named.append((spec.name, torch.empty(spec.shape, dtype=torch.int8, device="meta")))
+            named.append(
+                (spec.name + SCALE_SUFFIX, torch.empty(spec.shape[0], dtype=torch.float32, device="meta"))
+            )
+        else:
+            named.append((spec.name, torch.empty(spec.shape, dtype=spec.torch_dtype, device="meta")))
+    return GroupLayout.from_tensors(named)
+
+
+def quantise_rows(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8 of a 2-D float tensor: ``(q int8, scale fp32)``; zero rows get scale 1.
+
+    Raises:
+        ValueError: when ``weight`` holds NaN or infinity (no finite scale exists), naming the tensor.
+    """
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"int8 cannot quantise {name!r}: row {bad} holds NaN or infinity; use a lossless codec"
+        )
+    scale = w.abs().amax(dim=1) / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row decodes to zeros anyway
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def _inner_codec(name: str) -> GroupCodec:
+    cls = registered_codecs().get(name)
+    if cls is None or name == "int8":
+        raise CodecUnavailableError(
+            f"int8 cannot use {name!r} as its inner lossless codec",
+            codec="int8",
+            missing=name,
+            alternative="zstd",
+        )
+    return cls()
+
+
+def default_inner() -> str:
+    """``"ans"`` when CUDA, nvCOMP and libnvcomp are usable here, else ``"zstd"``."""
+    from offload_runtime.native.availability import gpu_codecs_unavailable_reason
+
+    if gpu_codecs_unavailable_reason() is not None:
+        return "zstd"
+    from offload_runtime.native.nvcomp_capi import library
+
+    return "ans" if library() is not None else "zstd"
+
+
+@register
+class Int8Codec(GroupCodec):
+    """Per-output-channel INT8 weights stored through an inner lossless codec.
+
+    Args:
+        inner (`str`, *optional*): ``"ans"``, ``"zstd"`` or ``"raw"``; ``None`` picks ``"ans"`` when a
+            GPU with nvCOMP is present, else ``"zstd"``.
+    """
+
+    name = "int8"
+    lossless = False
+
+    def __init__(self, inner: str | None = None) -> None:
+        self.inner = inner
+
+    def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
+        inner_name = self.inner or default_inner()
+        inner = _inner_codec(inner_name)
+        source = layout.views(torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)))
+        stored: dict[str, torch.Tensor] = {}
+        for spec in layout.tensors:
+            if is_quantised(spec):
+                q, scale = quantise_rows(source[spec.name], spec.name)
+                stored[spec.name], stored[spec.name + SCALE_SUFFIX] = q, scale
+            else:
+                stored[spec.name] = source[spec.name]
+        stored_layout = stored_layout_for(layout)
+        encoded = inner.encode(stored_layout, stored_layout.pack(stored))
+        params = {"inner": inner_name, "inner_params": encoded.params, "scale_dtype": "float32"}
+        return EncodedGroup(encoded.payload, encoded.chunks, params, stored_layout)
+
+    def decode_cpu(
+        self,
+        payload: memoryview | np.ndarray,
+        chunks: Sequence[Chunk],
+        params: Mapping[str, Any],
+        layout: GroupLayout,
+        out: torch.Tensor,
+    ) -> None:
+        stored_layout = _checked_stored_layout(layout, chunks)
+        scratch = torch.empty(stored_layout.size, dtype=torch.uint8)
+        inner = _inner_codec(str(params["inner"]))
+        inner.decode_cpu(payload, chunks, params.get("inner_params", {}), stored_layout, scratch)
+        dequantise(layout, stored_layout.views(scratch), layout.views(out))
+
+    def gpu_decoder(
+        self,
+        chunks: Sequence[Chunk],
+        params: Mapping[str, Any],
+        layout: GroupLayout,
+        device: torch.device,
+    ) -> GpuDecoder:
+        stored_layout = _checked_stored_layout(layout, chunks)
+        inner = _inner_codec(str(params["inner"]))
+        inner_decoder = inner.gpu_decoder(chunks, params.get("inner_params", {}), stored_layout, device)
+        return _Int8GpuDecoder(inner_decoder, layout, stored_layout, torch.device(device))
+
+
+def _checked_stored_layout(layout: GroupLayout, chunks: Sequence[Chunk]) -> GroupLayout:
+    stored_layout = stored_layout_for(layout)
+    decoded = sum(c.decoded_size for c in chunks)
+    if decoded != stored_layout.size:
+        raise CorruptCheckpointError(
+            "int8 chunks do not decode to the stored layout of this group",
+            expected=f"{stored_layout.size} bytes",
+            actual=f"{decoded} bytes",
+            hint="the container's layout and chunk table disagree; re-pack it",
+        )
+    return stored_layout
+
+
+def dequantise(
+    layout: GroupLayout, stored: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor]
+) -> None:
+    """Write each tensor of ``layout`` into ``out`` (views), dequantising the int8 ones.
+
+    ``torch.mul(..., out=)`` computes in fp32 and rounds once into the compute dtype, without a temporary.
+    """
+    for spec in layout.tensors:
+        if is_quantised(spec):
+            torch.mul(stored[spec.name], stored[spec.name + SCALE_SUFFIX][:, None], out=out[spec.name])
+        else:
+            out[spec.name].copy_(stored[spec.name], non_blocking=True)
+
+
+class _Int8GpuDecoder(GpuDecoder):
+    """Inner decode into a scratch buffer allocated once, then dequantise with torch ops on the stream."""
+
+    def __init__(
+        self, inner: GpuDecoder, layout: GroupLayout, stored_layout: GroupLayout, device: torch.device
+    ) -> None:
+        self.inner = inner
+        self.layout = layout
+        self.scratch = torch.empty(stored_layout.size, dtype=torch.uint8, device=device)
+        self.stored_views = stored_layout.views(self.scratch)
+        self.scratch_bytes = stored_layout.size + inner.scratch_bytes
+        self.done = torch.cuda.Event()
+        self._last_stream: torch.cuda.Stream | None = None
+
+    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        if self._last_stream is not None and self._last_stream != stream:
+            stream.wait_event(self.done)  # the scratch is shared with the previous decode
+            self.scratch.record_stream(stream)
+        self.inner.decode(src, self.scratch, stream)
+        with torch.cuda.stream(stream):
+            dequantise(self.layout, self.stored_views, self.layout.views(out))
+        self.done.record(stream)
+        self._last_stream = stream

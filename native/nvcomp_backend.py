@@ -1,0 +1,278 @@
+"""nvCOMP plumbing shared by the GPU codecs: availability checks, the batched GPU decoder, ANS encoding.
+
+Decodes go through nvCOMP's batched C API (:mod:`offload_runtime.native.nvcomp_capi`): one call per group
+decodes every chunk, on the caller's stream, into caller-owned torch memory, without a host sync. All
+per-group state (sizes, scratch, statuses) is built once in the decoder's constructor; the device arrays
+of chunk pointers are built once per (payload address, output address) pair and cached, so the steady
+state allocates nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from offload_runtime.errors import CodecUnavailableError
+from offload_runtime.native import nvcomp_capi as capi
+from offload_runtime.native.availability import (
+    NVCOMP_EXTRA_HINT,
+    gpu_codecs_unavailable_reason,
+    nvcomp_module,
+)
+from offload_runtime.native.base import Chunk, GpuDecoder
+from offload_runtime.native.chunking import crc32
+from offload_runtime.native.layout import align_up
+
+# (payload, output) address pairs whose pointer arrays a decoder keeps: staging ring x slots is small
+POINTER_CACHE_PAIRS = 32
+_ALIGNMENT = {"ans": capi.ANS_ALIGNMENT, "zstd": capi.ZSTD_ALIGNMENT}
+
+
+def require_gpu_codecs(codec: str, alternative: str = "zstd") -> None:
+    """Raise :class:`CodecUnavailableError` for ``codec`` unless CUDA, nvCOMP and ``libnvcomp.so`` load."""
+    reason = gpu_codecs_unavailable_reason()
+    if reason is None and capi.library() is None:
+        reason = f"libnvcomp.so (the nvCOMP C library) cannot be loaded: {NVCOMP_EXTRA_HINT}"
+    if reason is not None:
+        raise CodecUnavailableError(
+            f"codec {codec!r} needs a CUDA GPU and nvCOMP",
+            codec=codec,
+            missing=reason,
+            alternative=alternative,
+            hint=NVCOMP_EXTRA_HINT,
+        )
+
+
+_ALLOCATOR_INSTALLED = False
+
+
+class _TorchDeviceBuffer:
+    """A device allocation from torch's caching allocator, in the shape nvCOMP's allocator hook wants."""
+
+    def __init__(self, nbytes: int, stream) -> None:
+        self.tensor = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device="cuda")
+        self.ptr = self.tensor.data_ptr()
+
+
+def install_torch_allocator() -> None:
+    """Route the nvCOMP Python API's device scratch through torch's allocator (once per process).
+
+    The C-API decoders already allocate their scratch as torch tensors; this covers the Python API
+    (used for comparisons in the benchmarks), so every nvCOMP byte shows in ``torch.cuda.memory_stats``.
+    """
+    global _ALLOCATOR_INSTALLED
+    nvcomp = nvcomp_module()
+    if _ALLOCATOR_INSTALLED or nvcomp is None:
+        return
+    nvcomp.set_device_allocator(_TorchDeviceBuffer)
+    _ALLOCATOR_INSTALLED = True
+
+
+def _device_array(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    # int64 on the device == size_t / pointers for nvCOMP (both 8 bytes on every platform CUDA supports)
+    return torch.tensor(np.asarray(values, dtype=np.int64), dtype=torch.int64).to(device)
+
+
+class NvcompGpuDecoder(GpuDecoder):
+    """Batched nvCOMP decode of one group's chunks (``"ans"`` or ``"zstd"``), built once, reused.
+
+    Args:
+        algorithm (`str`): ``"ans"`` or ``"zstd"``.
+        chunks (`Sequence[Chunk]`): the group's chunk table; chunk ``i`` decodes to the bytes after chunk
+            ``i-1``'s.
+        device (`torch.device`): the CUDA device of every payload and output passed to :meth:`decode`.
+
+    Attributes:
+        statuses: per-chunk ``nvcompStatus_t`` (int32, device) of the latest decode; read them only after
+            synchronising the decode stream (tests do; the hot path relies on the chunk CRCs checked earlier).
+    """
+
+    def __init__(self, algorithm: str, chunks: Sequence[Chunk], device: torch.device | str) -> None:
+        require_gpu_codecs(algorithm)
+        self.algorithm = algorithm
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.lib = capi.library()
+        self.alignment = _ALIGNMENT[algorithm]
+        self.num_chunks = len(chunks)
+        self.src_offsets = np.array([c.offset for c in chunks], dtype=np.int64)
+        decoded = np.array([c.decoded_size for c in chunks], dtype=np.int64)
+        self.out_offsets = np.concatenate(([0], np.cumsum(decoded)[:-1])).astype(np.int64)
+        self.payload_end = max((c.offset + c.size for c in chunks), default=0)
+        self.decoded_size = int(decoded.sum())
+        misaligned = [i for i, off in enumerate(self.src_offsets) if off % self.alignment]
+        misaligned += [i for i, off in enumerate(self.out_offsets) if off % self.alignment]
+        if misaligned:
+            raise ValueError(
+                f"{algorithm} chunks {sorted(set(misaligned))[:8]} are not {self.alignment}-byte aligned "
+                "in the payload or output; re-encode the group"
+            )
+        with torch.cuda.device(self.device):
+            self.comp_bytes = _device_array([c.size for c in chunks], self.device)
+            self.buffer_bytes = _device_array(decoded, self.device)
+            self.actual_bytes = torch.zeros(max(self.num_chunks, 1), dtype=torch.int64, device=self.device)
+            self.statuses = torch.zeros(max(self.num_chunks, 1), dtype=torch.int32, device=self.device)
+            max_chunk = int(decoded.max()) if self.num_chunks else 0
+            temp = (
+                capi.decompress_temp_bytes(algorithm, self.num_chunks, max_chunk, self.decoded_size)
+                if self.num_chunks
+                else 0
+            )
+            self.temp = torch.empty(max(temp, 1), dtype=torch.uint8, device=self.device)
+            self.temp_bytes = temp
+            self.opts = capi.ans_decompress_opts() if algorithm == "ans" else capi.zstd_decompress_opts()
+            self._call = (
+                self.lib.nvcompBatchedANSDecompressAsync
+                if algorithm == "ans"
+                else self.lib.nvcompBatchedZstdDecompressAsync
+            )
+            self.done = torch.cuda.Event()  # orders reuse of temp/statuses across streams
+        self._last_stream: torch.cuda.Stream | None = None
+        self._pointers: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
+            OrderedDict()
+        )
+        arrays = self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses, self.temp
+        self.scratch_bytes = sum(t.numel() * t.element_size() for t in arrays) + 16 * self.num_chunks
+
+    def _pointer_arrays(self, src_ptr: int, out_ptr: int, stream: torch.cuda.Stream) -> torch.Tensor:
+        key = (src_ptr, out_ptr)
+        cached = self._pointers.get(key)
+        if cached is None:
+            host = torch.empty(2 * self.num_chunks, dtype=torch.int64, pin_memory=True)
+            host_np = host.numpy()
+            host_np[: self.num_chunks] = src_ptr + self.src_offsets
+            host_np[self.num_chunks :] = out_ptr + self.out_offsets
+            with torch.cuda.stream(stream):
+                device = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+            cached = (host, device, ready)  # keep the pinned source alive until the copy has run
+            self._pointers[key] = cached
+            if len(self._pointers) > POINTER_CACHE_PAIRS:
+                self._pointers.popitem(last=False)
+        else:
+            self._pointers.move_to_end(key)
+            stream.wait_event(cached[2])  # built on another stream: order after its copy, no host sync
+        return cached[1]
+
+    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """Enqueue the decode of all chunks of ``src`` into ``out`` on ``stream``; returns at once.
+
+        Raises:
+            ValueError: wrong device, dtype, size or alignment of ``src``/``out`` (checked on the host).
+        """
+        self._check(src, "payload", self.payload_end)
+        self._check(out, "output", self.decoded_size)
+        if not self.num_chunks:
+            return
+        pointers = self._pointer_arrays(src.data_ptr(), out.data_ptr(), stream)
+        if self._last_stream is not None and self._last_stream != stream:
+            stream.wait_event(self.done)  # temp and statuses are shared: the previous decode must be done
+            for tensor in (self.temp, self.statuses, self.actual_bytes):
+                tensor.record_stream(stream)
+        n = self.num_chunks
+        base = pointers.data_ptr()
+        status = self._call(
+            base,
+            self.comp_bytes.data_ptr(),
+            self.buffer_bytes.data_ptr(),
+            self.actual_bytes.data_ptr(),
+            n,
+            self.temp.data_ptr(),
+            self.temp_bytes,
+            base + 8 * n,
+            self.opts,
+            self.statuses.data_ptr(),
+            ctypes.c_void_p(stream.cuda_stream),
+        )
+        capi.check(status, self._call.__name__)
+        self.done.record(stream)
+        self._last_stream = stream
+
+    def _check(self, tensor: torch.Tensor, what: str, needed: int) -> None:
+        if (
+            tensor.device != self.device
+            or tensor.dtype != torch.uint8
+            or not tensor.is_contiguous()
+            or tensor.numel() < needed
+            or tensor.data_ptr() % self.alignment
+        ):
+            raise ValueError(
+                f"{self.algorithm} decode needs a contiguous uint8 {what} on {self.device} of >= {needed} "
+                f"bytes at a {self.alignment}-byte aligned address; got {tensor.dtype} "
+                f"{tuple(tensor.shape)} on {tensor.device} at address {tensor.data_ptr():#x}"
+            )
+
+
+def ans_encode_chunks(data: np.ndarray, chunk_size: int, data_type: str) -> tuple[np.ndarray, list[Chunk]]:
+    """Compress ``data`` with nvCOMP ANS on the GPU, one chunk per ``chunk_size`` bytes.
+
+    Returns the payload (chunks at :data:`~offload_runtime.native.nvcomp_capi.ANS_ALIGNMENT`-aligned
+    offsets) and the chunk table with CRC-32s of both the compressed and the decoded bytes.
+    """
+    lib = capi.library()
+    size = int(data.size)
+    if size == 0:
+        return np.zeros(0, dtype=np.uint8), []
+    if data_type == "<f2" and (size % 2 or chunk_size % 2):
+        raise ValueError(f"ANS <f2 needs an even byte count, got {size} bytes in chunks of {chunk_size}")
+    opts = capi.ans_compress_opts(data_type)
+    starts = np.arange(0, size, chunk_size, dtype=np.int64)
+    sizes = np.minimum(chunk_size, size - starts)
+    n = len(starts)
+    max_out = ctypes.c_size_t(0)
+    capi.check(
+        lib.nvcompBatchedANSCompressGetMaxOutputChunkSize(chunk_size, opts, ctypes.byref(max_out)),
+        "nvcompBatchedANSCompressGetMaxOutputChunkSize",
+    )
+    stride = align_up(int(max_out.value), capi.ANS_ALIGNMENT)
+    temp_bytes = ctypes.c_size_t(0)
+    capi.check(
+        lib.nvcompBatchedANSCompressGetTempSize(n, chunk_size, opts, ctypes.byref(temp_bytes), size, None),
+        "nvcompBatchedANSCompressGetTempSize",
+    )
+    device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device)
+    src = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+    dst = torch.empty(n * stride, dtype=torch.uint8, device=device)
+    temp = torch.empty(max(int(temp_bytes.value), 1), dtype=torch.uint8, device=device)
+    src_ptrs = _device_array(src.data_ptr() + starts, device)
+    dst_ptrs = _device_array(dst.data_ptr() + stride * np.arange(n, dtype=np.int64), device)
+    in_bytes = _device_array(sizes, device)
+    out_bytes = torch.zeros(n, dtype=torch.int64, device=device)
+    statuses = torch.zeros(n, dtype=torch.int32, device=device)
+    capi.check(
+        lib.nvcompBatchedANSCompressAsync(
+            src_ptrs.data_ptr(),
+            in_bytes.data_ptr(),
+            chunk_size,
+            n,
+            temp.data_ptr(),
+            int(temp_bytes.value),
+            dst_ptrs.data_ptr(),
+            out_bytes.data_ptr(),
+            opts,
+            statuses.data_ptr(),
+            ctypes.c_void_p(stream.cuda_stream),
+        ),
+        "nvcompBatchedANSCompressAsync",
+    )
+    compressed = dst.cpu().numpy()  # synchronises: encoding is offline work
+    lengths = out_bytes.cpu().numpy()
+    bad = [i for i, s in enumerate(statuses.cpu().tolist()) if s != capi.NVCOMP_SUCCESS]
+    if bad:
+        raise capi.NvcompCallError(f"nvCOMP ANS failed to compress chunks {bad[:8]} of {n}")
+    pieces, chunks, offset = [], [], 0
+    for i in range(n):
+        body = compressed[i * stride : i * stride + int(lengths[i])]
+        raw = data[int(starts[i]) : int(starts[i] + sizes[i])]
+        chunks.append(Chunk(offset, body.size, int(sizes[i]), crc32(body), crc32(raw)))
+        padded = align_up(body.size, capi.ANS_ALIGNMENT)
+        pieces.append(np.pad(body, (0, padded - body.size)))
+        offset += padded
+    return np.concatenate(pieces), chunks
