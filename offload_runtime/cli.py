@@ -16,7 +16,10 @@ from offload_runtime._version import __version__
 from offload_runtime.errors import OffloadError
 
 # name -> (help, "module:register_function"); register(parser) adds arguments and sets `func`.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pack": ("Pack a model into a compressed container.", "offload_runtime.cli_pack:register_pack"),
+    "inspect": ("Describe a container: groups, codecs, sizes.", "offload_runtime.cli_pack:register_inspect"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

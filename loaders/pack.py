@@ -1,0 +1,297 @@
+"""``pack``: a model (module, HF directory or ``.safetensors`` file) -> a container, group by group.
+
+Only one group is decoded-size resident at a time: its tensors are copied (or ``pread`` from disk) straight
+into the group's layout buffer, encoded, and the payload streamed to the writer before the next group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from offload_runtime.errors import CheckpointMismatchError
+from offload_runtime.loaders.groups import GroupSpec, find_groups
+from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource, checkpoint_files
+from offload_runtime.loaders.writer import ContainerWriter
+from offload_runtime.native.base import GroupCodec
+from offload_runtime.native.layout import GroupLayout
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class _Plan:
+    groups: list[GroupSpec]
+    source: TensorSource
+    model_class: str | None = None
+    config: dict | None = None
+    generation_config: dict | None = None
+    tokenizer: dict[str, str] | None = None
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+def pack(
+    src: nn.Module | str | os.PathLike,
+    out: str | os.PathLike,
+    codec: str = "auto",
+    progress: bool = True,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Pack a model into a container at ``out``, atomically.
+
+    Args:
+        src (`nn.Module`, `str` or `os.PathLike`): a model, an HF model directory (``config.json`` and
+            ``model.safetensors`` or a sharded ``model.safetensors.index.json``) or one ``.safetensors``
+            file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes).
+        out (`str` or `os.PathLike`): the container to write.
+        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``; ``auto``
+            picks per group (``offload_runtime.native.resolve_codec``).
+        progress (`bool`, defaults to `True`): show a tqdm bar (groups, bytes, ratio so far).
+        tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
+            rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
+        dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first.
+
+    Returns:
+        `pathlib.Path`: ``out``.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist. CodecUnavailableError: unknown codec.
+        CheckpointMismatchError: a directory's weights do not fit the model its config describes.
+    """
+    if codec != "auto":
+        _resolve_codec(codec, None)  # fail on an unknown name before reading anything
+    plan = _plan(src)
+    try:
+        if tokenizer is not None:
+            plan.tokenizer = tokenizer_files(tokenizer)
+        return _write(plan, Path(out), codec, progress, dtype)
+    finally:
+        for fn in plan.cleanup:
+            fn()
+
+
+def _write(plan: _Plan, out: Path, codec: str, progress: bool, dtype: torch.dtype | None) -> Path:
+    from tqdm.auto import tqdm
+
+    layouts = [_layout(spec, plan.source, dtype) for spec in plan.groups]
+    stored_dtype = _main_float_dtype(layouts)
+    config = dict(plan.config) if plan.config is not None else None
+    if config is not None and stored_dtype is not None:
+        config["dtype"] = stored_dtype
+    total = sum(layout.size for layout in layouts)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress)
+    decoded = stored = 0
+    with bar, ContainerWriter(out) as writer:
+        writer.set_model_info(
+            model_class=plan.model_class,
+            config=config,
+            generation_config=plan.generation_config,
+            tokenizer=plan.tokenizer,
+            dtype=stored_dtype,
+        )
+        for i, (spec, layout) in enumerate(zip(plan.groups, layouts, strict=True)):
+            data_tensor = torch.zeros(layout.size, dtype=torch.uint8)
+            for name, view in layout.views(data_tensor).items():
+                plan.source.fill(name, view)
+            group_codec = _resolve_codec(codec, layout)
+            encoded = group_codec.encode(layout, data_tensor.numpy())
+            writer.add_group(spec, layout, encoded, group_codec.name)
+            decoded += layout.size
+            stored += int(encoded.payload.nbytes)
+            del data_tensor, encoded
+            bar.update(layout.size)
+            bar.set_postfix(groups=f"{i + 1}/{len(layouts)}", ratio=f"{decoded / max(stored, 1):.3f}")
+    return out
+
+
+def _layout(spec: GroupSpec, source: TensorSource, dtype: torch.dtype | None) -> GroupLayout:
+    metas = []
+    for name in spec.tensors:
+        tensor_dtype, shape = source.dtype_shape(name)
+        if dtype is not None and tensor_dtype.is_floating_point:
+            tensor_dtype = dtype
+        metas.append((name, torch.empty(shape, dtype=tensor_dtype, device="meta")))
+    return GroupLayout.from_tensors(metas)
+
+
+def _main_float_dtype(layouts: list[GroupLayout]) -> str | None:
+    counts: dict[str, int] = {}
+    for layout in layouts:
+        for t in layout.tensors:
+            if t.torch_dtype.is_floating_point:
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _resolve_codec(name: str, layout: GroupLayout | None) -> GroupCodec:
+    from offload_runtime import native
+
+    resolve = getattr(native, "resolve_codec", None)
+    if resolve is not None:
+        return resolve(name, layout, None)
+    if name == "auto":  # until resolve_codec lands: the best lossless CPU codec registered
+        name = "zstd" if "zstd" in native.available_codecs() else "raw"
+    return native.get_codec(name)
+
+
+# -- sources -----------------------------------------------------------------------------------------
+
+
+def _plan(src) -> _Plan:
+    if isinstance(src, nn.Module):
+        return _plan_module(src)
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(path))
+    if path.is_dir():
+        return _plan_pretrained(path, checkpoint_files(path))
+    if (path.parent / "config.json").is_file():
+        return _plan_pretrained(path.parent, [path])
+    return _plan_bare_file(path)
+
+
+def _model_info(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    generation = getattr(model, "generation_config", None)
+    return {
+        "model_class": type(model).__name__ if config is not None else None,
+        "config": config.to_dict() if config is not None else None,
+        "generation_config": generation.to_dict() if generation is not None else None,
+    }
+
+
+def _plan_module(model: nn.Module) -> _Plan:
+    return _Plan(find_groups(model), ModuleSource(model.state_dict()), **_model_info(model))
+
+
+def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
+    """Groups from the model the config describes (built on ``meta``), tensors from the safetensors files."""
+    from offload_runtime.loaders.load import empty_model_from_config
+
+    config = json.loads((directory / "config.json").read_text())
+    model = empty_model_from_config(config, None, file=directory / "config.json")
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    groups = find_groups(model)
+    source = SafetensorsSource(files)
+    buffers = dict(model.named_buffers())
+    renamed = _RenamedSource(source, ModuleSource(buffers))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    problems = []
+    for spec in groups:
+        candidates = {name: [name] for name in spec.tensors}
+        for alias, canonical in spec.aliases.items():
+            candidates[canonical].append(alias)
+        for name in spec.tensors:
+            problem = renamed.bind(name, candidates[name], prefix, model)
+            if problem:
+                problems.append(problem)
+    if problems:
+        source.close()
+        raise CheckpointMismatchError(
+            "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
+        )
+    plan = _Plan(groups, renamed, **_model_info(model), cleanup=[source.close])
+    files_found = {f: (directory / f) for f in TOKENIZER_FILES if (directory / f).is_file()}
+    if files_found:
+        plan.tokenizer = {f: p.read_text(encoding="utf-8") for f, p in files_found.items()}
+    return plan
+
+
+class _RenamedSource(TensorSource):
+    """Model tensor names -> checkpoint names (HF prefixes, tied copies), falling back to real buffers."""
+
+    def __init__(self, checkpoint: SafetensorsSource, buffers: ModuleSource) -> None:
+        self.checkpoint, self.buffers = checkpoint, buffers
+        self.names: dict[str, tuple[TensorSource, str]] = {}
+
+    def bind(self, name: str, candidates: list[str], prefix: str, model: nn.Module) -> str | None:
+        """Find ``name`` in the checkpoint; returns a mismatch line, or None when bound."""
+        keys = []
+        for c in candidates:
+            keys.append(c)
+            if prefix and c.startswith(prefix + "."):
+                keys.append(c[len(prefix) + 1 :])
+            elif prefix:
+                keys.append(f"{prefix}.{c}")
+        expected = model.get_parameter(name) if _is_parameter(model, name) else None
+        for key in keys:
+            if key in self.checkpoint:
+                _, shape = self.checkpoint.dtype_shape(key)
+                if expected is not None and tuple(expected.shape) != shape:
+                    return f"{name}: checkpoint shape {shape} ({key}), model expects {tuple(expected.shape)}"
+                self.names[name] = (self.checkpoint, key)
+                return None
+        if name in self.buffers:  # persistent buffers computed by the model (position ids, ...)
+            self.names[name] = (self.buffers, name)
+            return None
+        return f"{name}: missing from the checkpoint (looked for {', '.join(keys)})"
+
+    def dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        source, key = self.names[name]
+        return source.dtype_shape(key)
+
+    def fill(self, name: str, dest: torch.Tensor) -> None:
+        source, key = self.names[name]
+        source.fill(key, dest)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+_BLOCK = re.compile(r"^(?P<block>.+?\.\d+)\.")
+
+
+def _plan_bare_file(path: Path) -> _Plan:
+    """No config: ``<prefix>.<int>.`` name runs become blocks, every other module a group of its own."""
+    source = SafetensorsSource([path])
+    groups: dict[str, GroupSpec] = {}
+    for name in sorted(source.names(), key=_natural_key):
+        match = _BLOCK.match(name)
+        group, kind = (match["block"], "block") if match else (name.rpartition(".")[0] or name, "module")
+        groups.setdefault(group, GroupSpec(group, kind, [], [group])).tensors.append(name)
+    return _Plan(list(groups.values()), source, cleanup=[source.close])
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """Text files a tokenizer's ``save_pretrained`` writes (binary ones such as sentencepiece skipped)."""
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for file in sorted(Path(tmp).iterdir()):
+            if file.is_file():
+                try:
+                    files[file.name] = file.read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    continue
+    return files

@@ -1,0 +1,230 @@
+"""Read a container: validate everything on open, then hand out payloads with checksum verification.
+
+Payload bytes come from a read-only ``mmap`` (zero copy) or from ``os.preadv`` straight into a caller's
+(pinned) buffer. A file truncated under a live mmap kills the process with SIGBUS, so before every read the
+file's identity (inode, size, mtime) is compared with what was validated on open, and a change raises
+:class:`CorruptCheckpointError` instead. ``read_into`` uses ``preadv``, which cannot SIGBUS at all (a
+short read is reported as truncation); views returned by ``payload`` are only guarded when created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from offload_runtime.errors import CorruptCheckpointError
+from offload_runtime.loaders.format import ContainerIndex, GroupEntry
+from offload_runtime.loaders.validate import read_container_header
+from offload_runtime.native import get_codec
+from offload_runtime.native.chunking import crc32
+
+VERIFY_POLICIES = ("once", "always", "never")
+
+
+class ContainerReader:
+    """An open container.
+
+    Args:
+        path (`str` or `os.PathLike`): the container file.
+        verify (`str`, defaults to `"once"`): when to check chunk CRC-32s: ``"once"`` the first time each
+            group is read, ``"always"`` on every read, ``"never"`` to skip (trusted local files).
+
+    Raises:
+        CorruptCheckpointError, CheckpointError, CodecUnavailableError: from the validation of the header
+            and index, which runs entirely on open.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: str = "once") -> None:
+        if verify not in VERIFY_POLICIES:
+            raise ValueError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
+        self.path = Path(path)
+        self.verify = verify
+        self._file = open(self.path, "rb")  # noqa: SIM115  (closed in close())
+        try:
+            parsed = read_container_header(self._file, self.path)
+            self._identity = _identity(os.fstat(self._file.fileno()))
+            size = self._identity[2]
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except BaseException:
+            self._file.close()
+            raise
+        self.index: ContainerIndex = parsed.index
+        self._offsets = parsed.offsets
+        self._by_name = {g.name: g for g in self.index.groups}
+        self._lock = threading.Lock()
+        self._verified_payload: set[str] = set()
+        self._verified_decoded: set[str] = set()
+        self._closed = False
+
+    @property
+    def groups(self) -> list[GroupEntry]:
+        """Every group, in stored (execution) order."""
+        return self.index.groups
+
+    def group(self, name: str) -> GroupEntry:
+        """The index entry of group ``name``."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no group {name!r} in {self.path}") from None
+
+    def payload(self, name: str) -> memoryview:
+        """Zero-copy read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked."""
+        entry = self.group(name)
+        view = self._view(entry)
+        if self._needs_check(self._verified_payload, name):
+            self._check_chunks(entry, view)
+            self._mark(self._verified_payload, name)
+        return view
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy group ``name``'s payload into ``out`` (1-D uint8 CPU tensor of >= ``stored_size`` bytes).
+
+        Args:
+            name (`str`): the group.
+            out (`torch.Tensor`): destination, e.g. a pinned staging buffer.
+
+        Returns:
+            `torch.Tensor`: ``out[:stored_size]``.
+        """
+        entry = self.group(name)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"need a contiguous 1-D uint8 CPU tensor, got {out.dtype} {tuple(out.shape)}")
+        if out.numel() < entry.stored_size:
+            raise ValueError(f"group {name!r} needs {entry.stored_size} bytes, buffer has {out.numel()}")
+        self._check_unchanged(entry)
+        dest = out[: entry.stored_size]
+        buffer = memoryview(dest.numpy())
+        start, done = self._offsets[name], 0
+        while done < entry.stored_size:
+            n = os.preadv(self._file.fileno(), [buffer[done:]], start + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    "file ended inside a group payload (truncated after open?)",
+                    file=self.path,
+                    group=name,
+                    expected=entry.stored_size,
+                    actual=done,
+                )
+            done += n
+        if self._needs_check(self._verified_payload, name):
+            self._check_chunks(entry, buffer)
+            self._mark(self._verified_payload, name)
+        return dest
+
+    def decode_cpu(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Decode group ``name`` on the CPU into ``out`` (uint8 CPU tensor of ``layout.size`` bytes).
+
+        The compressed CRCs are checked before the decoder sees the payload and, for groups that decode to
+        their layout (every lossless codec), the decoded CRCs after.
+        """
+        entry = self.group(name)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
+            raise ValueError(
+                f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
+            )
+        payload = self.payload(name)
+        get_codec(entry.codec).decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+        if entry.stored_layout is None and self._needs_check(self._verified_decoded, name):
+            decoded = memoryview(out[: entry.layout.size].numpy())
+            position = 0
+            for i, chunk in enumerate(entry.chunks):
+                actual = crc32(decoded[position : position + chunk.decoded_size])
+                if actual != chunk.decoded_crc32:
+                    raise CorruptCheckpointError(
+                        "decoded chunk CRC-32 mismatch",
+                        file=self.path,
+                        group=name,
+                        chunk=i,
+                        expected=f"{chunk.decoded_crc32:#010x}",
+                        actual=f"{actual:#010x}",
+                        hint="the container is damaged; re-pack it",
+                    )
+                position += chunk.decoded_size
+            self._mark(self._verified_decoded, name)
+        return out[: entry.layout.size]
+
+    def close(self) -> None:
+        """Release the file and the mapping (the mapping lives on while a ``payload`` view is alive)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._mmap is not None:
+            # views handed out by payload() keep it mapped; it is unmapped when the last one dies
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+        self._file.close()
+
+    def __enter__(self) -> ContainerReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ContainerReader({str(self.path)!r}, groups={len(self.groups)}, verify={self.verify!r})"
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _view(self, entry: GroupEntry) -> memoryview:
+        self._check_unchanged(entry)
+        start = self._offsets[entry.name]
+        if self._mmap is None or entry.stored_size == 0:
+            return memoryview(b"")
+        return memoryview(self._mmap)[start : start + entry.stored_size]
+
+    def _check_unchanged(self, entry: GroupEntry) -> None:
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
+        try:
+            now = (_identity(os.stat(self.path)), _identity(os.fstat(self._file.fileno())))
+        except FileNotFoundError:
+            now = None
+        if now is None or now[0] != self._identity or now[1] != self._identity:
+            raise CorruptCheckpointError(
+                "container was replaced, truncated or modified after it was opened",
+                file=self.path,
+                group=entry.name,
+                expected=self._identity,
+                actual=now and now[0],
+                hint="do not rewrite a container while it is in use; reopen it",
+            )
+
+    def _needs_check(self, verified: set[str], name: str) -> bool:
+        if self.verify == "never":
+            return False
+        if self.verify == "always":
+            return True
+        with self._lock:
+            return name not in verified
+
+    def _mark(self, verified: set[str], name: str) -> None:
+        if self.verify == "once":
+            with self._lock:
+                verified.add(name)
+
+    def _check_chunks(self, entry: GroupEntry, payload: memoryview) -> None:
+        for i, chunk in enumerate(entry.chunks):
+            actual = crc32(payload[chunk.offset : chunk.offset + chunk.size])
+            if actual != chunk.crc32:
+                raise CorruptCheckpointError(
+                    "chunk CRC-32 mismatch",
+                    file=self.path,
+                    group=entry.name,
+                    chunk=i,
+                    expected=f"{chunk.crc32:#010x}",
+                    actual=f"{actual:#010x}",
+                    hint="the container is damaged; re-pack it",
+                )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

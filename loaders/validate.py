@@ -1,0 +1,385 @@
+"""Validation of an untrusted container header and index, before any payload byte is touched.
+
+Every size and offset read from a file is checked (type, range, bounds, overlap, sum) so that a forged or
+damaged container raises a typed error naming the file, group and chunk instead of making a decoder read
+out of bounds or allocate terabytes. Mirrors safetensors' own checks for the outer format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from offload_runtime.errors import CheckpointError, CodecUnavailableError, CorruptCheckpointError
+from offload_runtime.loaders.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_LEN_BYTES,
+    INDEX_KEY,
+    MAX_GROUP_DECODED_SIZE,
+    MAX_HEADER_SIZE,
+    PAYLOAD_ALIGN,
+    ContainerIndex,
+    GroupEntry,
+)
+from offload_runtime.native.base import Chunk
+from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, TensorSpec, align_up, torch_dtype
+
+MAX_INT = 1 << 62  # any offset or size above this is forged; also keeps sums far from 2**63
+
+
+@dataclass(frozen=True)
+class ParsedContainer:
+    """A validated container: its index and where each payload lies in the file."""
+
+    index: ContainerIndex
+    data_start: int  # file offset of the safetensors data section
+    offsets: dict[str, int]  # group name -> absolute file offset of its payload
+
+
+def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContainer:
+    """Read and validate the header and index of the open container ``fh``.
+
+    Raises:
+        CorruptCheckpointError: the bytes are damaged, truncated, extended or inconsistent.
+        CheckpointError: a valid safetensors file that is not an offload_runtime container of a known version.
+        CodecUnavailableError: a group uses a codec this installation does not know.
+    """
+    path = os.fspath(path)
+    file_size = os.fstat(fh.fileno()).st_size
+    fh.seek(0)
+    prefix = fh.read(HEADER_LEN_BYTES)
+    if len(prefix) < HEADER_LEN_BYTES:
+        raise CorruptCheckpointError(
+            "file too short for a safetensors header",
+            file=path,
+            expected=f">= {HEADER_LEN_BYTES} bytes",
+            actual=f"{file_size} bytes",
+        )
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_SIZE:
+        raise CorruptCheckpointError(
+            "header length is too large", file=path, expected=f"<= {MAX_HEADER_SIZE}", actual=header_len
+        )
+    if HEADER_LEN_BYTES + header_len > file_size:
+        raise CorruptCheckpointError(
+            "header extends beyond the end of the file (truncated?)",
+            file=path,
+            expected=f">= {HEADER_LEN_BYTES + header_len} bytes",
+            actual=f"{file_size} bytes",
+        )
+    raw = fh.read(header_len)
+    header = _json_object(raw, path, "safetensors header")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            "not an offload_runtime container",
+            file=path,
+            expected=f'__metadata__["format"] == {FORMAT_NAME!r}',
+            actual=metadata.get("format") if isinstance(metadata, dict) else None,
+            hint="pack the checkpoint first: `offload-runtime pack SRC OUT`",
+        )
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            "unknown container format version",
+            file=path,
+            expected=str(FORMAT_VERSION),
+            actual=metadata.get("format_version"),
+            hint="upgrade offload-runtime or re-pack the checkpoint",
+        )
+    data_start = HEADER_LEN_BYTES + header_len
+    tensor_spans = _check_tensors(header, path, data_start, file_size)
+    index_text = metadata.get(INDEX_KEY)
+    if not isinstance(index_text, str):
+        raise CorruptCheckpointError(f"__metadata__ has no {INDEX_KEY!r} string", file=path)
+    index = parse_index(_json_object(index_text.encode("utf-8"), path, "index"), path)
+    offsets: dict[str, int] = {}
+    unused = set(tensor_spans)
+    for group in index.groups:
+        span = tensor_spans.get(group.tensor)
+        if span is None or group.tensor not in unused:
+            raise CorruptCheckpointError(
+                "group payload tensor is missing or shared", file=path, group=group.name, actual=group.tensor
+            )
+        unused.discard(group.tensor)
+        if span[1] - span[0] != group.padded_size:
+            raise CorruptCheckpointError(
+                "payload tensor size disagrees with the index's stored size",
+                file=path,
+                group=group.name,
+                expected=group.padded_size,
+                actual=span[1] - span[0],
+            )
+        offsets[group.name] = data_start + span[0]
+    if unused:
+        raise CorruptCheckpointError(
+            "tensors not referenced by the index", file=path, actual=sorted(unused)[:5]
+        )
+    return ParsedContainer(index, data_start, offsets)
+
+
+def _json_object(raw: bytes, path: str, what: str) -> dict:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{what} is not valid JSON: {exc}", file=path) from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{what} is not a JSON object", file=path, actual=type(value).__name__)
+    return value
+
+
+def _int(value: Any, path: str, what: str, group: str | None = None, chunk: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise CorruptCheckpointError(
+            f"{what} is not a sane non-negative integer",
+            file=path,
+            group=group,
+            chunk=chunk,
+            expected=f"0 <= {what} <= 2**62",
+            actual=value,
+        )
+    return value
+
+
+def _check_tensors(header: dict, path: str, data_start: int, file_size: int) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (begin, end) in the data section; contiguous, U8, and ending at the end of file."""
+    spans: dict[str, tuple[int, int]] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") != "U8":
+            raise CorruptCheckpointError("payload tensor is not U8", file=path, group=name)
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list) and len(shape) == 1
+        ):
+            raise CorruptCheckpointError(
+                "tensor entry lacks data_offsets or a 1-D shape", file=path, group=name
+            )
+        begin, end = (_int(v, path, "tensor offset", name) for v in offsets)
+        if end < begin or end - begin != _int(shape[0], path, "tensor length", name):
+            raise CorruptCheckpointError(
+                "tensor offsets disagree with its shape",
+                file=path,
+                group=name,
+                expected=shape[0],
+                actual=f"[{begin}, {end}]",
+            )
+        spans[name] = (begin, end)
+    position = 0
+    for name, (begin, end) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if begin != position:
+            kind = (
+                "overlaps the previous tensor" if begin < position else "leaves a gap after the previous one"
+            )
+            raise CorruptCheckpointError(
+                f"tensor {kind}", file=path, group=name, expected=position, actual=begin
+            )
+        position = end
+    if data_start % PAYLOAD_ALIGN:
+        raise CorruptCheckpointError("data section is not 4 KiB aligned", file=path, actual=data_start)
+    if data_start + position != file_size:
+        kind = "truncated" if data_start + position > file_size else "has bytes after the end of its data"
+        raise CorruptCheckpointError(
+            f"file {kind}",
+            file=path,
+            expected=f"{data_start + position} bytes",
+            actual=f"{file_size} bytes",
+        )
+    return spans
+
+
+def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
+    """Build and fully validate a :class:`ContainerIndex` from its JSON object."""
+    path = os.fspath(path)
+    model = obj.get("model")
+    groups = obj.get("groups")
+    if not isinstance(model, dict) or not isinstance(groups, list):
+        raise CorruptCheckpointError("index lacks its 'model' object or 'groups' list", file=path)
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            "unknown index format version",
+            file=path,
+            expected=FORMAT_VERSION,
+            actual=obj.get("format_version"),
+        )
+    entries, seen = [], set()
+    for position, row in enumerate(groups):
+        entry = _parse_group(row, path, position)
+        if entry.name in seen:
+            raise CorruptCheckpointError("group appears twice in the index", file=path, group=entry.name)
+        seen.add(entry.name)
+        entries.append(entry)
+    tokenizer = model.get("tokenizer")
+    if tokenizer is not None and not (
+        isinstance(tokenizer, dict) and all(isinstance(v, str) for v in tokenizer.values())
+    ):
+        raise CorruptCheckpointError("index tokenizer is not a file name -> text mapping", file=path)
+    for key in ("config", "generation_config"):
+        if model.get(key) is not None and not isinstance(model[key], dict):
+            raise CorruptCheckpointError(f"index {key} is not an object", file=path)
+    return ContainerIndex(
+        format_version=FORMAT_VERSION,
+        groups=entries,
+        model_class=model.get("model_class"),
+        config=model.get("config"),
+        generation_config=model.get("generation_config"),
+        tokenizer=tokenizer,
+        dtype=obj.get("dtype"),
+    )
+
+
+def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
+    name = row.get("name") if isinstance(row, dict) else None
+    label = name if isinstance(name, str) else f"#{position}"
+    try:
+        entry = GroupEntry(
+            name=str(row["name"]),
+            kind=str(row["kind"]),
+            users=[str(u) for u in row["users"]],
+            aliases={str(k): str(v) for k, v in row["aliases"].items()},
+            tensor=str(row["tensor"]),
+            codec=str(row["codec"]),
+            params=dict(row["params"]),
+            layout=_layout(row["layout"], path, label, "layout"),
+            stored_layout=(
+                _layout(row["stored_layout"], path, label, "stored_layout")
+                if row["stored_layout"] is not None
+                else None
+            ),
+            stored_size=_int(row["stored_size"], path, "stored_size", label),
+            chunks=[],
+        )
+        chunk_rows = list(row["chunks"])
+    except CorruptCheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(
+            f"malformed group entry ({type(exc).__name__}: {exc})", file=path, group=label
+        ) from None
+    _check_codec(entry, path)
+    entry.chunks = _chunks(chunk_rows, entry, path)
+    return entry
+
+
+def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
+    try:
+        layout = GroupLayout(
+            tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
+            _int(obj["size"], path, f"{what} size", group),
+        )
+    except CorruptCheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"malformed {what} ({exc})", file=path, group=group) from None
+    if layout.size > MAX_GROUP_DECODED_SIZE:
+        raise CorruptCheckpointError(
+            f"{what} size is implausibly large",
+            file=path,
+            group=group,
+            expected=f"<= {MAX_GROUP_DECODED_SIZE}",
+            actual=layout.size,
+        )
+    end = 0
+    for spec in sorted(layout.tensors, key=lambda t: t.offset):
+        try:
+            torch_dtype(spec.dtype)
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"unknown dtype in {what}", file=path, group=f"{group}/{spec.name}", actual=spec.dtype
+            ) from None
+        if any(d < 0 or d > MAX_INT for d in spec.shape) or not 0 <= spec.offset <= MAX_INT:
+            raise CorruptCheckpointError(
+                f"negative or huge shape/offset in {what}",
+                file=path,
+                group=f"{group}/{spec.name}",
+                actual=f"shape {spec.shape} at {spec.offset}",
+            )
+        if spec.offset < end:
+            raise CorruptCheckpointError(
+                f"tensors overlap in {what}",
+                file=path,
+                group=f"{group}/{spec.name}",
+                expected=f"offset >= {end}",
+                actual=spec.offset,
+            )
+        end = spec.offset + spec.nbytes
+    expected = align_up(end, TENSOR_ALIGN)
+    if layout.size != expected:
+        raise CorruptCheckpointError(
+            f"{what} size disagrees with its tensors' shapes x dtypes",
+            file=path,
+            group=group,
+            expected=expected,
+            actual=layout.size,
+        )
+    return layout
+
+
+def _check_codec(entry: GroupEntry, path: str) -> None:
+    from offload_runtime.native import available_codecs
+
+    if entry.codec not in available_codecs():
+        raise CodecUnavailableError(
+            f"group uses unknown codec {entry.codec!r}; known: {', '.join(available_codecs())}",
+            codec=entry.codec,
+            missing="a codec of that name",
+            file=path,
+            group=entry.name,
+            alternative="upgrade offload-runtime or re-pack with --codec raw",
+        )
+
+
+def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:
+    chunks, end, decoded = [], 0, 0
+    target = (entry.stored_layout or entry.layout).size
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 5:
+            raise CorruptCheckpointError("chunk row is not 5 integers", file=path, group=entry.name, chunk=i)
+        offset, size, decoded_size, crc, dcrc = (
+            _int(v, path, what, entry.name, i)
+            for v, what in zip(row, ("offset", "size", "decoded_size", "crc32", "decoded_crc32"), strict=True)
+        )
+        if crc > 0xFFFFFFFF or dcrc > 0xFFFFFFFF:
+            raise CorruptCheckpointError("chunk CRC is not 32-bit", file=path, group=entry.name, chunk=i)
+        if offset + size > entry.stored_size:
+            raise CorruptCheckpointError(
+                "chunk extends beyond the group payload",
+                file=path,
+                group=entry.name,
+                chunk=i,
+                expected=f"end <= {entry.stored_size}",
+                actual=f"[{offset}, {offset + size})",
+            )
+        if offset < end:
+            raise CorruptCheckpointError(
+                "chunk overlaps the previous chunk",
+                file=path,
+                group=entry.name,
+                chunk=i,
+                expected=f"offset >= {end}",
+                actual=offset,
+            )
+        decoded += decoded_size
+        if decoded > target:
+            raise CorruptCheckpointError(
+                "chunks decode to more bytes than the layout holds",
+                file=path,
+                group=entry.name,
+                chunk=i,
+                expected=target,
+                actual=decoded,
+            )
+        end = offset + size
+        chunks.append(Chunk(offset, size, decoded_size, crc, dcrc))
+    if decoded != target:
+        raise CorruptCheckpointError(
+            "chunks' decoded sizes do not add up to the layout size",
+            file=path,
+            group=entry.name,
+            expected=target,
+            actual=decoded,
+        )
+    return chunks

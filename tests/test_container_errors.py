@@ -1,0 +1,395 @@
+"""Every way a container can be damaged or forged gets its own typed error naming file, group and chunk."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+from offload_runtime.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CodecUnavailableError,
+    CorruptCheckpointError,
+)
+from offload_runtime.loaders import ContainerReader, build_empty_model, check_compatible, pack
+from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
+from offload_runtime.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A raw and a zstd container of a tiny llama (copied per test before damaging it)."""
+    model = tiny_model("llama", num_layers=2)
+    root = tmp_path_factory.mktemp("packed")
+    return {c: pack(model, root / f"{c}.ort", codec=c, progress=False) for c in ("raw", "zstd")}
+
+
+@pytest.fixture
+def container(packed, tmp_path):
+    def copy(codec: str = "zstd"):
+        path = tmp_path / f"c-{codec}.ort"
+        path.write_bytes(packed[codec].read_bytes())
+        return path
+
+    return copy
+
+
+def _split(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _rewrite(path, edit_header=None, edit_index=None):
+    """Re-encode the header after ``edit_header(header)`` / ``edit_index(index)``, keeping the data."""
+    header, data = _split(path)
+    index = json.loads(header["__metadata__"][INDEX_KEY])
+    if edit_index:
+        edit_index(index)
+    header["__metadata__"][INDEX_KEY] = json.dumps(index)
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _group(index, i=1):
+    return index["groups"][i]
+
+
+def _open_fails(path, error_type, *fragments):
+    with pytest.raises(error_type) as info:
+        ContainerReader(path)
+    assert type(info.value) is error_type
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return info.value
+
+
+# -- outer safetensors structure ----------------------------------------------------------------------
+
+
+def test_header_length_huge(container):
+    path = container()
+    raw = bytearray(path.read_bytes())
+    raw[:8] = struct.pack("<Q", 2**63)
+    path.write_bytes(raw)
+    _open_fails(path, CorruptCheckpointError, "header length is too large")
+
+
+def test_header_length_beyond_file(container):
+    path = container()
+    raw = bytearray(path.read_bytes())
+    raw[:8] = struct.pack("<Q", len(raw))  # under the cap, but past the end
+    path.write_bytes(raw)
+    _open_fails(path, CorruptCheckpointError, "beyond the end of the file")
+
+
+def test_header_bad_json(container):
+    path = container()
+    raw = bytearray(path.read_bytes())
+    raw[8] = ord("[") + 1  # '\\' instead of '{'
+    path.write_bytes(raw)
+    _open_fails(path, CorruptCheckpointError, "not valid JSON")
+
+
+def test_not_an_offload_container(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(4)}, path)
+    error = _open_fails(path, CheckpointError, "not an offload_runtime container")
+    assert "offload-runtime pack" in str(error)
+
+
+def test_unknown_format_version(container):
+    path = container()
+    _rewrite(path, edit_header=lambda h: h["__metadata__"].update(format_version="99"))
+    _open_fails(path, CheckpointError, "unknown container format version", "expected=1", "actual=99")
+
+
+def test_unknown_codec(container):
+    path = container()
+    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="lzma9"))
+    _open_fails(path, CodecUnavailableError, "lzma9", "group=model.layers.0")
+
+
+def test_tensor_offsets_overlap(container):
+    path = container()
+
+    def overlap(header):
+        begin, end = header["group.0002"]["data_offsets"]
+        header["group.0002"]["data_offsets"] = [begin - PAYLOAD_ALIGN, end - PAYLOAD_ALIGN]
+
+    _rewrite(path, edit_header=overlap)
+    _open_fails(path, CorruptCheckpointError, "overlaps the previous tensor", "group=group.0002")
+
+
+def test_tensor_offsets_gap(container):
+    path = container()
+
+    def gap(header):
+        for name in ("group.0002", "group.0003", "group.0004"):
+            begin, end = header[name]["data_offsets"]
+            header[name]["data_offsets"] = [begin + PAYLOAD_ALIGN, end + PAYLOAD_ALIGN]
+
+    _rewrite(path, edit_header=gap)
+    _open_fails(path, CorruptCheckpointError, "leaves a gap", "group=group.0002")
+
+
+def test_tensor_offsets_disagree_with_shape(container):
+    path = container()
+    _rewrite(path, edit_header=lambda h: h["group.0001"].update(shape=[h["group.0001"]["shape"][0] + 1]))
+    _open_fails(path, CorruptCheckpointError, "offsets disagree with its shape", "group=group.0001")
+
+
+@pytest.mark.parametrize("where", ["in_length", "in_header", "in_index", "in_chunk", "random"])
+def test_truncated(container, where):
+    path = container()
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    index_at = raw.index(b"offload_runtime.index")
+    cut = {
+        "in_length": 5,
+        "in_header": 20,
+        "in_index": index_at + 200,
+        "in_chunk": 8 + n + 1000,
+        "random": int(torch.randint(8 + n, len(raw) - 1, ()).item()),
+    }[where]
+    path.write_bytes(raw[:cut])
+    with pytest.raises(CorruptCheckpointError) as info:
+        ContainerReader(path)
+    assert str(path) in str(info.value)
+    assert any(w in str(info.value) for w in ("too short", "beyond the end", "truncated"))
+
+
+def test_bytes_appended(container):
+    path = container()
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 10)
+    _open_fails(path, CorruptCheckpointError, "has bytes after the end of its data")
+
+
+# -- index: chunk tables and layouts ------------------------------------------------------------------
+
+
+def _edit_chunk(i, column, value):
+    def edit(index):
+        _group(index)["chunks"][i][column] = value
+
+    return edit
+
+
+def test_chunk_out_of_payload(container):
+    path = container()
+    _rewrite(
+        path, edit_index=lambda ix: _group(ix)["chunks"][0].__setitem__(1, _group(ix)["stored_size"] + 1)
+    )
+    _open_fails(path, CorruptCheckpointError, "beyond the group payload", "group=model.layers.0", "chunk=0")
+
+
+def test_chunks_overlap(container):
+    path = container()
+
+    def overlap(index):
+        chunks = _group(index)["chunks"]
+        chunks.insert(1, list(chunks[0]))  # a second chunk starting where the first does
+        chunks[0][2] = chunks[1][2] = chunks[0][2] // 2  # keep the decoded total right
+
+    _rewrite(path, edit_index=overlap)
+    _open_fails(
+        path, CorruptCheckpointError, "overlaps the previous chunk", "group=model.layers.0", "chunk=1"
+    )
+
+
+def test_chunk_offset_overflowing(container):
+    path = container()
+    _rewrite(path, edit_index=_edit_chunk(0, 0, 2**64 - 1))
+    _open_fails(
+        path, CorruptCheckpointError, "not a sane non-negative integer", "chunk=0", "group=model.layers.0"
+    )
+
+
+def test_decoded_sizes_do_not_add_up(container):
+    path = container()
+    _rewrite(
+        path, edit_index=lambda ix: _group(ix)["chunks"][-1].__setitem__(2, _group(ix)["chunks"][-1][2] - 1)
+    )
+    _open_fails(path, CorruptCheckpointError, "do not add up to the layout size", "group=model.layers.0")
+
+
+def test_decoded_size_exceeding_layout(container):
+    path = container()
+    _rewrite(path, edit_index=_edit_chunk(0, 2, 2**40))
+    _open_fails(
+        path, CorruptCheckpointError, "more bytes than the layout holds", "group=model.layers.0", "chunk=0"
+    )
+
+
+def test_layout_size_disagrees_with_shapes(container):
+    path = container()
+
+    def widen(index):
+        _group(index)["layout"]["tensors"][0]["shape"][0] += 1  # no longer fits before the next tensor
+
+    _rewrite(path, edit_index=widen)
+    _open_fails(path, CorruptCheckpointError, "model.layers.0/", "overlap")
+
+
+def test_layout_size_not_shape_times_dtype(container):
+    path = container()
+
+    def grow(index):
+        _group(index)["layout"]["size"] += 256
+
+    _rewrite(path, edit_index=grow)
+    _open_fails(path, CorruptCheckpointError, "shapes x dtypes", "group=model.layers.0")
+
+
+def test_decoded_size_huge(container):
+    path = container()
+
+    def huge(index):
+        layout = _group(index)["layout"]
+        layout["tensors"][-1]["shape"] = [2**20, 2**20]
+        layout["size"] = layout["tensors"][-1]["offset"] + 2**42
+
+    _rewrite(path, edit_index=huge)
+    _open_fails(path, CorruptCheckpointError, "implausibly large", "group=model.layers.0")
+
+
+# -- payload bytes --------------------------------------------------------------------------------------
+
+
+def _payload_start(path, group_name):
+    with ContainerReader(path, verify="never") as reader:
+        view = reader.payload(group_name)
+        header, _ = _split(path)
+        begin = header[reader.group(group_name).tensor]["data_offsets"][0]
+        return (
+            len(path.read_bytes()) - len(_split(path)[1]) + begin,
+            reader.group(group_name).chunks,
+            view.nbytes,
+        )
+
+
+def test_flipped_compressed_byte(container):
+    path = container("zstd")
+    start, chunks, _ = _payload_start(path, "model.layers.1")
+    raw = bytearray(path.read_bytes())
+    raw[start + chunks[0].offset + 7] ^= 0x10
+    path.write_bytes(raw)
+    with ContainerReader(path) as reader:
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu(
+                "model.layers.1", torch.empty(reader.group("model.layers.1").layout.size, dtype=torch.uint8)
+            )
+        message = str(info.value)
+        assert (
+            "chunk CRC-32 mismatch" in message and "group=model.layers.1" in message and "chunk=0" in message
+        )
+        assert f"expected={chunks[0].crc32:#010x}" in message and str(path) in message
+        with pytest.raises(CorruptCheckpointError):  # read_into checks too
+            stored_size = reader.group("model.layers.1").stored_size
+            reader.read_into("model.layers.1", torch.empty(stored_size, dtype=torch.uint8))
+    with ContainerReader(path, verify="never") as reader:
+        reader.payload("model.layers.1")  # the policy that skips checks does skip them
+
+
+def test_flipped_byte_that_still_decodes(container):
+    """Raw codec: flip a payload byte and forge the compressed CRC; only the decoded CRC can catch it."""
+    path = container("raw")
+    start, chunks, _ = _payload_start(path, "model.layers.0")
+    raw = bytearray(path.read_bytes())
+    raw[start + 5] ^= 0x01
+    forged = zlib.crc32(bytes(raw[start : start + chunks[0].size])) & 0xFFFFFFFF
+    path.write_bytes(raw)
+    _rewrite(path, edit_index=_edit_chunk(0, 3, forged))
+    with ContainerReader(path) as reader:
+        reader.payload("model.layers.0")  # compressed CRC now passes
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu("model.layers.0", out)
+    message = str(info.value)
+    assert (
+        "decoded chunk CRC-32 mismatch" in message
+        and "group=model.layers.0" in message
+        and "chunk=0" in message
+    )
+
+
+def test_mismatch_lists_every_difference(container):
+    with ContainerReader(container("raw")) as reader:
+        other = build_empty_model(reader)
+    other.model.layers[0].mlp.gate_proj.weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+    other.model.norm.weight = torch.nn.Parameter(other.model.norm.weight.to(torch.float16))
+    del other.model.layers[1].self_attn.q_proj.weight
+    other.model.layers[1].register_parameter("extra", torch.nn.Parameter(torch.empty(2, device="meta")))
+    with ContainerReader(container("raw")) as reader, pytest.raises(CheckpointMismatchError) as info:
+        check_compatible(reader, other)
+    lines = info.value.mismatches
+    assert len(lines) == 4
+    text = str(info.value)
+    for fragment in (
+        "model.layers.0.mlp.gate_proj.weight: container shape (128, 64), model shape (3, 3)",
+        "model.norm.weight: container dtype torch.float32, model dtype torch.float16",
+        "unexpected in the container: model.layers.1.self_attn.q_proj.weight",
+        "missing from the container: model.layers.1.extra",
+    ):
+        assert fragment in text, text
+
+
+def test_build_empty_model_without_config(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.w": torch.ones(4), "head.w": torch.ones(2)}, tmp_path / "bare.safetensors")
+    out = pack(tmp_path / "bare.safetensors", tmp_path / "bare.ort", codec="raw", progress=False)
+    with ContainerReader(out) as reader, pytest.raises(CheckpointError, match="no model config"):
+        build_empty_model(reader)
+
+
+def test_truncated_after_open_is_a_typed_error_not_sigbus(container):
+    path = container("raw")
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from offload_runtime.errors import CorruptCheckpointError
+        from offload_runtime.loaders import ContainerReader
+        reader = ContainerReader({str(path)!r})
+        last = reader.groups[-1]
+        os.truncate({str(path)!r}, 8192)
+        for call in (lambda: reader.payload(last.name),
+                     lambda: reader.read_into(last.name, torch.empty(last.stored_size, dtype=torch.uint8)),
+                     lambda: reader.decode_cpu(last.name, torch.empty(last.layout.size, dtype=torch.uint8))):
+            try:
+                call()
+            except CorruptCheckpointError as exc:
+                print("TYPED", exc)
+            else:
+                print("NO ERROR")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # -7 would be SIGBUS
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("TYPED") for line in lines), proc.stdout
+    assert "modified after it was opened" in lines[0] and "group=lm_head" in lines[0]
+
+
+def test_replaced_after_open(container):
+    path = container("raw")
+    with ContainerReader(path) as reader:
+        replacement = path.with_suffix(".new")
+        replacement.write_bytes(path.read_bytes())
+        os.replace(replacement, path)
+        with pytest.raises(CorruptCheckpointError, match="replaced, truncated or modified"):
+            reader.payload(reader.groups[0].name)
