@@ -4,7 +4,8 @@ Payload bytes come from a read-only ``mmap`` (zero copy) or from ``os.preadv`` s
 (pinned) buffer. A file truncated under a live mmap kills the process with SIGBUS, so before every read the
 file's identity (inode, size, mtime) is compared with what was validated on open, and a change raises
 :class:`CorruptCheckpointError` instead. ``read_into`` uses ``preadv``, which cannot SIGBUS at all (a
-short read is reported as truncation); views returned by ``payload`` are only guarded when created.
+short read is reported as truncation), and so does ``decode_cpu``; views returned by ``payload`` are only
+guarded when created. A file whose name marks it as a writer's temporary (``.<name>.<pid>.tmp``) is refused.
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ from types import TracebackType
 
 import torch
 
-from offload_runtime.errors import CorruptCheckpointError
+from offload_runtime.errors import (
+    CheckpointError,
+    CodecUnavailableError,
+    CorruptCheckpointError,
+    OffloadError,
+)
 from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
+from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
+from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
 from offload_runtime.native.chunking import crc32
 
 VERIFY_POLICIES = ("once", "always", "never")
@@ -45,6 +53,12 @@ class ContainerReader:
             raise ValueError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
         self.path = Path(path)
         self.verify = verify
+        if is_temporary_name(self.path):
+            raise CheckpointError(
+                "this is a temporary file of an unfinished or interrupted pack, not a container",
+                file=self.path,
+                hint=f"delete it and pack again; the container is written to {temporary_target(self.path)}",
+            )
         self._file = open(self.path, "rb")  # noqa: SIM115  (closed in close())
         try:
             parsed = read_container_header(self._file, self.path)
@@ -121,16 +135,35 @@ class ContainerReader:
     def decode_cpu(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Decode group ``name`` on the CPU into ``out`` (uint8 CPU tensor of ``layout.size`` bytes).
 
-        The compressed CRCs are checked before the decoder sees the payload and, for groups that decode to
-        their layout (every lossless codec), the decoded CRCs after.
+        The payload is read with ``preadv`` (never from the mmap, so truncation cannot SIGBUS); the
+        compressed CRCs are checked before the decoder sees it and, for groups that decode to their layout
+        (every lossless codec), the decoded CRCs after.
+
+        Raises:
+            CorruptCheckpointError: a checksum mismatch, a chunk that does not decode, a file changed after
+                open, naming file, group and chunk.
+            CodecUnavailableError: the codec has no CPU decoder (``ans``), naming the extra to install.
         """
         entry = self.group(name)
         if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
             raise ValueError(
                 f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
             )
-        payload = self.payload(name)
-        get_codec(entry.codec).decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+        # pread into a private buffer rather than decode from the mmap: a file truncated between the
+        # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
+        payload = memoryview(self.read_into(name, torch.empty(entry.stored_size, dtype=torch.uint8)).numpy())
+        try:
+            get_codec(entry.codec).decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+        except OffloadError as exc:  # codecs know the chunk, not the file or group: add them
+            raise _located(exc, self.path, name) from exc
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+            # the index is untrusted input: a codec tripping over forged params/sizes is a corrupt file
+            raise CorruptCheckpointError(
+                f"group does not decode ({type(exc).__name__}: {exc})",
+                file=self.path,
+                group=name,
+                hint="the container is damaged or forged; re-pack it",
+            ) from exc
         if entry.stored_layout is None and self._needs_check(self._verified_decoded, name):
             decoded = memoryview(out[: entry.layout.size].numpy())
             position = 0
@@ -224,6 +257,17 @@ class ContainerReader:
                     actual=f"{actual:#010x}",
                     hint="the container is damaged; re-pack it",
                 )
+
+
+def _located(exc: OffloadError, path: Path, group: str) -> OffloadError:
+    """A copy of ``exc`` (same type and fields) that also names the file and group, and for a codec
+    that cannot run without nvCOMP, the extra to install."""
+    _, (cls, summary, state, extra) = exc.__reduce__()
+    state["file"] = state["file"] or os.fspath(path)
+    state["group"] = state["group"] or group
+    if isinstance(exc, CodecUnavailableError) and not state["hint"] and gpu_codecs_unavailable_reason():
+        state["hint"] = f"to decode it on a GPU, {NVCOMP_EXTRA_HINT}"
+    return cls(summary, **state, **extra)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -8,6 +8,7 @@ out of bounds or allocate terabytes. Mirrors safetensors' own checks for the out
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -96,7 +97,7 @@ def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContai
     index_text = metadata.get(INDEX_KEY)
     if not isinstance(index_text, str):
         raise CorruptCheckpointError(f"__metadata__ has no {INDEX_KEY!r} string", file=path)
-    index = parse_index(_json_object(index_text.encode("utf-8"), path, "index"), path)
+    index = parse_index(_json_object(index_text, path, "index"), path)
     offsets: dict[str, int] = {}
     unused = set(tensor_spans)
     for group in index.groups:
@@ -119,13 +120,39 @@ def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContai
         raise CorruptCheckpointError(
             "tensors not referenced by the index", file=path, actual=sorted(unused)[:5]
         )
+    end = max((data_start + span[1] for span in tensor_spans.values()), default=data_start)
+    if end > file_size:
+        _raise_truncated(index, offsets, path, end, file_size)
     return ParsedContainer(index, data_start, offsets)
 
 
-def _json_object(raw: bytes, path: str, what: str) -> dict:
+def _raise_truncated(index: ContainerIndex, offsets: dict[str, int], path: str, end: int, size: int) -> None:
+    """Raise for a file that ends at ``size`` before ``end``, naming the group and chunk it cuts into."""
+    group = chunk = None
+    for entry in index.groups:
+        start = offsets[entry.name]
+        if start <= size < start + entry.padded_size:
+            group = entry.name
+            cut = size - start
+            chunk = next((i for i, c in enumerate(entry.chunks) if c.offset + c.size > cut), None)
+            break
+    where = "inside a chunk" if chunk is not None else "in a payload's padding" if group else "at a payload"
+    raise CorruptCheckpointError(
+        f"file truncated {where}",
+        file=path,
+        group=group,
+        chunk=chunk,
+        expected=f"{end} bytes",
+        actual=f"{size} bytes",
+        hint="the copy or download was cut short; fetch or pack it again",
+    )
+
+
+def _json_object(raw: bytes | str, path: str, what: str) -> dict:
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    # ValueError also covers integers past Python's digit limit; RecursionError very deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{what} is not valid JSON: {exc}", file=path) from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{what} is not a JSON object", file=path, actual=type(value).__name__)
@@ -180,10 +207,9 @@ def _check_tensors(header: dict, path: str, data_start: int, file_size: int) -> 
         position = end
     if data_start % PAYLOAD_ALIGN:
         raise CorruptCheckpointError("data section is not 4 KiB aligned", file=path, actual=data_start)
-    if data_start + position != file_size:
-        kind = "truncated" if data_start + position > file_size else "has bytes after the end of its data"
+    if data_start + position < file_size:
         raise CorruptCheckpointError(
-            f"file {kind}",
+            "file has bytes after the end of its data",
             file=path,
             expected=f"{data_start + position} bytes",
             actual=f"{file_size} bytes",
@@ -212,6 +238,12 @@ def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
             raise CorruptCheckpointError("group appears twice in the index", file=path, group=entry.name)
         seen.add(entry.name)
         entries.append(entry)
+    _check_tensor_names(entries, path)
+    dtype, model_class = obj.get("dtype"), model.get("model_class")
+    if dtype is not None and not _is_dtype_name(dtype):
+        raise CorruptCheckpointError("index dtype is not a known dtype name", file=path, actual=dtype)
+    if model_class is not None and not isinstance(model_class, str):
+        raise CorruptCheckpointError("index model_class is not a string", file=path, actual=model_class)
     tokenizer = model.get("tokenizer")
     if tokenizer is not None and not (
         isinstance(tokenizer, dict) and all(isinstance(v, str) for v in tokenizer.values())
@@ -223,26 +255,60 @@ def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
     return ContainerIndex(
         format_version=FORMAT_VERSION,
         groups=entries,
-        model_class=model.get("model_class"),
+        model_class=model_class,
         config=model.get("config"),
         generation_config=model.get("generation_config"),
         tokenizer=tokenizer,
-        dtype=obj.get("dtype"),
+        dtype=dtype,
     )
+
+
+def _is_dtype_name(value: Any) -> bool:
+    try:
+        torch_dtype(value)
+    except (KeyError, TypeError):  # TypeError: an unhashable value
+        return False
+    return True
+
+
+def _check_tensor_names(entries: list[GroupEntry], path: str) -> None:
+    """Each tensor is stored once and every alias names a stored tensor (``load_state_dict`` relies on it)."""
+    owner: dict[str, str] = {}
+    for entry in entries:
+        for spec in entry.layout.tensors:
+            if spec.name in owner:
+                raise CorruptCheckpointError(
+                    f"tensor {spec.name!r} is stored twice",
+                    file=path,
+                    group=entry.name,
+                    expected="each tensor in one group",
+                    actual=f"also in {owner[spec.name]}",
+                )
+            owner[spec.name] = entry.name
+    for entry in entries:
+        for alias, canonical in entry.aliases.items():
+            if canonical not in owner or alias in owner:
+                raise CorruptCheckpointError(
+                    f"alias {alias!r} -> {canonical!r} does not name one stored tensor",
+                    file=path,
+                    group=entry.name,
+                    hint="re-pack the container",
+                )
 
 
 def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
     name = row.get("name") if isinstance(row, dict) else None
     label = name if isinstance(name, str) else f"#{position}"
     try:
+        # strict types, no str()/int() coercion: a name forged into a number must not load under a new name
         entry = GroupEntry(
-            name=str(row["name"]),
-            kind=str(row["kind"]),
-            users=[str(u) for u in row["users"]],
-            aliases={str(k): str(v) for k, v in row["aliases"].items()},
-            tensor=str(row["tensor"]),
-            codec=str(row["codec"]),
-            params=dict(row["params"]),
+            name=_typed(row["name"], str),
+            kind=_typed(row["kind"], str),
+            users=[_typed(u, str) for u in _typed(row["users"], list)],
+            aliases={_typed(k, str): _typed(v, str) for k, v in _typed(row["aliases"], dict).items()},
+            tensor=_typed(row["tensor"], str),
+            codec=_typed(row["codec"], str),
+            params=_typed(row["params"], dict),
             layout=_layout(row["layout"], path, label, "layout"),
             stored_layout=(
                 _layout(row["stored_layout"], path, label, "stored_layout")
@@ -252,7 +318,7 @@ def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
             stored_size=_int(row["stored_size"], path, "stored_size", label),
             chunks=[],
         )
-        chunk_rows = list(row["chunks"])
+        chunk_rows = _typed(row["chunks"], list)
     except CorruptCheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -264,15 +330,32 @@ def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
     return entry
 
 
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _tensor_json(obj: Any) -> Any:
+    """Type-check one layout tensor entry before ``TensorSpec.from_json`` (which coerces with int/str)."""
+    _typed(obj, dict)
+    _typed(obj["name"], str)
+    _typed(obj["dtype"], str)
+    _typed(obj["offset"], int)
+    for d in _typed(obj["shape"], list):
+        _typed(d, int)
+    return obj
+
+
 def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
     try:
         layout = GroupLayout(
-            tuple(TensorSpec.from_json(t) for t in obj["tensors"]),
+            tuple(TensorSpec.from_json(_tensor_json(t)) for t in _typed(obj["tensors"], list)),
             _int(obj["size"], path, f"{what} size", group),
         )
     except CorruptCheckpointError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e999)
         raise CorruptCheckpointError(f"malformed {what} ({exc})", file=path, group=group) from None
     if layout.size > MAX_GROUP_DECODED_SIZE:
         raise CorruptCheckpointError(
@@ -283,7 +366,7 @@ def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
             actual=layout.size,
         )
     end = 0
-    for spec in sorted(layout.tensors, key=lambda t: t.offset):
+    for spec in layout.tensors:  # stored order: exactly GroupLayout.from_tensors' packing, no gaps
         try:
             torch_dtype(spec.dtype)
         except KeyError:
@@ -297,12 +380,24 @@ def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
                 group=f"{group}/{spec.name}",
                 actual=f"shape {spec.shape} at {spec.offset}",
             )
-        if spec.offset < end:
+        # TensorSpec.nbytes multiplies in int64, which wraps ([2**32, 2**32] -> 0): recompute exactly
+        nbytes = math.prod(spec.shape) * torch_dtype(spec.dtype).itemsize
+        if nbytes > MAX_GROUP_DECODED_SIZE or nbytes != spec.nbytes:
             raise CorruptCheckpointError(
-                f"tensors overlap in {what}",
+                f"tensor in {what} is implausibly large",
                 file=path,
                 group=f"{group}/{spec.name}",
-                expected=f"offset >= {end}",
+                expected=f"<= {MAX_GROUP_DECODED_SIZE} bytes",
+                actual=f"shape {spec.shape}",
+            )
+        if spec.offset != align_up(end, TENSOR_ALIGN):
+            # a gap would let a shrunken shape pass as valid (other bytes read as this tensor)
+            kind = "overlap" if spec.offset < end else "leave a gap"
+            raise CorruptCheckpointError(
+                f"tensors {kind} in {what}",
+                file=path,
+                group=f"{group}/{spec.name}",
+                expected=f"offset {align_up(end, TENSOR_ALIGN)}",
                 actual=spec.offset,
             )
         end = spec.offset + spec.nbytes
@@ -371,6 +466,15 @@ def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:
                 chunk=i,
                 expected=target,
                 actual=decoded,
+            )
+        if entry.codec == "raw" and (offset != end or size != decoded_size):
+            raise CorruptCheckpointError(
+                "raw chunk is not stored as is right after the previous one",
+                file=path,
+                group=entry.name,
+                chunk=i,
+                expected=f"offset {end}, size == decoded_size",
+                actual=f"offset {offset}, size {size}, decoded_size {decoded_size}",
             )
         end = offset + size
         chunks.append(Chunk(offset, size, decoded_size, crc, dcrc))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from types import TracebackType
 
@@ -30,6 +31,8 @@ from offload_runtime.native.base import EncodedGroup
 from offload_runtime.native.layout import GroupLayout
 
 _COPY_STEP = 1 << 30
+# ``.<name>.<pid>.tmp`` (header + data, renamed to <name> when complete) and ``.<name>.<pid>.data.tmp``
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(\.data)?\.tmp$")
 
 
 class ContainerWriter:
@@ -63,6 +66,7 @@ class ContainerWriter:
         self.index = ContainerIndex(
             FORMAT_VERSION, [], model_class, config, generation_config, tokenizer, dtype
         )
+        remove_stale_temporaries(self.path)
         self._data_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.data.tmp")
         self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._data = open(self._data_path, "wb")  # noqa: SIM115  (closed in close/abort)
@@ -165,6 +169,49 @@ class ContainerWriter:
     def __del__(self) -> None:  # a writer dropped without close leaves no temp files behind
         if not getattr(self, "_done", True):
             self.abort()
+
+
+def is_temporary_name(path: str | os.PathLike) -> bool:
+    """True when ``path`` is named like a :class:`ContainerWriter` temporary: ``.<name>.<pid>[.data].tmp``."""
+    return _TEMPORARY.match(Path(path).name) is not None
+
+
+def temporary_target(path: str | os.PathLike) -> Path:
+    """The container a temporary named by :func:`is_temporary_name` was being written to."""
+    path = Path(path)
+    match = _TEMPORARY.match(path.name)
+    return path.with_name(match["target"]) if match else path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporaries of ``path`` left by writers that no longer run (a pack killed by SIGKILL or
+    a power cut cannot clean up); those of live processes, possibly packing right now, are kept.
+
+    Returns:
+        `list[pathlib.Path]`: the files removed.
+    """
+    path = Path(path)
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for candidate in path.parent.iterdir():
+            match = _TEMPORARY.match(candidate.name)
+            if match is None or match["target"] != path.name or _process_alive(int(match["pid"])):
+                continue
+            _unlink(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; an absurd pid is none of ours
+        return pid <= 2**22
+    return True
 
 
 def _copy(src: int, dst: int, size: int) -> None:

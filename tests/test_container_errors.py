@@ -245,6 +245,13 @@ def test_layout_size_disagrees_with_shapes(container):
     _open_fails(path, CorruptCheckpointError, "model.layers.0/", "overlap")
 
 
+def test_layout_tensor_shrunk_leaving_a_gap(container):
+    """A shrunken tensor that is not the last one would read other bytes as itself: a gap is refused."""
+    path = container()
+    _rewrite(path, edit_index=lambda ix: _group(ix)["layout"]["tensors"][0].update(shape=[16]))
+    _open_fails(path, CorruptCheckpointError, "leave a gap", "group=model.layers.0/")
+
+
 def test_layout_size_not_shape_times_dtype(container):
     path = container()
 
@@ -393,3 +400,152 @@ def test_replaced_after_open(container):
         os.replace(replacement, path)
         with pytest.raises(CorruptCheckpointError, match="replaced, truncated or modified"):
             reader.payload(reader.groups[0].name)
+
+
+# -- forged indexes that used to escape validation (regression tests) ----------------------------------
+
+
+def _forge_raw_header(path, replace: bytes, by: bytes):
+    """Substitute bytes inside the JSON header text, keeping the data section and 4 KiB alignment."""
+    _rewrite(path)  # normalise the JSON spacing so ``replace`` matches
+    header, data = _split(path)
+    text = json.dumps(header).encode()
+    if replace not in text:
+        raise ValueError(f"{replace!r} not in the header")
+    text = text.replace(replace, by, 1)
+    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_header_integer_with_too_many_digits(container):
+    path = container()
+    _forge_raw_header(path, b'"format":', b'"x": ' + b"9" * 5000 + b', "format":')
+    _open_fails(path, CorruptCheckpointError, "not valid JSON")
+
+
+def test_header_nested_too_deeply(container):
+    path = container()
+    _forge_raw_header(path, b'"format":', b'"x": ' + b"[" * 100_000 + b"]" * 100_000 + b', "format":')
+    _open_fails(path, CorruptCheckpointError, "not valid JSON")
+
+
+def test_index_string_with_lone_surrogate(container):
+    path = container()
+    _rewrite(path, edit_index=lambda ix: ix.update(x="\ud800"))
+    header, data = _split(path)
+    raw = json.dumps(header).encode()  # the index string now holds an escaped lone surrogate
+    text = raw.replace(b"\\\\ud800", b"\\ud800", 1)
+    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with ContainerReader(path):  # a lone surrogate is odd but harmless: it opens, or fails typed
+        pass
+
+
+def test_layout_shape_infinite(container):
+    path = container()
+    _forge_raw_header(path, b'"shape\\": [64, 64]', b'"shape\\": [1e999, 64]')
+    _open_fails(path, CorruptCheckpointError, "malformed layout", "group=model.layers.0")
+
+
+def test_layout_shape_product_overflows_int64(container):
+    """[2**32, 2**32] wraps to 0 elements in int64: the layout must not pass as an empty tensor."""
+    path = container("raw")
+
+    def forge(index):
+        group = _group(index)
+        last = group["layout"]["tensors"][-1]
+        shrink = group["layout"]["size"] - last["offset"]
+        last["shape"] = [2**32, 2**32]
+        group["layout"]["size"] -= shrink
+        group["chunks"][-1][2] -= shrink
+
+    _rewrite(path, edit_index=forge)
+    _open_fails(path, CorruptCheckpointError, "implausibly large", "group=model.layers.0/")
+
+
+def test_raw_chunk_decoded_size_differs_from_stored(container):
+    """raw copies ``decoded_size`` bytes: a chunk claiming more than it stores must fail on open."""
+    path = container("raw")
+
+    def forge(index):
+        group = _group(index)
+        group["stored_size"] -= 100
+        group["chunks"][0][1] -= 100
+
+    _rewrite(path, edit_index=forge)
+    _open_fails(path, CorruptCheckpointError, "raw chunk", "group=model.layers.0", "chunk=0")
+
+
+def test_alias_to_a_tensor_not_stored(container):
+    path = container()
+    _rewrite(path, edit_index=lambda ix: _group(ix).update(aliases={"tied.weight": "no.such.weight"}))
+    _open_fails(path, CorruptCheckpointError, "alias", "no.such.weight", "group=model.layers.0")
+
+
+def test_tensor_stored_twice(container):
+    path = container()
+
+    def duplicate(index):
+        index["groups"][2]["layout"]["tensors"][0]["name"] = _group(index)["layout"]["tensors"][0]["name"]
+
+    _rewrite(path, edit_index=duplicate)
+    _open_fails(path, CorruptCheckpointError, "stored twice", "group=model.layers.1")
+
+
+@pytest.mark.parametrize("key, value", [("dtype", 5), ("dtype", "float13"), ("model_class", ["x"])])
+def test_index_model_fields_of_the_wrong_type(container, key, value):
+    path = container()
+    if key == "dtype":
+        _rewrite(path, edit_index=lambda ix: ix.update(dtype=value))
+    else:
+        _rewrite(path, edit_index=lambda ix: ix["model"].update(model_class=value))
+    _open_fails(path, CorruptCheckpointError, key)
+
+
+def test_gpu_only_codec_decoded_on_the_cpu_names_the_extra(container):
+    """An ``ans`` group (forged from a zstd one: ans cannot encode without a GPU) decoded by decode_cpu."""
+    from offload_runtime.native.availability import gpu_codecs_unavailable_reason
+
+    if gpu_codecs_unavailable_reason() is None:
+        pytest.skip("nvCOMP is present: the CPU message is about re-packing, not installing")
+    path = container("zstd")
+    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="ans"))
+    with ContainerReader(path) as reader:
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CodecUnavailableError) as info:
+            reader.decode_cpu("model.layers.0", out)
+    message = str(info.value)
+    assert type(info.value) is CodecUnavailableError
+    for fragment in (str(path), "group=model.layers.0", "codec=ans", "offload-runtime[cu12]", "[cu13]"):
+        assert fragment in message, message
+
+
+def test_codec_error_names_file_and_group(container):
+    """Errors raised inside a codec (here int8 on a zstd group) gain the file and group."""
+    path = container("zstd")
+    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="int8", params={"inner": "zstd"}))
+    with ContainerReader(path) as reader:
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu("model.layers.0", out)
+    message = str(info.value)
+    assert "int8 chunks do not decode" in message and str(path) in message
+    assert "group=model.layers.0" in message
+
+
+def test_decoder_failure_after_forged_crcs_is_typed(container):
+    """A zstd frame with forged CRCs that does not decode: typed error naming file, group and chunk."""
+    path = container("zstd")
+    start, chunks, _ = _payload_start(path, "model.layers.0")
+    raw = bytearray(path.read_bytes())
+    raw[start + chunks[0].offset : start + chunks[0].offset + 4] = b"\0\0\0\0"  # destroy the frame magic
+    forged = zlib.crc32(bytes(raw[start + chunks[0].offset : start + chunks[0].offset + chunks[0].size]))
+    path.write_bytes(raw)
+    _rewrite(path, edit_index=_edit_chunk(0, 3, forged & 0xFFFFFFFF))
+    with ContainerReader(path) as reader:
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu("model.layers.0", out)
+    message = str(info.value)
+    for fragment in ("does not decode", str(path), "group=model.layers.0", "chunk=0"):
+        assert fragment in message, message
