@@ -23,4 +23,6 @@ status=0
 python3 -m pytest tests -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" "$@" || status=$?
 python3 -m pytest bench -m gpu -p no:cacheprovider --runslow --benchmark-json="$out/gpu_bench.json" "$@" || {
   rc=$?; [ "$rc" = 5 ] || status=$rc; }  # 5: no GPU benchmark collected yet
+# end-to-end: resident vs accelerate vs offload_runtime on the Llama-shaped 2 B config
+python3 bench/gpu_e2e.py "$out/e2e.json" || status=$?
 exit $status

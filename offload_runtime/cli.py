@@ -19,6 +19,15 @@ from offload_runtime.errors import OffloadError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("Pack a model into a compressed container.", "offload_runtime.cli_pack:register_pack"),
     "inspect": ("Describe a container: groups, codecs, sizes.", "offload_runtime.cli_pack:register_inspect"),
+    "generate": ("Generate text from a container, streaming tokens.", "offload_runtime.cli_run:add_generate"),
+    "bench": (
+        "Measure tok/s and show the plan for one or more budgets.",
+        "offload_runtime.cli_run:add_bench",
+    ),
+    "demo": (
+        "Chat with SmolLM2-135M, unoffloaded and streamed, side by side.",
+        "offload_runtime.cli_run:add_demo",
+    ),
 }
 
 

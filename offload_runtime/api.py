@@ -1,0 +1,320 @@
+"""Public API: run a model whose weights stream, compressed, through a fixed memory budget.
+
+``dispatch_compressed`` attaches the runtime to a model (packing its weights first when no container is
+given), ``load_compressed`` builds the model from a container, ``remove_offload`` undoes either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload_runtime.hooks import GroupHook, attached_hooks
+from offload_runtime.loaders import (
+    ContainerReader,
+    build_empty_model,
+    check_compatible,
+    load_tokenizer,
+    pack,
+)
+from offload_runtime.native import GroupLayout
+from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
+from offload_runtime.scheduler.runtime import Runtime, build_runtime
+
+__all__ = ["dispatch_compressed", "load_compressed", "load_tokenizer", "remove_offload"]
+
+RUNTIME_ATTR = "_offload_runtime"
+HOST_BUDGET_FRACTION = 0.8  # of psutil's available memory, when host_budget_gb is not given
+
+
+@dataclass(eq=False)
+class _Dispatch:
+    """What ``remove_offload`` needs to undo a dispatch."""
+
+    runtime: Runtime
+    reader: Any
+    tmpdir: str | None
+    requires_grad: dict[str, bool]
+    finalizer: Any = None
+    hooked: list[nn.Module] = field(default_factory=list)
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
+    return device
+
+
+def _host_budget(host_budget_gb: float | None) -> int:
+    if host_budget_gb is not None:
+        return int(host_budget_gb * GIB)
+    import psutil
+
+    return int(psutil.virtual_memory().available * HOST_BUDGET_FRACTION)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module, attr = _owner(model, name)
+    if attr in module._parameters:
+        module._parameters[attr] = value
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise KeyError(f"{name!r} is neither a parameter nor a buffer of {type(module).__name__}")
+
+
+def _nested_groups(model: nn.Module, groups: list) -> set[str]:
+    """Groups whose user modules contain another group's user module (or share one with it).
+
+    Streaming both could deadlock (the outer group pins a slot while the inner one waits for it), so the
+    outer ones are kept resident.
+    """
+    users = {g.name: set(g.users) for g in groups}
+    outer = set()
+    for name, mine in users.items():
+        for other, theirs in users.items():
+            if other == name:
+                continue
+            for a in mine:
+                if any(b == a or b.startswith(a + ".") or a == "" for b in theirs):
+                    outer.add(name)
+    return outer
+
+
+def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
+    """Point every stored tensor, and every tied alias, at its view (the same object for ties)."""
+    for entry in groups:
+        bound: dict[str, torch.Tensor] = {}
+        for name, view in runtime.views[entry.name].items():
+            module, attr = _owner(model, name)
+            value = nn.Parameter(view, requires_grad=False) if attr in module._parameters else view
+            _set_tensor(model, name, value)
+            bound[name] = value
+        for alias, canonical in entry.aliases.items():
+            _set_tensor(model, alias, bound[canonical])
+
+
+def _move_unstored(model: nn.Module, stored: set[str], device: torch.device) -> None:
+    """Tensors not in the container (non-persistent buffers: rotary inv_freq, ...) move to ``device``."""
+    for module_name, module in model.named_modules():
+        for attr, buf in list(module._buffers.items()):
+            full = f"{module_name}.{attr}" if module_name else attr
+            if buf is not None and full not in stored and buf.device != device:
+                module._buffers[attr] = buf.to(device)
+
+
+def _attach(
+    model: nn.Module,
+    reader: Any,
+    budget_gb: float,
+    device: torch.device,
+    prefetch: int,
+    host_budget_gb: float | None,
+    tmpdir: str | None,
+) -> nn.Module:
+    groups = list(reader.groups)
+    runtime = build_runtime(
+        reader,
+        round(budget_gb * GIB),  # to the nearest byte: budget_gb = minimum / GIB must pass
+        device=device,
+        prefetch=prefetch,
+        host_budget_bytes=_host_budget(host_budget_gb),
+        keep_resident=_nested_groups(model, groups),
+    )
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    _bind(model, runtime, groups)
+    stored = {n for g in groups for n in [*g.layout.names, *g.aliases]}
+    _move_unstored(model, stored, device)
+
+    state = _Dispatch(runtime, reader, tmpdir, requires_grad)
+    users: dict[str, list[str]] = {}
+    for entry in groups:
+        if entry.name in runtime.streamed:
+            for user in entry.users:
+                users.setdefault(user, []).append(entry.name)
+    for path, names in users.items():
+        if path == "":
+            continue
+        GroupHook(runtime.engine, tuple(names)).attach(model.get_submodule(path))
+    GroupHook(runtime.engine, tuple(users.get("", ())), marks_pass=True).attach(model)
+
+    setattr(model, RUNTIME_ATTR, state)
+    model.offload_plan = runtime.plan
+    model.offload_stats = runtime.stats
+    state.finalizer = weakref.finalize(model, _release, runtime, reader, tmpdir)
+    return model
+
+
+def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int) -> None:
+    """Raise the BudgetError before packing when even the decoded working set cannot fit.
+
+    Decoded sizes are known from the model alone; staging and codec scratch (CUDA) only add to the
+    minimum, so this is exact on the CPU and a lower bound on CUDA.
+    """
+    from offload_runtime.loaders.groups import find_groups
+
+    state = model.state_dict(keep_vars=True)
+    specs = find_groups(model)
+    sizes = [
+        GroupSize(s.name, GroupLayout.from_tensors((n, state[n]) for n in s.tensors).size, 0) for s in specs
+    ]
+    keep = _nested_groups(model, specs)
+    plan_placement(sizes, round(budget_gb * GIB), device="cpu", prefetch=prefetch, keep_resident=keep)
+
+
+def _release(runtime: Runtime, reader: Any, tmpdir: str | None) -> None:
+    """Stop the engine, close the container, delete a temporary container (model removed or collected)."""
+    runtime.close()
+    reader.close()
+    if tmpdir is not None:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def dispatch_compressed(
+    model: nn.Module,
+    budget_gb: float,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    codec: str = "auto",
+    prefetch: int = 1,
+    host_budget_gb: float | None = None,
+    verify: str = "once",
+) -> nn.Module:
+    """Run ``model`` with its weights compressed and streamed through at most ``budget_gb`` of device memory.
+
+    Args:
+        model (`nn.Module`): a Hugging Face (or any) model; its weights are replaced in place.
+        budget_gb (`float`): GiB the runtime may hold for weights on ``device`` (resident groups, compressed
+            groups, decode slots, staging, codec scratch). On the CPU: decoded weights held in RAM.
+        checkpoint (`str` or `os.PathLike`, *optional*): a container made by ``pack`` holding this model's
+            weights. When ``None``, the current weights are packed into a temporary container (deleted
+            when the model is removed or garbage collected) and the originals are freed.
+        device (`torch.device` or `str`, *optional*): where the model runs; CUDA when available, else CPU.
+        codec (`str`, defaults to `"auto"`): codec used when packing (``checkpoint=None`` only).
+        prefetch (`int`, defaults to 1): groups decoded ahead of the one running.
+        host_budget_gb (`float`, *optional*): GiB of compressed payloads kept in (pinned) host RAM;
+            defaults to 80% of the available memory.
+        verify (`str`, defaults to `"once"`): checksum policy of the container reader.
+
+    Returns:
+        `nn.Module`: ``model``, with ``offload_plan`` and ``offload_stats`` attributes.
+
+    Raises:
+        BudgetError: the budget is below the minimum working set (nothing is changed).
+        CheckpointMismatchError: ``checkpoint`` does not hold this model's tensors.
+    """
+    if hasattr(model, RUNTIME_ATTR):
+        raise ValueError("model is already dispatched; call remove_offload(model) first")
+    device = _resolve_device(device)
+    tmpdir = None
+    if checkpoint is None:
+        _refuse_early(model, budget_gb, prefetch)
+        tmpdir = tempfile.mkdtemp(prefix="offload_runtime-")
+        if codec == "auto" and device.type == "cpu":
+            codec = "zstd"  # auto may pick the GPU-only ans codec when the machine has a GPU
+        try:
+            checkpoint = pack(model, Path(tmpdir) / "model.safetensors", codec=codec, progress=False)
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+    reader = ContainerReader(checkpoint, verify=verify)
+    try:
+        if tmpdir is None:
+            check_compatible(reader, model)
+        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir)
+    except BaseException:
+        reader.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def load_compressed(
+    path: str | os.PathLike,
+    budget_gb: float,
+    *,
+    device: torch.device | str | None = None,
+    prefetch: int = 1,
+    host_budget_gb: float | None = None,
+    verify: str = "once",
+) -> nn.Module:
+    """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
+
+    The model is built on ``meta`` from the stored config; streamed groups are read through the container's
+    mmap, so a model larger than host RAM runs.
+
+    Args:
+        path (`str` or `os.PathLike`): a container made by ``pack``.
+        budget_gb (`float`): see :func:`dispatch_compressed`.
+        device, prefetch, host_budget_gb, verify: see :func:`dispatch_compressed`.
+
+    Returns:
+        `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
+    """
+    device = _resolve_device(device)
+    reader = ContainerReader(path, verify=verify)
+    try:
+        model = build_empty_model(reader)
+        check_compatible(reader, model)
+        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, None)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def remove_offload(model: nn.Module) -> nn.Module:
+    """Detach the runtime: ordinary parameters holding the decoded weights on the dispatch device, ties kept.
+
+    Args:
+        model (`nn.Module`): a model returned by :func:`dispatch_compressed` or :func:`load_compressed`.
+
+    Returns:
+        `nn.Module`: the same model, with no hooks and no offload attributes.
+    """
+    state: _Dispatch | None = getattr(model, RUNTIME_ATTR, None)
+    if state is None:
+        raise ValueError("model is not dispatched by offload_runtime")
+    runtime = state.runtime
+    for module, hook in attached_hooks(model):
+        hook.detach(module)
+    runtime.engine.close()
+    for entry in state.reader.groups:
+        fresh = runtime.decode_fresh(entry.name)
+        bound: dict[str, torch.Tensor] = {}
+        for name, view in fresh.items():
+            module, attr = _owner(model, name)
+            tensor = view.clone()
+            if attr in module._parameters:
+                tensor = nn.Parameter(tensor, requires_grad=state.requires_grad.get(name, True))
+            _set_tensor(model, name, tensor)
+            bound[name] = tensor
+        for alias, canonical in entry.aliases.items():
+            _set_tensor(model, alias, bound[canonical])
+    state.finalizer()  # closes the reader, deletes a temporary container
+    delattr(model, RUNTIME_ATTR)
+    del model.offload_plan
+    del model.offload_stats
+    return model

@@ -1,0 +1,110 @@
+"""The forward hook that ties modules to the scheduler (accelerate ``ModelHook`` style).
+
+One :class:`GroupHook` is attached to every module whose forward reads a streamed group (the group's own
+module and the modules owning tied aliases of its tensors), and one to the root model to mark where a
+forward pass starts and ends (the execution order is learned per pass). The hook wraps ``module.forward``;
+the module's parameters are *not* touched by the hook: they are permanent views into the group's slot,
+bound once at dispatch, so ``pre_forward`` only waits for the slot to hold the right bytes and
+``post_forward`` releases it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+HOOK_ATTR = "_offload_hook"
+
+
+class GroupHook:
+    """Acquire groups before a module's forward, release them after.
+
+    Args:
+        engine: the scheduler :class:`~offload_runtime.scheduler.engine.Engine`.
+        groups (`tuple[str, ...]`, defaults to ``()``): streamed groups the module's forward reads.
+        marks_pass (`bool`, defaults to `False`): the module is the root model; its forward is one pass.
+    """
+
+    def __init__(self, engine: Any, groups: tuple[str, ...] = (), *, marks_pass: bool = False) -> None:
+        self.engine = engine
+        self.groups = tuple(groups)
+        self.marks_pass = marks_pass
+        self.calls = 0
+        self._original_forward: Any = None
+        self._had_instance_forward = False
+
+    def __repr__(self) -> str:
+        return f"GroupHook(groups={list(self.groups)}, marks_pass={self.marks_pass}, calls={self.calls})"
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def attach(self, module: nn.Module) -> nn.Module:
+        """Wrap ``module.forward``; the patched attributes are ``forward`` and ``_offload_hook`` only."""
+        if hasattr(module, HOOK_ATTR):
+            raise ValueError(
+                f"{type(module).__name__} already has an offload hook: {getattr(module, HOOK_ATTR)}"
+            )
+        self._had_instance_forward = "forward" in module.__dict__
+        self._original_forward = module.forward
+        original = self._original_forward
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = self.pre_forward(module, *args, **kwargs)
+            try:
+                output = original(*args, **kwargs)
+            except BaseException:
+                self.post_forward(module, None)
+                raise
+            return self.post_forward(module, output)
+
+        module.forward = forward
+        setattr(module, HOOK_ATTR, self)
+        return module
+
+    def detach(self, module: nn.Module) -> nn.Module:
+        """Undo :meth:`attach` exactly: the module's ``forward`` is what it was before."""
+        if getattr(module, HOOK_ATTR, None) is not self:
+            return module
+        if self._had_instance_forward:
+            module.forward = self._original_forward
+        else:
+            del module.forward
+        delattr(module, HOOK_ATTR)
+        self._original_forward = None
+        return module
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        """Start a pass (root), then make every group of this module ready on the compute stream."""
+        self.calls += 1
+        if self.marks_pass:
+            self.engine.begin_pass()
+        acquired: list[str] = []
+        try:
+            for group in self.groups:
+                self.engine.acquire(group)
+                acquired.append(group)
+        except BaseException:
+            for group in reversed(acquired):
+                self.engine.release(group)
+            raise
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        """Release this module's groups (record their release events), then end the pass (root)."""
+        for group in reversed(self.groups):
+            self.engine.release(group)
+        if self.marks_pass:
+            self.engine.end_pass()
+        return output
+
+
+def attached_hooks(model: nn.Module) -> list[tuple[nn.Module, GroupHook]]:
+    """Every (module, hook) pair under ``model``."""
+    return [
+        (m, getattr(m, HOOK_ATTR))
+        for m in model.modules()
+        if isinstance(getattr(m, HOOK_ATTR, None), GroupHook)
+    ]

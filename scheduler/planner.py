@@ -1,0 +1,313 @@
+"""Placement: which tier each group lives in, given a device budget.
+
+Tiers, fastest first:
+
+1. ``RESIDENT``: decoded once at dispatch, kept on the device.
+2. ``DEVICE_COMPRESSED``: the payload is kept on the device and decoded into a slot on use (CUDA only).
+3. ``HOST``: the payload is kept in (pinned) host RAM, bounded by ``host_budget_bytes``.
+4. ``DISK``: read through the container's mmap (into a pinned staging ring on CUDA) on every use.
+
+The budget caps every byte the runtime holds for weights on the device: resident groups, compressed
+groups kept on the device, the ``nslots`` decode slots (each as large as the largest streamed group),
+the device staging buffers that receive payloads before decoding, and the codec's scratch. On the CPU the
+"device" is host RAM holding *decoded* weights: the budget caps resident groups plus slots; compressed
+bytes in RAM are the host tier and are not counted.
+
+The plan is plain data, printable with ``print(plan)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from offload_runtime.errors import BudgetError
+
+GIB = 1 << 30
+SMALL_GROUP_FRACTION = (
+    0.01  # groups below 1% of the largest stay resident: streaming them costs more than it saves
+)
+DEVICE_STAGING_BUFFERS = 2  # H2D of the next payload overlaps the decode of the current one
+# CUDA: the caching allocator may charge up to 1 MiB beyond a large request (an unsplit segment tail); the
+# runtime makes one allocation (its arena), so this is charged once
+CUDA_ALLOCATOR_SLACK = 1 << 20
+
+
+class Tier(IntEnum):
+    RESIDENT = 1
+    DEVICE_COMPRESSED = 2
+    HOST = 3
+    DISK = 4
+
+
+@dataclass(frozen=True)
+class GroupSize:
+    """What the planner needs to know about one group.
+
+    Attributes:
+        name: the group's name.
+        decoded_bytes: size of the decoded group (its slot size).
+        stored_bytes: size of its compressed payload.
+        scratch_bytes: device memory its GPU decoder holds (0 on the CPU); decoders live as long as the
+            runtime, so the scratch of every streamed group counts.
+    """
+
+    name: str
+    decoded_bytes: int
+    stored_bytes: int
+    scratch_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class GroupPlacement:
+    """The plan for one group: its tier, sizes and (when streamed) the slot it decodes into."""
+
+    name: str
+    tier: Tier
+    decoded_bytes: int
+    stored_bytes: int
+    slot: int | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.tier != Tier.RESIDENT
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes this group holds on the device outside the slots."""
+        if self.tier == Tier.RESIDENT:
+            return self.decoded_bytes
+        return self.stored_bytes if self.tier == Tier.DEVICE_COMPRESSED else 0
+
+
+@dataclass
+class Plan:
+    """Where every group lives, and the fixed buffers of the runtime.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"`` (the device type that decodes and runs the model).
+        budget_bytes: the device budget the plan fits in.
+        minimum_bytes: the smallest budget any plan of this model fits in.
+        prefetch: how many streamed groups are decoded ahead of the one running.
+        nslots: decode slots (``min(prefetch + 1, streamed groups)``).
+        slot_bytes: size of one slot (largest streamed group's decoded size).
+        staging_bytes: device buffers receiving payloads before decoding (CUDA only).
+        scratch_bytes: codec scratch on the device.
+        host_staging_bytes: pinned host ring that disk reads land in (CUDA only; not in the budget).
+        overhead_bytes: allocator rounding reserved on CUDA (:data:`CUDA_ALLOCATOR_SLACK`).
+        groups: one placement per group, in group order.
+    """
+
+    device: str
+    budget_bytes: int
+    minimum_bytes: int
+    prefetch: int
+    nslots: int
+    slot_bytes: int
+    staging_bytes: int
+    scratch_bytes: int
+    host_staging_bytes: int
+    groups: list[GroupPlacement] = field(default_factory=list)
+    overhead_bytes: int = 0
+
+    def placement(self, name: str) -> GroupPlacement:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @property
+    def streamed(self) -> list[GroupPlacement]:
+        return [g for g in self.groups if g.streamed]
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything the runtime holds for weights on the device (never above ``budget_bytes``)."""
+        fixed = self.nslots * self.slot_bytes + self.staging_bytes + self.scratch_bytes + self.overhead_bytes
+        return fixed + sum(g.device_bytes for g in self.groups)
+
+    @property
+    def host_bytes(self) -> int:
+        """Compressed bytes copied into host RAM (host tier) plus the pinned staging ring."""
+        return self.host_staging_bytes + sum(g.stored_bytes for g in self.groups if g.tier == Tier.HOST)
+
+    def tier_bytes(self, tier: Tier) -> int:
+        return sum(g.decoded_bytes for g in self.groups if g.tier == tier)
+
+    def __str__(self) -> str:
+        lines = [
+            f"offload plan on {self.device}: {_mib(self.device_bytes)} of {_mib(self.budget_bytes)} budget "
+            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}, "
+            f"{self.nslots} slots x {_mib(self.slot_bytes)}, staging {_mib(self.staging_bytes)}, "
+            f"scratch {_mib(self.scratch_bytes)}, host {_mib(self.host_bytes)}",
+            f"  {'group':<40} {'tier':<18} {'decoded':>12} {'stored':>12} {'slot':>5}",
+        ]
+        for g in self.groups:
+            slot = "-" if g.slot is None else str(g.slot)
+            lines.append(
+                f"  {g.name:<40} {g.tier.name.lower():<18} {_mib(g.decoded_bytes):>12} "
+                f"{_mib(g.stored_bytes):>12} {slot:>5}"
+            )
+        totals = ", ".join(
+            f"{t.name.lower()} {sum(1 for g in self.groups if g.tier == t)} groups/{_mib(self.tier_bytes(t))}"
+            for t in Tier
+        )
+        lines.append(f"  totals: {totals}")
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
+def _fixed_cost(streamed: Sequence[GroupSize], prefetch: int, on_cuda: bool) -> tuple[int, int, int, int]:
+    """(nslots, slot_bytes, staging_bytes, scratch_bytes) of streaming ``streamed``."""
+    if not streamed:
+        return 0, 0, 0, 0
+    nslots = min(prefetch + 1, len(streamed))
+    slot = max(g.decoded_bytes for g in streamed)
+    if not on_cuda:
+        return nslots, slot, 0, 0
+    staging = min(DEVICE_STAGING_BUFFERS, nslots) * max(g.stored_bytes for g in streamed)
+    scratch = sum(g.scratch_bytes for g in streamed)  # each group's decoder keeps its own scratch
+    return nslots, slot, staging, scratch
+
+
+def plan_placement(
+    groups: Sequence[GroupSize],
+    budget_bytes: int,
+    *,
+    device: str = "cpu",
+    prefetch: int = 1,
+    host_budget_bytes: int | None = None,
+    keep_resident: Collection[str] = (),
+    force_streamed: Collection[str] = (),
+    small_fraction: float = SMALL_GROUP_FRACTION,
+) -> Plan:
+    """Place every group in a tier so the device bytes fit ``budget_bytes``.
+
+    The structure is chosen among "the k largest groups resident, the rest streamed" for every k (making
+    a huge embedding resident shrinks every slot), then leftover budget makes more groups resident (largest
+    first), then keeps payloads on the device (CUDA), then in host RAM up to ``host_budget_bytes``.
+
+    Args:
+        groups (`Sequence[GroupSize]`): every group, in group (execution) order.
+        budget_bytes (`int`): the device budget.
+        device (`str`, defaults to ``"cpu"``): ``"cpu"`` or ``"cuda"``.
+        prefetch (`int`, defaults to 1): groups decoded ahead; the runtime keeps ``prefetch + 1`` slots.
+        host_budget_bytes (`int`, *optional*): cap on compressed bytes copied into host RAM (plus the
+            pinned staging ring); ``None`` means unbounded.
+        keep_resident (`Collection[str]`): groups that must stay resident (e.g. nested modules).
+        force_streamed (`Collection[str]`): groups that must be streamed even when they would fit (tests,
+            benchmarks of the streaming path).
+        small_fraction (`float`, defaults to 0.01): groups smaller than this fraction of the largest stay
+            resident.
+
+    Raises:
+        BudgetError: when ``budget_bytes`` is below the minimum working set; ``expected`` is the minimum,
+            ``actual`` the budget, and the message names the largest group.
+    """
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    on_cuda = device == "cuda"
+    overhead = CUDA_ALLOCATOR_SLACK if on_cuda else 0
+    largest = max((g.decoded_bytes for g in groups), default=0)
+    forced = [
+        g
+        for g in groups
+        if g.name in keep_resident
+        or (g.decoded_bytes < small_fraction * largest and g.name not in force_streamed)
+    ]
+    forced_names = {g.name for g in forced}
+    forced_bytes = sum(g.decoded_bytes for g in forced)
+    candidates = sorted((g for g in groups if g.name not in forced_names), key=lambda g: -g.decoded_bytes)
+
+    def cost(resident: set[str]) -> int:
+        streamed = [g for g in candidates if g.name not in resident]
+        nslots, slot, staging, scratch = _fixed_cost(streamed, prefetch, on_cuda)
+        resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
+        return forced_bytes + resident_bytes + nslots * slot + staging + scratch + overhead
+
+    promotable = [g for g in candidates if g.name not in force_streamed]
+    structures = [{g.name for g in promotable[:k]} for k in range(len(promotable) + 1)]
+    costs = [cost(s) for s in structures]
+    minimum = min(costs)
+    if budget_bytes < minimum:
+        biggest = candidates[0] if candidates else max(groups, key=lambda g: g.decoded_bytes)
+        raise BudgetError(
+            f"budget {budget_bytes / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB "
+            f"(largest group {biggest.name!r} decodes to {biggest.decoded_bytes} bytes; "
+            f"{min(prefetch + 1, max(len(candidates), 1))} slots needed with prefetch={prefetch})",
+            group=biggest.name,
+            expected=minimum,
+            actual=budget_bytes,
+            hint=f"raise budget_gb to at least {minimum / GIB:.4f}, or lower prefetch",
+        )
+
+    best: set[str] | None = None
+    best_bytes = -1
+    for base, base_cost in zip(structures, costs, strict=True):
+        if base_cost > budget_bytes:
+            continue
+        resident = set(base)
+        streamed = [g for g in candidates if g.name not in resident]
+        leftover = budget_bytes - base_cost
+        # promote smaller groups than the slot-defining one while they fit (the slot size stays the same)
+        # promote groups in group order while they fit; one of the largest (the last) keeps the slot size
+        keeper = (
+            [g for g in streamed if g.decoded_bytes == streamed[0].decoded_bytes][-1] if streamed else None
+        )
+        for g in groups:
+            if g not in streamed or g is keeper or g.name in force_streamed or g.decoded_bytes > leftover:
+                continue
+            if cost(resident | {g.name}) <= budget_bytes:
+                resident.add(g.name)
+                leftover = budget_bytes - cost(resident)
+        resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
+        if resident_bytes > best_bytes:
+            best, best_bytes = resident, resident_bytes
+    if best is None:  # unreachable: the minimum structure fits whenever budget >= minimum
+        raise RuntimeError("no placement fits although the budget is above the minimum")
+
+    streamed = [g for g in groups if g.name not in forced_names and g.name not in best]
+    nslots, slot_bytes, staging, scratch = _fixed_cost(streamed, prefetch, on_cuda)
+    leftover = budget_bytes - cost(best)
+    host_left = host_budget_bytes if host_budget_bytes is not None else float("inf")
+    disk_groups = []
+    tiers: dict[str, Tier] = {}
+    for g in streamed:
+        if on_cuda and g.stored_bytes <= leftover:
+            tiers[g.name] = Tier.DEVICE_COMPRESSED
+            leftover -= g.stored_bytes
+        elif g.stored_bytes <= host_left:
+            tiers[g.name] = Tier.HOST
+            host_left -= g.stored_bytes
+        else:
+            tiers[g.name] = Tier.DISK
+            disk_groups.append(g)
+    host_staging = (
+        DEVICE_STAGING_BUFFERS * max(g.stored_bytes for g in disk_groups) if on_cuda and disk_groups else 0
+    )
+
+    placements, streamed_index = [], 0
+    for g in groups:
+        tier = tiers.get(g.name, Tier.RESIDENT)
+        slot = None
+        if tier != Tier.RESIDENT:
+            slot = streamed_index % nslots  # static assignment: the j-th streamed group uses slot j % nslots
+            streamed_index += 1
+        placements.append(GroupPlacement(g.name, tier, g.decoded_bytes, g.stored_bytes, slot))
+    return Plan(
+        device="cuda" if on_cuda else "cpu",
+        budget_bytes=budget_bytes,
+        minimum_bytes=minimum,
+        prefetch=prefetch,
+        nslots=nslots,
+        slot_bytes=slot_bytes,
+        staging_bytes=staging,
+        scratch_bytes=scratch,
+        host_staging_bytes=host_staging,
+        groups=placements,
+        overhead_bytes=overhead,
+    )

@@ -1,0 +1,50 @@
+"""Counters the runtime keeps while it streams weights: ``model.offload_stats``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class OffloadStats:
+    """What the runtime did so far.
+
+    Attributes:
+        disk_bytes: payload bytes read from the container (mmap) while streaming.
+        h2d_bytes: bytes copied host -> device (CUDA; 0 on the CPU).
+        h2d_seconds: device time of those copies (CUDA events).
+        decode_bytes: decoded bytes written into slots.
+        decode_seconds: decode time (CUDA events on the GPU, wall time on the CPU).
+        wait_seconds: host time the compute thread waited for a group to be loaded (or its decode enqueued).
+        loads: groups loaded into slots; ``demand_loads`` of them requested by a forward that needed them
+            now rather than by the prefetcher.
+        peak_weight_bytes: bytes the runtime holds for weights on the device (resident + slots + staging).
+    """
+
+    disk_bytes: int = 0
+    h2d_bytes: int = 0
+    h2d_seconds: float = 0.0
+    decode_bytes: int = 0
+    decode_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    loads: int = 0
+    demand_loads: int = 0
+    peak_weight_bytes: int = 0
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.h2d_bytes / self.h2d_seconds / 1e9 if self.h2d_seconds else 0.0
+
+    @property
+    def decode_gbps(self) -> float:
+        return self.decode_bytes / self.decode_seconds / 1e9 if self.decode_seconds else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"offload stats: {self.loads} loads ({self.demand_loads} on demand), "
+            f"disk {self.disk_bytes / 1e6:.1f} MB, "
+            f"H2D {self.h2d_bytes / 1e6:.1f} MB at {self.h2d_gbps:.1f} GB/s, "
+            f"decode {self.decode_bytes / 1e6:.1f} MB at {self.decode_gbps:.1f} GB/s, "
+            f"compute waited {self.wait_seconds * 1e3:.1f} ms, peak weight memory "
+            f"{self.peak_weight_bytes / 1e6:.1f} MB"
+        )

@@ -1,0 +1,90 @@
+"""`offload-runtime generate`, `bench` and the CLI's error messages, each in a subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import offload_runtime
+from offload_runtime.tiny import tiny_model
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "offload_runtime", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_container(tmp_path_factory, smollm2):
+    """A tiny Llama with SmolLM2's vocabulary, packed with SmolLM2's tokenizer and chat template."""
+    _, tokenizer = smollm2
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    offload_runtime.pack(model, path, codec="zstd", progress=False, tokenizer=tokenizer)
+    return path, model, tokenizer
+
+
+def test_generate_streams_the_same_tokens_as_the_unoffloaded_model(chat_container):
+    path, model, tokenizer = chat_container
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    expected_text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+
+    proc = _cli(
+        "generate",
+        str(path),
+        "--prompt",
+        "Hello there",
+        "--budget-gb",
+        "0.03",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected_text.strip()
+
+
+def test_bench_prints_a_row_per_budget(chat_container):
+    path, _, _ = chat_container
+    proc = _cli("bench", str(path), "--budget-gb", "0.03", "1", "--max-new-tokens", "4", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "tok/s" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["0.03", "1"]
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    proc = _cli("generate", str(tmp_path / "nope.safetensors"), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"offload-runtime generate: error: no such file: {tmp_path / 'nope.safetensors'}"
+    )
+
+
+def test_budget_below_minimum_names_the_minimum(chat_container):
+    path, _, _ = chat_container
+    proc = _cli("generate", str(path), "--prompt", "hi", "--budget-gb", "0.000001", "--device", "cpu")
+    assert proc.returncode == 2
+    assert "BudgetError" in proc.stderr or "budget" in proc.stderr.lower()
+    assert "expected=" in proc.stderr  # the minimum working set
+
+
+def test_ans_without_nvcomp_says_which_extra_to_install(tmp_path):
+    from offload_runtime.native.availability import gpu_codecs_unavailable_reason
+
+    if gpu_codecs_unavailable_reason() is None:
+        pytest.skip("CUDA and nvCOMP are present: ans is available here")
+    model_dir = tmp_path / "m"
+    tiny_model("llama", dtype=torch.bfloat16).save_pretrained(model_dir)
+    proc = _cli("pack", str(model_dir), str(tmp_path / "out.safetensors"), "--codec", "ans")
+    assert proc.returncode == 2
+    assert "offload-runtime[cu12]" in proc.stderr and "offload-runtime[cu13]" in proc.stderr
