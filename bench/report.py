@@ -1,0 +1,142 @@
+"""Turn a committed end-to-end result (bench/results/*-e2e.json) into the README's table and a PNG plot.
+
+Usage: python bench/report.py bench/results/<date>-<device>-e2e.json [--png bench/results/<...>.png]
+
+The table is printed as Markdown; the plot shows tok/s against the budget for each method, with the PCIe
+limit (compressed bytes per token / measured pinned H2D GB/s) of each codec drawn as a horizontal line.
+Needs matplotlib only for the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+GIB = 2**30
+
+
+def table(results: dict) -> str:
+    h2d = results.get("h2d_pinned_GBps")
+    lines = [
+        f"{results['device']}, {results['config']}, {results['weight_bytes'] / 1e9:.2f} GB of bf16 weights; "
+        f"pinned H2D {h2d:.1f} GB/s, pageable {results.get('h2d_pageable_GBps', 0):.1f} GB/s "
+        "(measured in the run).",
+        "",
+        "| method | placement | budget GiB | tok/s | prefill 512 tok/s | streamed GB/token "
+        "| % of PCIe limit | peak weight GiB | identical |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in results["rows"]:
+        if "tok_s" not in r:
+            lines.append(
+                f"| {r['method']} | {r.get('scenario', '')} | | failed: {r.get('error', '?')} | | | | | |"
+            )
+            continue
+        streamed = r.get("h2d_bytes_per_token")
+        limit = r.get("fraction_of_h2d")
+        lines.append(
+            "| {m} | {s} | {b} | {t:.2f} | {p} | {g} | {l} | {w} | {i} |".format(
+                m=r["method"],
+                s=r.get("scenario", "GPU-resident" if r["method"] == "resident" else "CPU RAM"),
+                b=f"{r['budget_gb']:.2f}" if "budget_gb" in r else "",
+                t=r["tok_s"],
+                p=f"{r['prefill_512_tok_s']:.0f}" if "prefill_512_tok_s" in r else "",
+                g=f"{streamed / 1e9:.2f}" if streamed else "0",
+                l=f"{100 * limit:.0f}%" if limit else "",
+                w=f"{r['peak_weight_bytes'] / GIB:.2f}" if r.get("peak_weight_bytes") else "",
+                i="yes" if r.get("identical") else "NO",
+            )
+        )
+    gates = results.get("gates", {})
+    if gates:
+        lines += [
+            "",
+            "Gates (same run): " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in gates.items()),
+        ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    h2d = results["h2d_pinned_GBps"]
+    colors = {"raw": "tab:blue", "ans": "tab:green"}
+    for codec, color in colors.items():
+        rows = sorted(
+            (
+                r
+                for r in results["rows"]
+                if r["method"] == f"offload_runtime {codec}" and "tok_s" in r and "disk" not in r["scenario"]
+            ),
+            key=lambda r: r["budget_gb"],
+        )
+        if rows:
+            ax.plot(
+                [r["budget_gb"] for r in rows],
+                [r["tok_s"] for r in rows],
+                "o-",
+                color=color,
+                label=f"offload_runtime {codec} (pinned RAM / VRAM)",
+            )
+        disk = [
+            r
+            for r in results["rows"]
+            if r["method"] == f"offload_runtime {codec}"
+            and r.get("scenario") == "streamed from disk"
+            and "tok_s" in r
+        ]
+        for r in disk:
+            ax.plot(
+                [r["budget_gb"]],
+                [r["tok_s"]],
+                "x",
+                color=color,
+                markersize=9,
+                label=f"offload_runtime {codec} (from disk)",
+            )
+        stored = results.get(f"stored_bytes_{codec}")
+        if stored:
+            ax.axhline(
+                h2d * 1e9 / stored,
+                color=color,
+                linestyle="--",
+                linewidth=1,
+                label=f"PCIe limit, {codec} fully streamed ({h2d * 1e9 / stored:.1f} tok/s)",
+            )
+    for r in results["rows"]:
+        if r["method"] == "resident":
+            ax.axhline(r["tok_s"], color="black", linewidth=1, label=f"GPU-resident ({r['tok_s']:.0f} tok/s)")
+        if r["method"] == "accelerate cpu_offload":
+            ax.axhline(
+                r["tok_s"],
+                color="tab:red",
+                linewidth=1,
+                label=f"accelerate cpu_offload ({r['tok_s']:.2f} tok/s)",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("VRAM budget for weights (GiB)")
+    ax.set_ylabel("tokens/s (batch 1, greedy)")
+    ax.set_title(f"{results['config']} on {results['device']}")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("results")
+    parser.add_argument("--png")
+    args = parser.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    print(table(results))
+    if args.png:
+        plot(results, Path(args.png))
+
+
+if __name__ == "__main__":
+    main()
