@@ -55,6 +55,7 @@ def pack(
     progress: bool = True,
     tokenizer=None,
     dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Path:
     """Pack a model into a container at ``out``, atomically.
 
@@ -69,6 +70,9 @@ def pack(
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
         dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first.
+        device (`torch.device` or `str`, *optional*): where the container will be decoded; ``auto`` (and
+            ``int8``'s inner codec) then pick codecs that decode there (``"cpu"``: never ``ans``). ``None``
+            means the GPU when there is one.
 
     Returns:
         `pathlib.Path`: ``out``.
@@ -78,18 +82,25 @@ def pack(
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
     """
     if codec != "auto":
-        _resolve_codec(codec, None)  # fail on an unknown name before reading anything
+        _resolve_codec(codec, None, device)  # fail on an unknown or unusable codec before reading anything
     plan = _plan(src)
     try:
         if tokenizer is not None:
             plan.tokenizer = tokenizer_files(tokenizer)
-        return _write(plan, Path(out), codec, progress, dtype)
+        return _write(plan, Path(out), codec, progress, dtype, device)
     finally:
         for fn in plan.cleanup:
             fn()
 
 
-def _write(plan: _Plan, out: Path, codec: str, progress: bool, dtype: torch.dtype | None) -> Path:
+def _write(
+    plan: _Plan,
+    out: Path,
+    codec: str,
+    progress: bool,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None = None,
+) -> Path:
     from tqdm.auto import tqdm
 
     layouts = [_layout(spec, plan.source, dtype) for spec in plan.groups]
@@ -112,7 +123,7 @@ def _write(plan: _Plan, out: Path, codec: str, progress: bool, dtype: torch.dtyp
             data_tensor = torch.zeros(layout.size, dtype=torch.uint8)
             for name, view in layout.views(data_tensor).items():
                 plan.source.fill(name, view)
-            group_codec = _resolve_codec(codec, layout)
+            group_codec = _resolve_codec(codec, layout, device)
             encoded = group_codec.encode(layout, data_tensor.numpy())
             writer.add_group(spec, layout, encoded, group_codec.name)
             decoded += layout.size
@@ -142,15 +153,12 @@ def _main_float_dtype(layouts: list[GroupLayout]) -> str | None:
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def _resolve_codec(name: str, layout: GroupLayout | None) -> GroupCodec:
-    from offload_runtime import native
+def _resolve_codec(
+    name: str, layout: GroupLayout | None, device: torch.device | str | None = None
+) -> GroupCodec:
+    from offload_runtime.native import resolve_codec
 
-    resolve = getattr(native, "resolve_codec", None)
-    if resolve is not None:
-        return resolve(name, layout, None)
-    if name == "auto":  # until resolve_codec lands: the best lossless CPU codec registered
-        name = "zstd" if "zstd" in native.available_codecs() else "raw"
-    return native.get_codec(name)
+    return resolve_codec(name, layout, device)
 
 
 # -- sources -----------------------------------------------------------------------------------------

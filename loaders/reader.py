@@ -4,8 +4,10 @@ Payload bytes come from a read-only ``mmap`` (zero copy) or from ``os.preadv`` s
 (pinned) buffer. A file truncated under a live mmap kills the process with SIGBUS, so before every read the
 file's identity (inode, size, mtime) is compared with what was validated on open, and a change raises
 :class:`CorruptCheckpointError` instead. ``read_into`` uses ``preadv``, which cannot SIGBUS at all (a
-short read is reported as truncation), and so does ``decode_cpu``; views returned by ``payload`` are only
-guarded when created. A file whose name marks it as a writer's temporary (``.<name>.<pid>.tmp``) is refused.
+short read is reported as truncation), and so does ``decode_cpu`` (into a caller's reusable staging
+buffer, so the steady state allocates nothing); views returned by ``payload`` are only guarded when
+created, which is why the runtime never decodes from them. A file whose name marks it as a writer's
+temporary (``.<name>.<pid>.tmp``) is refused.
 """
 
 from __future__ import annotations
@@ -132,12 +134,20 @@ class ContainerReader:
             self._mark(self._verified_payload, name)
         return dest
 
-    def decode_cpu(self, name: str, out: torch.Tensor) -> torch.Tensor:
+    def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         """Decode group ``name`` on the CPU into ``out`` (uint8 CPU tensor of ``layout.size`` bytes).
 
         The payload is read with ``preadv`` (never from the mmap, so truncation cannot SIGBUS); the
-        compressed CRCs are checked before the decoder sees it and, for groups that decode to their layout
-        (every lossless codec), the decoded CRCs after.
+        compressed CRCs are checked before the decoder sees it and the decoded CRCs after: of the output
+        for groups that decode to their layout (every lossless codec), of the stored bytes before the
+        transform back for the others (``int8``). Both follow the reader's ``verify`` policy.
+
+        Args:
+            name (`str`): the group.
+            out (`torch.Tensor`): destination, uint8, at least ``layout.size`` bytes.
+            staging (`torch.Tensor`, *optional*): a caller-owned contiguous 1-D uint8 CPU buffer of at least
+                ``stored_size`` bytes that the payload is read into; reusing one across calls keeps the
+                decode path free of allocations (``None`` allocates one per call).
 
         Raises:
             CorruptCheckpointError: a checksum mismatch, a chunk that does not decode, a file changed after
@@ -149,13 +159,23 @@ class ContainerReader:
             raise ValueError(
                 f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
             )
+        if staging is None:
+            staging = torch.empty(entry.stored_size, dtype=torch.uint8)
         # pread into a private buffer rather than decode from the mmap: a file truncated between the
         # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
-        payload = memoryview(self.read_into(name, torch.empty(entry.stored_size, dtype=torch.uint8)).numpy())
+        payload = memoryview(self.read_into(name, staging).numpy())
+        check_decoded = self._needs_check(self._verified_decoded, name)
+        lossy = entry.stored_layout is not None
         try:
-            get_codec(entry.codec).decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+            codec = get_codec(entry.codec)
+            if lossy:  # the codec checks what its chunks decode to before transforming it
+                codec.decode_cpu(
+                    payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=check_decoded
+                )
+            else:
+                codec.decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
         except OffloadError as exc:  # codecs know the chunk, not the file or group: add them
-            raise _located(exc, self.path, name) from exc
+            raise locate_error(exc, self.path, name) from exc
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
             # the index is untrusted input: a codec tripping over forged params/sizes is a corrupt file
             raise CorruptCheckpointError(
@@ -164,7 +184,7 @@ class ContainerReader:
                 group=name,
                 hint="the container is damaged or forged; re-pack it",
             ) from exc
-        if entry.stored_layout is None and self._needs_check(self._verified_decoded, name):
+        if check_decoded and not lossy:
             decoded = memoryview(out[: entry.layout.size].numpy())
             position = 0
             for i, chunk in enumerate(entry.chunks):
@@ -180,6 +200,7 @@ class ContainerReader:
                         hint="the container is damaged; re-pack it",
                     )
                 position += chunk.decoded_size
+        if check_decoded:
             self._mark(self._verified_decoded, name)
         return out[: entry.layout.size]
 
@@ -259,11 +280,11 @@ class ContainerReader:
                 )
 
 
-def _located(exc: OffloadError, path: Path, group: str) -> OffloadError:
+def locate_error(exc: OffloadError, path: Path | None, group: str) -> OffloadError:
     """A copy of ``exc`` (same type and fields) that also names the file and group, and for a codec
     that cannot run without nvCOMP, the extra to install."""
     _, (cls, summary, state, extra) = exc.__reduce__()
-    state["file"] = state["file"] or os.fspath(path)
+    state["file"] = state["file"] or (os.fspath(path) if path is not None else None)
     state["group"] = state["group"] or group
     if isinstance(exc, CodecUnavailableError) and not state["hint"] and gpu_codecs_unavailable_reason():
         state["hint"] = f"to decode it on a GPU, {NVCOMP_EXTRA_HINT}"

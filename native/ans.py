@@ -63,6 +63,8 @@ class AnsCodec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         out: torch.Tensor,
+        *,
+        verify_decoded: bool = False,
     ) -> None:
         raise CodecUnavailableError(
             "codec 'ans' has no CPU decoder: decode on a GPU, or re-pack the container with codec='zstd'",

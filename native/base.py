@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from offload_runtime.native.layout import GroupLayout
+from offload_runtime.native.workspace import DecodeWorkspace
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,36 @@ class EncodedGroup:
 class GpuDecoder(ABC):
     """Decodes one group on a CUDA device; built once (caches nvCOMP configs), then reused.
 
+    Device memory comes in two parts. ``scratch_bytes`` is what this decoder holds for its group alone
+    (chunk size/pointer/status arrays): every streamed group's decoder pays it. ``workspace_needs`` is
+    scratch that is only live during a decode (nvCOMP's temp workspace, int8's stored bytes): it comes
+    from a :class:`~offload_runtime.native.workspace.DecodeWorkspace`, one buffer per kind shared by all
+    decoders bound to it (:meth:`use_workspace`), so a budget pays the largest need of each kind once.
+    A decoder not bound to a shared workspace uses a private one.
+
     Attributes:
-        scratch_bytes: device memory it holds or needs per decode beyond the output (counted in budgets).
+        scratch_bytes: device bytes this decoder holds for its group beyond the output and the workspace.
+        workspace_needs: shared-workspace bytes per kind one decode needs (``{}`` when none).
+        workspace: the workspace decodes draw their temporary scratch from (``None`` when none is needed).
     """
 
     scratch_bytes: int = 0
+    workspace_needs: Mapping[str, int] = {}  # read-only default; decoders assign their own dict
+    workspace: DecodeWorkspace | None = None
+
+    @property
+    def shared_workspace_bytes(self) -> int:
+        """Bytes this decoder draws from its workspace per decode (all kinds)."""
+        return sum(self.workspace_needs.values())
+
+    def use_workspace(self, workspace: DecodeWorkspace) -> None:
+        """Draw temporary scratch from ``workspace`` (shared with other decoders) from now on.
+
+        Decodes of decoders sharing a workspace must be enqueued in order on one stream (the workspace
+        makes a decode on another stream wait, on the device, for the previous one) from one host thread.
+        """
+        workspace.reserve(self.workspace_needs)
+        self.workspace = workspace
 
     @abstractmethod
     def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
@@ -106,11 +132,20 @@ class GroupCodec(ABC):
         params: Mapping[str, Any],
         layout: GroupLayout,
         out: torch.Tensor,
+        *,
+        verify_decoded: bool = False,
     ) -> None:
         """Decode ``payload`` into ``out`` (uint8 CPU tensor of ``layout.size`` bytes).
 
+        Args:
+            verify_decoded (`bool`, defaults to `False`): check each chunk's decoded bytes against its
+                ``decoded_crc32`` (for lossy codecs: the stored bytes the chunks decode to, before the
+                transform back to the layout).
+
         Raises:
             CodecUnavailableError: when this codec has no CPU decoder (nvCOMP ANS).
+            CorruptCheckpointError: a chunk that does not decode, or (``verify_decoded``) whose decoded
+                CRC-32 differs, naming the chunk.
         """
 
     @abstractmethod

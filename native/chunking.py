@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from offload_runtime.native.base import Chunk
 
 
 def crc32(data) -> int:
@@ -17,3 +22,31 @@ def split(data: np.ndarray, chunk_size: int) -> list[np.ndarray]:
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return [data[start : start + chunk_size] for start in range(0, data.size, chunk_size)]
+
+
+def check_decoded_crcs(decoded, chunks: Sequence[Chunk]) -> None:
+    """Compare the CRC-32 of each chunk's decoded bytes (back to back in ``decoded``) with the chunk table.
+
+    Args:
+        decoded: bytes-like (or uint8 array) holding the chunks' decoded bytes in chunk order.
+        chunks (`Sequence[Chunk]`): the chunk table.
+
+    Raises:
+        CorruptCheckpointError: at the first chunk whose decoded bytes differ, naming it (the caller adds
+            the file and group).
+    """
+    from offload_runtime.errors import CorruptCheckpointError
+
+    view = memoryview(decoded).cast("B")
+    position = 0
+    for index, chunk in enumerate(chunks):
+        actual = crc32(view[position : position + chunk.decoded_size])
+        if actual != chunk.decoded_crc32:
+            raise CorruptCheckpointError(
+                "decoded chunk CRC-32 mismatch",
+                chunk=index,
+                expected=f"{chunk.decoded_crc32:#010x}",
+                actual=f"{actual:#010x}",
+                hint="the container is damaged; re-pack it",
+            )
+        position += chunk.decoded_size

@@ -30,6 +30,7 @@ from offload_runtime.native.base import (
 from offload_runtime.native.layout import GroupLayout, TensorSpec
 
 SCALE_SUFFIX = ".__scale__"
+STORED_KIND = "int8-stored"  # workspace kind of the decoded (int8 + scales) bytes awaiting dequantisation
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a row never overflows
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
@@ -132,11 +133,21 @@ class Int8Codec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         out: torch.Tensor,
+        *,
+        verify_decoded: bool = False,
     ) -> None:
         stored_layout = _checked_stored_layout(layout, chunks)
         scratch = torch.empty(stored_layout.size, dtype=torch.uint8)
         inner = _inner_codec(str(params["inner"]))
-        inner.decode_cpu(payload, chunks, params.get("inner_params", {}), stored_layout, scratch)
+        # the chunks' decoded CRCs are of the stored (int8 + scales) bytes: check them before dequantising
+        inner.decode_cpu(
+            payload,
+            chunks,
+            params.get("inner_params", {}),
+            stored_layout,
+            scratch,
+            verify_decoded=verify_decoded,
+        )
         dequantise(layout, stored_layout.views(scratch), layout.views(out))
 
     def gpu_decoder(
@@ -180,25 +191,39 @@ def dequantise(
 
 
 class _Int8GpuDecoder(GpuDecoder):
-    """Inner decode into a scratch buffer allocated once, then dequantise with torch ops on the stream."""
+    """Inner decode into a workspace buffer of the stored bytes, then dequantise with torch ops on the stream.
+
+    The stored-bytes buffer is only live during a decode, so it comes from the (shared) workspace as kind
+    :data:`STORED_KIND`, like the inner decoder's nvCOMP scratch.
+    """
 
     def __init__(
         self, inner: GpuDecoder, layout: GroupLayout, stored_layout: GroupLayout, device: torch.device
     ) -> None:
+        from offload_runtime.native.workspace import DecodeWorkspace
+
         self.inner = inner
         self.layout = layout
-        self.scratch = torch.empty(stored_layout.size, dtype=torch.uint8, device=device)
-        self.stored_views = stored_layout.views(self.scratch)
-        self.scratch_bytes = stored_layout.size + inner.scratch_bytes
-        self.done = torch.cuda.Event()
-        self._last_stream: torch.cuda.Stream | None = None
+        self.stored_layout = stored_layout
+        self.scratch_bytes = inner.scratch_bytes
+        self.workspace_needs = {**inner.workspace_needs, STORED_KIND: stored_layout.size}
+        self.use_workspace(DecodeWorkspace(device))  # private until the runtime binds a shared one
+        self._views_of: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def use_workspace(self, workspace) -> None:
+        super().use_workspace(workspace)
+        self.inner.use_workspace(workspace)
+
+    def _stored_views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        # views are rebuilt only when the workspace buffer changes (bound to another workspace, grown)
+        if self._views_of is None or self._views_of[0] != buffer.data_ptr():
+            self._views_of = (buffer.data_ptr(), self.stored_layout.views(buffer[: self.stored_layout.size]))
+        return self._views_of[1]
 
     def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        if self._last_stream is not None and self._last_stream != stream:
-            stream.wait_event(self.done)  # the scratch is shared with the previous decode
-            self.scratch.record_stream(stream)
-        self.inner.decode(src, self.scratch, stream)
+        buffer = self.workspace.acquire(STORED_KIND, stream)
+        stored = buffer[: self.stored_layout.size]
+        self.inner.decode(src, stored, stream)
         with torch.cuda.stream(stream):
-            dequantise(self.layout, self.stored_views, self.layout.views(out))
-        self.done.record(stream)
-        self._last_stream = stream
+            dequantise(self.layout, self._stored_views(buffer), self.layout.views(out))
+        self.workspace.release(STORED_KIND, stream)

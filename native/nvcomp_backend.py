@@ -2,9 +2,12 @@
 
 Decodes go through nvCOMP's batched C API (:mod:`offload_runtime.native.nvcomp_capi`): one call per group
 decodes every chunk, on the caller's stream, into caller-owned torch memory, without a host sync. All
-per-group state (sizes, scratch, statuses) is built once in the decoder's constructor; the device arrays
-of chunk pointers are built once per (payload address, output address) pair and cached, so the steady
-state allocates nothing.
+per-group state (sizes, statuses) is built once in the decoder's constructor; the device arrays of chunk
+pointers are built once per (payload address, output address) pair and cached, so the steady state
+allocates nothing. nvCOMP's temp workspace is not per group: it is drawn from a
+:class:`~offload_runtime.native.workspace.DecodeWorkspace` shared by every decoder of a runtime (one
+buffer per codec, sized for the largest group), which is safe because those decodes are ordered on one
+decode stream.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from offload_runtime.native.availability import (
 from offload_runtime.native.base import Chunk, GpuDecoder
 from offload_runtime.native.chunking import crc32
 from offload_runtime.native.layout import align_up
+from offload_runtime.native.workspace import DecodeWorkspace
 
 # (payload, output) address pairs whose pointer arrays a decoder keeps: staging ring x slots is small
 POINTER_CACHE_PAIRS = 32
@@ -123,21 +127,24 @@ class NvcompGpuDecoder(GpuDecoder):
                 if self.num_chunks
                 else 0
             )
-            self.temp = torch.empty(max(temp, 1), dtype=torch.uint8, device=self.device)
-            self.temp_bytes = temp
             self.opts = capi.ans_decompress_opts() if algorithm == "ans" else capi.zstd_decompress_opts()
             self._call = (
                 self.lib.nvcompBatchedANSDecompressAsync
                 if algorithm == "ans"
                 else self.lib.nvcompBatchedZstdDecompressAsync
             )
-            self.done = torch.cuda.Event()  # orders reuse of temp/statuses across streams
+            self.done = torch.cuda.Event()  # orders reuse of statuses/actual sizes across streams
         self._last_stream: torch.cuda.Stream | None = None
         self._pointers: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
             OrderedDict()
         )
-        arrays = self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses, self.temp
+        # per group: the size/status arrays and (built on the first decode) one pointer array of 16 B/chunk
+        arrays = self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses
         self.scratch_bytes = sum(t.numel() * t.element_size() for t in arrays) + 16 * self.num_chunks
+        # nvCOMP's temp workspace is only live during a decode: drawn from a workspace shared per kind
+        self.workspace_kind = f"nvcomp-{algorithm}"
+        self.workspace_needs = {self.workspace_kind: temp} if self.num_chunks else {}
+        self.use_workspace(DecodeWorkspace(self.device))  # private until the runtime binds a shared one
 
     def _pointer_arrays(self, src_ptr: int, out_ptr: int, stream: torch.cuda.Stream) -> torch.Tensor:
         key = (src_ptr, out_ptr)
@@ -172,9 +179,10 @@ class NvcompGpuDecoder(GpuDecoder):
             return
         pointers = self._pointer_arrays(src.data_ptr(), out.data_ptr(), stream)
         if self._last_stream is not None and self._last_stream != stream:
-            stream.wait_event(self.done)  # temp and statuses are shared: the previous decode must be done
-            for tensor in (self.temp, self.statuses, self.actual_bytes):
+            stream.wait_event(self.done)  # statuses are reused: the previous decode must be done
+            for tensor in (self.statuses, self.actual_bytes):
                 tensor.record_stream(stream)
+        temp = self.workspace.acquire(self.workspace_kind, stream)  # ordered after its previous user
         n = self.num_chunks
         base = pointers.data_ptr()
         status = self._call(
@@ -183,14 +191,15 @@ class NvcompGpuDecoder(GpuDecoder):
             self.buffer_bytes.data_ptr(),
             self.actual_bytes.data_ptr(),
             n,
-            self.temp.data_ptr(),
-            self.temp_bytes,
+            temp.data_ptr(),
+            temp.numel(),  # >= this group's need: the buffer is sized for the largest group bound to it
             base + 8 * n,
             self.opts,
             self.statuses.data_ptr(),
             ctypes.c_void_p(stream.cuda_stream),
         )
         capi.check(status, self._call.__name__)
+        self.workspace.release(self.workspace_kind, stream)
         self.done.record(stream)
         self._last_stream = stream
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
-from offload_runtime.native.chunking import crc32, split
+from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout
 
 RAW_CHUNK_SIZE = 4 << 20  # only granularity for checksums: raw chunks are contiguous
@@ -38,14 +38,20 @@ class RawCodec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         out: torch.Tensor,
+        *,
+        verify_decoded: bool = False,
     ) -> None:
         size = sum(c.decoded_size for c in chunks)
-        src = (
-            torch.frombuffer(payload, dtype=torch.uint8, count=size)
-            if size
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        out[:size].copy_(src)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
+            raise ValueError(
+                f"need a 1-D uint8 CPU output of >= {size} bytes, got {out.dtype} {tuple(out.shape)}"
+            )
+        # through numpy: torch.frombuffer warns on the read-only views a container's payloads are
+        src = np.frombuffer(payload, dtype=np.uint8, count=size)
+        dst = out[:size].numpy()
+        np.copyto(dst, src)
+        if verify_decoded:
+            check_decoded_crcs(dst, chunks)
 
     def gpu_decoder(
         self,

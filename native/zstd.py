@@ -16,7 +16,7 @@ import zstandard
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
-from offload_runtime.native.chunking import crc32, split
+from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout, align_up
 
 # 1 MiB: large enough that zstd's ratio is within ~1% of one big frame and the per-frame overhead is
@@ -65,8 +65,13 @@ class ZstdCodec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         out: torch.Tensor,
+        *,
+        verify_decoded: bool = False,
     ) -> None:
         decode_frames_into(payload, chunks, out)
+        if verify_decoded:
+            total = sum(c.decoded_size for c in chunks)
+            check_decoded_crcs(out[:total].numpy(), chunks)
 
     def gpu_decoder(
         self,

@@ -233,10 +233,10 @@ def dispatch_compressed(
     if checkpoint is None:
         _refuse_early(model, budget_gb, prefetch)
         tmpdir = tempfile.mkdtemp(prefix="offload_runtime-")
-        if codec == "auto" and device.type == "cpu":
-            codec = "zstd"  # auto may pick the GPU-only ans codec when the machine has a GPU
         try:
-            checkpoint = pack(model, Path(tmpdir) / "model.safetensors", codec=codec, progress=False)
+            # the device steers "auto" (and int8's inner codec) to codecs that decode there
+            path = Path(tmpdir) / "model.safetensors"
+            checkpoint = pack(model, path, codec=codec, progress=False, device=device)
         except BaseException:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise

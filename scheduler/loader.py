@@ -16,23 +16,34 @@ Source objects are :class:`~offload_runtime.loaders.ContainerReader` or anything
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import torch
 
+from offload_runtime.errors import OffloadError
+from offload_runtime.loaders.reader import locate_error
 from offload_runtime.native import get_codec
 from offload_runtime.scheduler.planner import DEVICE_STAGING_BUFFERS, Plan, Tier
 from offload_runtime.scheduler.slots import Slot
 from offload_runtime.scheduler.stats import OffloadStats
 
 
-def _codec_decode_cpu(entry: Any, payload: Any, out: torch.Tensor) -> None:
-    get_codec(entry.codec).decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+def _codec_decode_cpu(entry: Any, payload: Any, out: torch.Tensor, verify_decoded: bool = False) -> None:
+    get_codec(entry.codec).decode_cpu(
+        payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=verify_decoded
+    )
 
 
 class CpuLoader:
-    """Loads on the CPU. Host-tier payloads are copied into RAM once; disk-tier ones decode from the mmap."""
+    """Loads on the CPU. Host-tier payloads are copied into RAM once; disk-tier ones are read on each use.
+
+    Disk reads go through the source's guarded ``decode_cpu`` (``preadv``, never the mmap: a container
+    truncated under a running model is a typed error, not SIGBUS) into one staging buffer allocated here,
+    as large as the largest disk-tier payload, so a load allocates nothing: transient group-sized buffers
+    per load would be kept by glibc's heap (its mmap threshold adapts upward) and RSS would grow.
+    """
 
     device = torch.device("cpu")
 
@@ -47,6 +58,12 @@ class CpuLoader:
                 buf = torch.empty(entry.stored_size, dtype=torch.uint8)
                 source.read_into(p.name, buf)
                 self.host[p.name] = buf
+        disk = [self.entries[p.name].stored_size for p in plan.groups if p.tier == Tier.DISK]
+        self.staging = torch.empty(max(disk, default=0), dtype=torch.uint8)
+        self._staging_lock = threading.Lock()  # the worker decodes; decode_into may run on the caller
+        # host-tier payloads were CRC-checked when copied; their decoded CRCs follow the source's policy
+        self.verify = getattr(source, "verify", "once")
+        self._verified: set[str] = set()
 
     def decode_into(self, name: str, out: torch.Tensor) -> None:
         """Decode group ``name`` into ``out`` (uint8, at least its decoded size), synchronously."""
@@ -54,8 +71,18 @@ class CpuLoader:
         out = out[: entry.decoded_size]
         host = self.host.get(name)
         if host is not None:
-            _codec_decode_cpu(entry, memoryview(host.numpy()), out)
-        else:
+            check = self.verify == "always" or (self.verify == "once" and name not in self._verified)
+            try:
+                _codec_decode_cpu(entry, memoryview(host.numpy()), out, verify_decoded=check)
+            except OffloadError as exc:  # the codec knows the chunk: add the file and group
+                raise locate_error(exc, getattr(self.source, "path", None), name) from exc
+            if check:
+                self._verified.add(name)
+        elif entry.stored_size <= self.staging.numel():
+            with self._staging_lock:
+                self.source.decode_cpu(name, out, staging=self.staging)
+            self.stats.disk_bytes += entry.stored_size
+        else:  # a resident group larger than every streamed payload, decoded once at dispatch
             self.source.decode_cpu(name, out)
             self.stats.disk_bytes += entry.stored_size
 
@@ -76,6 +103,7 @@ class CpuLoader:
 
     def close(self) -> None:
         self.host.clear()
+        self.staging = torch.empty(0, dtype=torch.uint8)
 
 
 class CudaLoader:
@@ -88,16 +116,28 @@ class CudaLoader:
         decoders (`dict`): group name -> :class:`GpuDecoder`, for every streamed group.
         stats (`OffloadStats`): counters to update.
         arena (`DeviceArena`): where device staging and device-tier payloads are carved from.
+        workspace (`DecodeWorkspace`, *optional*): the decode workspace the decoders share; allocated
+            here, on the decode stream every decode runs on.
     """
 
     def __init__(
-        self, source: Any, plan: Plan, device: torch.device, decoders: dict, stats: OffloadStats, arena: Any
+        self,
+        source: Any,
+        plan: Plan,
+        device: torch.device,
+        decoders: dict,
+        stats: OffloadStats,
+        arena: Any,
+        workspace: Any = None,
     ):
         self.source, self.device, self.decoders, self.stats = source, device, decoders, stats
         self.entries = {g.name: g for g in source.groups}
         self.tiers = {p.name: p.tier for p in plan.groups}
         self.copy_stream = torch.cuda.Stream(device)
         self.decode_stream = torch.cuda.Stream(device)
+        self.workspace = workspace
+        if workspace is not None:
+            workspace.allocate(self.decode_stream)  # now, not in the first forward
         streamed = [self.entries[p.name] for p in plan.streamed]
         disk = [e for e in streamed if self.tiers[e.name] == Tier.DISK]
         self.device_payload: dict[str, torch.Tensor] = {}
@@ -235,3 +275,5 @@ class CudaLoader:
         self.host_payload.clear()
         self.device_staging.clear()
         self.host_ring.clear()
+        self.decoders.clear()  # with them the shared workspace goes (decode_into builds its own decoder)
+        self.workspace = None

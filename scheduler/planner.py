@@ -9,7 +9,9 @@ Tiers, fastest first:
 
 The budget caps every byte the runtime holds for weights on the device: resident groups, compressed
 groups kept on the device, the ``nslots`` decode slots (each as large as the largest streamed group),
-the device staging buffers that receive payloads before decoding, and the codec's scratch. On the CPU the
+the device staging buffers that receive payloads before decoding, and the codec's scratch: what each
+streamed group's decoder holds for itself, plus the decode workspace all decoders share (one buffer per
+scratch kind, as large as the largest streamed group's need, charged once). On the CPU the
 "device" is host RAM holding *decoded* weights: the budget caps resident groups plus slots; compressed
 bytes in RAM are the host tier and are not counted.
 
@@ -49,14 +51,18 @@ class GroupSize:
         name: the group's name.
         decoded_bytes: size of the decoded group (its slot size).
         stored_bytes: size of its compressed payload.
-        scratch_bytes: device memory its GPU decoder holds (0 on the CPU); decoders live as long as the
-            runtime, so the scratch of every streamed group counts.
+        scratch_bytes: device memory its GPU decoder holds for this group alone (0 on the CPU); decoders
+            live as long as the runtime, so the scratch of every streamed group counts.
+        workspace: ``(kind, bytes)`` pairs of the shared decode workspace one decode of this group needs
+            (nvCOMP temp space, int8 stored bytes). Decodes are serialised on one stream, so the runtime
+            keeps one buffer per kind, as large as the largest need among streamed groups: charged once.
     """
 
     name: str
     decoded_bytes: int
     stored_bytes: int
     scratch_bytes: int = 0
+    workspace: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,9 @@ class Plan:
         nslots: decode slots (``min(prefetch + 1, streamed groups)``).
         slot_bytes: size of one slot (largest streamed group's decoded size).
         staging_bytes: device buffers receiving payloads before decoding (CUDA only).
-        scratch_bytes: codec scratch on the device.
+        scratch_bytes: per-group codec scratch on the device (sum over streamed groups).
+        workspace_bytes: the decode workspace shared by all streamed groups' decoders (per kind, the
+            largest need), on the device.
         host_staging_bytes: pinned host ring that disk reads land in (CUDA only; not in the budget).
         overhead_bytes: allocator rounding reserved on CUDA (:data:`CUDA_ALLOCATOR_SLACK`).
         groups: one placement per group, in group order.
@@ -110,6 +118,7 @@ class Plan:
     host_staging_bytes: int
     groups: list[GroupPlacement] = field(default_factory=list)
     overhead_bytes: int = 0
+    workspace_bytes: int = 0
 
     def placement(self, name: str) -> GroupPlacement:
         for g in self.groups:
@@ -124,7 +133,8 @@ class Plan:
     @property
     def device_bytes(self) -> int:
         """Everything the runtime holds for weights on the device (never above ``budget_bytes``)."""
-        fixed = self.nslots * self.slot_bytes + self.staging_bytes + self.scratch_bytes + self.overhead_bytes
+        fixed = self.nslots * self.slot_bytes + self.staging_bytes + self.scratch_bytes + self.workspace_bytes
+        fixed += self.overhead_bytes
         return fixed + sum(g.device_bytes for g in self.groups)
 
     @property
@@ -140,7 +150,8 @@ class Plan:
             f"offload plan on {self.device}: {_mib(self.device_bytes)} of {_mib(self.budget_bytes)} budget "
             f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}, "
             f"{self.nslots} slots x {_mib(self.slot_bytes)}, staging {_mib(self.staging_bytes)}, "
-            f"scratch {_mib(self.scratch_bytes)}, host {_mib(self.host_bytes)}",
+            f"scratch {_mib(self.scratch_bytes)} + shared workspace {_mib(self.workspace_bytes)}, "
+            f"host {_mib(self.host_bytes)}",
             f"  {'group':<40} {'tier':<18} {'decoded':>12} {'stored':>12} {'slot':>5}",
         ]
         for g in self.groups:
@@ -161,17 +172,28 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f} MiB"
 
 
-def _fixed_cost(streamed: Sequence[GroupSize], prefetch: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(nslots, slot_bytes, staging_bytes, scratch_bytes) of streaming ``streamed``."""
+def shared_workspace_bytes(streamed: Sequence[GroupSize]) -> int:
+    """Bytes of the decode workspace ``streamed`` groups share: per kind the largest need, summed."""
+    largest: dict[str, int] = {}
+    for g in streamed:
+        for kind, nbytes in g.workspace:
+            largest[kind] = max(largest.get(kind, 0), nbytes)
+    return sum(largest.values())
+
+
+def _fixed_cost(
+    streamed: Sequence[GroupSize], prefetch: int, on_cuda: bool
+) -> tuple[int, int, int, int, int]:
+    """(nslots, slot_bytes, staging_bytes, scratch_bytes, workspace_bytes) of streaming ``streamed``."""
     if not streamed:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     nslots = min(prefetch + 1, len(streamed))
     slot = max(g.decoded_bytes for g in streamed)
     if not on_cuda:
-        return nslots, slot, 0, 0
+        return nslots, slot, 0, 0, 0
     staging = min(DEVICE_STAGING_BUFFERS, nslots) * max(g.stored_bytes for g in streamed)
-    scratch = sum(g.scratch_bytes for g in streamed)  # each group's decoder keeps its own scratch
-    return nslots, slot, staging, scratch
+    scratch = sum(g.scratch_bytes for g in streamed)  # each group's decoder keeps its own small arrays
+    return nslots, slot, staging, scratch, shared_workspace_bytes(streamed)
 
 
 def plan_placement(
@@ -225,9 +247,9 @@ def plan_placement(
 
     def cost(resident: set[str]) -> int:
         streamed = [g for g in candidates if g.name not in resident]
-        nslots, slot, staging, scratch = _fixed_cost(streamed, prefetch, on_cuda)
+        nslots, slot, staging, scratch, workspace = _fixed_cost(streamed, prefetch, on_cuda)
         resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
-        return forced_bytes + resident_bytes + nslots * slot + staging + scratch + overhead
+        return forced_bytes + resident_bytes + nslots * slot + staging + scratch + workspace + overhead
 
     promotable = [g for g in candidates if g.name not in force_streamed]
     structures = [{g.name for g in promotable[:k]} for k in range(len(promotable) + 1)]
@@ -271,7 +293,7 @@ def plan_placement(
         raise RuntimeError("no placement fits although the budget is above the minimum")
 
     streamed = [g for g in groups if g.name not in forced_names and g.name not in best]
-    nslots, slot_bytes, staging, scratch = _fixed_cost(streamed, prefetch, on_cuda)
+    nslots, slot_bytes, staging, scratch, workspace = _fixed_cost(streamed, prefetch, on_cuda)
     leftover = budget_bytes - cost(best)
     host_left = host_budget_bytes if host_budget_bytes is not None else float("inf")
     disk_groups = []
@@ -310,4 +332,5 @@ def plan_placement(
         host_staging_bytes=host_staging,
         groups=placements,
         overhead_bytes=overhead,
+        workspace_bytes=workspace,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from offload_runtime.native import get_codec
+from offload_runtime.native.workspace import DecodeWorkspace
 from offload_runtime.scheduler.arena import ARENA_ALIGN, DeviceArena, arena_size
 from offload_runtime.scheduler.engine import Engine
 from offload_runtime.scheduler.loader import CpuLoader, CudaLoader
@@ -25,16 +26,28 @@ DECODER_DEVICE_ARRAYS = 8  # small device arrays per decoder (sizes, statuses, p
 SMALL_ALLOCATION = 1 << 20  # above this, the caching allocator may charge up to 1 MiB more
 
 
+def allocator_size(nbytes: int) -> int:
+    """What the CUDA caching allocator may charge for one allocation of ``nbytes`` (0 for none)."""
+    if nbytes <= 0:
+        return 0
+    return arena_size(nbytes) + (SMALL_ALLOCATION if nbytes > SMALL_ALLOCATION else 0)
+
+
 def _device_size(entry: Any, decoder: Any) -> GroupSize:
     """Sizes as the CUDA caching allocator will charge them, so the budget holds in memory_allocated().
 
-    Group buffers come from the arena (512-byte pieces); each decoder allocates its own scratch arrays.
+    Group buffers come from the arena (512-byte pieces); each decoder allocates its own small arrays
+    (``scratch_bytes``); the shared decode workspace is one allocation per kind (``workspace_needs``),
+    which the planner charges once, at the largest need among streamed groups.
     """
     scratch = getattr(decoder, "scratch_bytes", 0)
     if scratch:
-        tail = SMALL_ALLOCATION if scratch > SMALL_ALLOCATION else 0
-        scratch = arena_size(scratch) + tail + DECODER_DEVICE_ARRAYS * ARENA_ALIGN
-    return GroupSize(entry.name, arena_size(entry.decoded_size), arena_size(entry.stored_size), scratch)
+        scratch = allocator_size(scratch) + DECODER_DEVICE_ARRAYS * ARENA_ALIGN
+    needs = getattr(decoder, "workspace_needs", None) or {}
+    workspace = tuple(sorted((kind, allocator_size(n)) for kind, n in needs.items() if n > 0))
+    return GroupSize(
+        entry.name, arena_size(entry.decoded_size), arena_size(entry.stored_size), scratch, workspace
+    )
 
 
 @dataclass
@@ -119,9 +132,14 @@ def build_runtime(
     streamed = {p.name for p in plan.streamed}
     arena = None
     if on_cuda:
-        arena = DeviceArena(plan.device_bytes - plan.scratch_bytes - plan.overhead_bytes, device)
+        outside = plan.scratch_bytes + plan.workspace_bytes + plan.overhead_bytes  # allocated by torch
+        arena = DeviceArena(plan.device_bytes - outside, device)
         kept = {n: d for n, d in decoders.items() if n in streamed}
-        loader = CudaLoader(source, plan, device, kept, stats, arena)
+        # one workspace for every streamed decoder: their decodes are serialised on the decode stream
+        workspace = DecodeWorkspace(device)
+        for decoder in kept.values():
+            decoder.use_workspace(workspace)
+        loader = CudaLoader(source, plan, device, kept, stats, arena, workspace=workspace)
     else:
         loader = CpuLoader(source, plan, stats)
 
@@ -153,7 +171,7 @@ def build_runtime(
     if on_cuda:
         torch.cuda.current_stream(device).synchronize()  # resident decodes finished before anyone reads
     stats.peak_weight_bytes = sum(b.numel() for b in resident.values()) + plan.nslots * plan.slot_bytes
-    stats.peak_weight_bytes += plan.staging_bytes + plan.scratch_bytes
+    stats.peak_weight_bytes += plan.staging_bytes + plan.scratch_bytes + plan.workspace_bytes
     stats.peak_weight_bytes += sum(p.stored_bytes for p in plan.groups if p.tier == Tier.DEVICE_COMPRESSED)
     order = ExecutionOrder([p.name for p in plan.streamed])
     engine = Engine(slots, slot_of, loader, order, prefetch, stats)

@@ -103,7 +103,11 @@ class MemorySource:
         out[: entry.stored_size].copy_(torch.from_numpy(entry.payload))
         self.reads.append(name)
 
-    def decode_cpu(self, name: str, out: torch.Tensor) -> None:
+    def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> None:
+        """Decode ``name`` into ``out``; ``staging`` (reused payload buffer) is accepted and unneeded here.
+
+        Payloads live in RAM (no file that could be truncated), so decoding from them directly is safe.
+        """
         entry = self._by_name[name]
         get_codec(entry.codec).decode_cpu(self.payload(name), entry.chunks, entry.params, entry.layout, out)
 

@@ -242,3 +242,37 @@ def test_resolve_by_name_and_unknown_names():
     assert get_codec("zstd").name == "zstd"
     with pytest.raises(CodecUnavailableError, match="known codecs: ans, int8, raw, zstd"):
         resolve_codec("lz5")
+
+
+@pytest.mark.parametrize("name", ["raw", "zstd", "int8"])
+def test_decode_from_a_read_only_payload_warns_nothing(name):
+    """Container payloads are read-only views: decoding one must not raise torch's non-writable warning."""
+    import warnings
+
+    layout, data = _group(_mixed_tensors())
+    codec = Int8Codec(inner="zstd") if name == "int8" else get_codec(name)
+    encoded = codec.encode(layout, data)
+    payload = memoryview(encoded.payload.tobytes())  # read-only, like a view of the container's mmap
+    assert payload.readonly
+    out = torch.empty(layout.size, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codec.decode_cpu(payload, encoded.chunks, encoded.params, layout, out, verify_decoded=True)
+    if name != "int8":
+        assert bytes(out.numpy()) == bytes(data)
+
+
+@pytest.mark.parametrize("name", ["raw", "zstd"])
+def test_verify_decoded_names_the_chunk(name):
+    layout, data = _group({"w": torch.randn(600, 1024)})  # 2.4 MB: several chunks of 1 MiB
+    codec = get_codec(name)
+    encoded = type(codec)(chunk_size=1 << 20).encode(layout, data)
+    chunks = list(encoded.chunks)
+    assert len(chunks) >= 3
+    bad = chunks[2]
+    chunks[2] = type(bad)(bad.offset, bad.size, bad.decoded_size, bad.crc32, bad.decoded_crc32 ^ 1)
+    out = torch.empty(layout.size, dtype=torch.uint8)
+    codec.decode_cpu(encoded.payload, chunks, encoded.params, layout, out)  # not asked: not checked
+    with pytest.raises(CorruptCheckpointError, match="decoded chunk CRC-32 mismatch") as info:
+        codec.decode_cpu(encoded.payload, chunks, encoded.params, layout, out, verify_decoded=True)
+    assert info.value.chunk == 2

@@ -549,3 +549,57 @@ def test_decoder_failure_after_forged_crcs_is_typed(container):
     message = str(info.value)
     for fragment in ("does not decode", str(path), "group=model.layers.0", "chunk=0"):
         assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def int8_container(tmp_path_factory):
+    """An int8 container (inner zstd: decodable on the CPU) of a tiny llama."""
+    model = tiny_model("llama", num_layers=2)
+    return pack(
+        model, tmp_path_factory.mktemp("int8") / "int8.ort", codec="int8", progress=False, device="cpu"
+    )
+
+
+def test_int8_forged_decoded_crc_is_caught(int8_container, tmp_path):
+    """int8: the decoded CRCs of the stored (int8 + scales) bytes are checked before dequantising."""
+    path = tmp_path / "int8.ort"
+    path.write_bytes(int8_container.read_bytes())
+    with ContainerReader(path) as reader:
+        entry = reader.group("model.layers.0")
+        assert entry.codec == "int8" and entry.stored_layout is not None and len(entry.chunks) >= 1
+        wrong = (entry.chunks[0].decoded_crc32 + 1) & 0xFFFFFFFF
+    _rewrite(path, edit_index=_edit_chunk(0, 4, wrong))
+    with ContainerReader(path) as reader:
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu("model.layers.0", out)
+        other = torch.empty(reader.group("model.layers.1").layout.size, dtype=torch.uint8)
+        reader.decode_cpu("model.layers.1", other)  # its CRCs are intact
+    message = str(info.value)
+    for fragment in ("decoded chunk CRC-32 mismatch", str(path), "group=model.layers.0", "chunk=0"):
+        assert fragment in message, message
+    assert f"expected={wrong:#010x}" in message
+    with ContainerReader(path, verify="never") as reader:  # the policy that skips checks does skip them
+        reader.decode_cpu("model.layers.0", out)
+
+
+def test_int8_forged_decoded_crc_fails_a_forward_from_host_ram(int8_container, tmp_path):
+    """Host-tier payloads (copied into RAM at dispatch) get their decoded CRCs checked on first decode."""
+    from offload_runtime import load_compressed
+
+    path = tmp_path / "int8.ort"
+    path.write_bytes(int8_container.read_bytes())
+    with ContainerReader(path) as reader:
+        wrong = (reader.group("model.layers.0").chunks[0].decoded_crc32 + 1) & 0xFFFFFFFF
+    _rewrite(path, edit_index=_edit_chunk(0, 4, wrong))
+    from offload_runtime.errors import BudgetError
+
+    with pytest.raises(BudgetError) as minimum:
+        load_compressed(path, 0.0, device="cpu")
+    model = load_compressed(path, minimum.value.expected / (1 << 30), device="cpu")  # blocks stream
+    assert model.offload_plan.placement("model.layers.0").tier.name == "HOST"
+    with pytest.raises(CorruptCheckpointError) as info, torch.no_grad():
+        model(torch.randint(3, 256, (1, 4)))
+    message = str(info.value)
+    for fragment in ("decoded chunk CRC-32 mismatch", str(path), "group=model.layers.0", "chunk=0"):
+        assert fragment in message, message

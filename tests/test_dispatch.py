@@ -228,14 +228,18 @@ ids = torch.randint(3, 256, (1, 8))
 before = anon_kib()
 model = load_compressed(sys.argv[1], float(sys.argv[2]), device='cpu', host_budget_gb=0)
 with torch.no_grad():
-    for _ in range(2):
+    for _ in range(20):
         model(ids)
 print(json.dumps({"growth_bytes": (anon_kib() - before) * 1024, "loads": model.offload_stats.loads}))
 """
 
 
 def test_load_compressed_keeps_anonymous_memory_far_below_the_model(tmp_path):
-    """A ~100 MB model runs from the mmapped container: private memory grows by about the budget only."""
+    """A ~100 MB model runs from the mmapped container: private memory grows by about the budget only.
+
+    Under glibc's default (adaptive) mmap threshold: a decode path allocating a group-sized buffer per
+    load gets it kept in the heap (~90 MB retained here); the CPU loader's one staging buffer does not.
+    """
     import json
     import subprocess
     import sys
@@ -246,7 +250,7 @@ def test_load_compressed_keeps_anonymous_memory_far_below_the_model(tmp_path):
     path = pack(model, tmp_path / "big.safetensors", codec="raw", progress=False)
     limit = budget_gb(model, 1, "stream")
     del model
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
     result = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT, str(path), repr(limit)],
         env=env,
@@ -256,10 +260,8 @@ def test_load_compressed_keeps_anonymous_memory_far_below_the_model(tmp_path):
         check=True,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["loads"] > 0
-    # the decoded working set is the budget (~19 MB here). A fixed malloc mmap threshold keeps glibc from
-    # retaining freed transient buffers of the decode path in its heap (without it: ~90 MB retained here),
-    # so what is measured is what the runtime holds.
+    assert report["loads"] >= 20 * 10
+    # the decoded working set is the budget (~19 MB here), plus one staging buffer of the largest payload
     assert report["growth_bytes"] < limit * GIB + 0.25 * model_bytes
 
 
@@ -273,3 +275,67 @@ def test_budget_error_comes_before_packing(tiny_llama, monkeypatch):
     with pytest.raises(BudgetError) as info:
         dispatch_compressed(tiny_llama, 1e-6, device="cpu", codec="raw")
     assert info.value.expected == minimum_budget(tiny_llama, 1)
+
+
+def test_cpu_disk_loads_reuse_one_staging_buffer(tmp_path):
+    """Every disk-tier load reads its payload into the loader's one staging buffer: no buffer per load."""
+    reference = tiny_model("llama", num_layers=4)
+    path = pack(reference, tmp_path / "llama.safetensors", codec="zstd", progress=False)
+    model = load_compressed(path, budget_gb(reference, 1, "stream"), device="cpu", host_budget_gb=0)
+    reader = model._offload_runtime.reader
+    loader = model._offload_runtime.runtime.engine.loader
+    disk = [p for p in model.offload_plan.streamed if p.tier == Tier.DISK]
+    assert len(disk) >= 4 and loader.staging.numel() == max(p.stored_bytes for p in disk)
+    targets = []
+    original = reader.read_into
+
+    def recording(name, out):
+        targets.append(out.data_ptr())
+        return original(name, out)
+
+    reader.read_into = recording
+    ids = torch.randint(3, 256, (2, 5))
+    for _ in range(3):
+        assert torch.equal(outputs(model, ids, "llama"), outputs(reference, ids, "llama"))
+    assert len(targets) >= 3 * len(disk)
+    assert set(targets) == {loader.staging.data_ptr()}
+
+
+TRUNCATE_SCRIPT = """
+import os, sys, torch
+from offload_runtime.api import load_compressed
+from offload_runtime.errors import CorruptCheckpointError
+
+path, budget = sys.argv[1], float(sys.argv[2])
+model = load_compressed(path, budget, device='cpu', host_budget_gb=0)  # every streamed group from the file
+ids = torch.randint(3, 256, (1, 6))
+with torch.no_grad():
+    model(ids)
+    os.truncate(path, os.path.getsize(path) // 2)  # the container shrinks under the running model
+    try:
+        model(ids)
+    except CorruptCheckpointError as exc:
+        print("TYPED", exc.file == path, exc.group)
+        sys.exit(0)
+print("NO ERROR")
+"""
+
+
+def test_container_truncated_under_a_running_model_is_a_typed_error(tmp_path):
+    """A forward after the container was truncated raises CorruptCheckpointError, never SIGBUS."""
+    import subprocess
+    import sys
+
+    reference = tiny_model("llama", num_layers=4)
+    path = pack(reference, tmp_path / "llama.safetensors", codec="zstd", progress=False)
+    limit = budget_gb(reference, 1, "stream")
+    result = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_SCRIPT, str(path), repr(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])  # -7 would be SIGBUS
+    words = result.stdout.split()
+    assert words[:2] == ["TYPED", "True"], result.stdout
+    assert words[2].startswith("model."), result.stdout

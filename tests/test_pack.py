@@ -173,3 +173,32 @@ def test_pack_directory_peak_rss_is_about_two_groups(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert total > 20 * result["largest"]  # the test means something only if the model dwarfs one group
     assert result["rise"] < 2 * result["largest"] + 16 * 2**20, result
+
+
+@pytest.mark.parametrize("codec, inner", [("auto", None), ("int8", "zstd")])
+def test_pack_for_the_cpu_never_picks_the_gpu_only_codec(tmp_path, monkeypatch, codec, inner):
+    """On a machine with a GPU, ``device="cpu"`` steers ``auto`` (and int8's inner codec) away from ans."""
+    import offload_runtime.native as native
+
+    monkeypatch.setattr(native, "gpu_codecs_unavailable_reason", lambda: None)  # pretend nvCOMP is here
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    assert native.resolve_codec(codec, None).name == ("ans" if codec == "auto" else "int8")
+    path = pack(model, tmp_path / "cpu.ort", codec=codec, progress=False, device="cpu")
+    with ContainerReader(path) as reader:
+        assert {g.codec for g in reader.groups} == {"zstd" if codec == "auto" else "int8"}
+        if inner is not None:
+            assert {g.params["inner"] for g in reader.groups} == {inner}
+
+
+def test_dispatch_on_the_cpu_packs_for_the_cpu(monkeypatch):
+    """dispatch_compressed(device="cpu") passes the device to pack: int8 gets a CPU-decodable inner codec."""
+    import offload_runtime.native as native
+    from offload_runtime import dispatch_compressed
+
+    monkeypatch.setattr(native, "gpu_codecs_unavailable_reason", lambda: None)
+    model = tiny_model("llama")
+    dispatch_compressed(model, 1.0, device="cpu", codec="int8")
+    reader = model._offload_runtime.reader
+    assert {g.params["inner"] for g in reader.groups} == {"zstd"}
+    with torch.no_grad():
+        model(torch.randint(3, 256, (1, 4)))

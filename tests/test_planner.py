@@ -108,3 +108,82 @@ def test_plan_prints_every_group_with_tier_and_totals():
 def test_prefetch_must_be_positive():
     with pytest.raises(ValueError, match="prefetch"):
         plan_placement(blocks(2), GIB, prefetch=0)
+
+
+def test_shared_decode_workspace_is_charged_once_per_kind():
+    """Per-group arrays count for every streamed group; the shared workspace once, at the largest need."""
+    need = {i: (20 + i) * MIB for i in range(6)}  # nvCOMP temp space, larger than a group's own arrays
+    groups = [
+        GroupSize(
+            f"layers.{i}", 100 * MIB, 70 * MIB, scratch_bytes=MIB, workspace=(("nvcomp-zstd", need[i]),)
+        )
+        for i in range(6)
+    ]
+    fixed = 2 * 100 * MIB + 2 * 70 * MIB + 6 * MIB + MIB  # slots, staging, per-group arrays, allocator slack
+    with pytest.raises(BudgetError) as info:
+        plan_placement(groups, 0, device="cuda", prefetch=1)
+    assert info.value.expected == fixed + need[5]  # not sum(need.values()): one buffer, reused by all
+    plan = plan_placement(groups, fixed + need[5], device="cuda", prefetch=1)
+    assert plan.workspace_bytes == need[5] and plan.scratch_bytes == 6 * MIB
+    assert plan.device_bytes == fixed + need[5] <= plan.budget_bytes
+    assert "shared workspace 25.00 MiB" in str(plan)
+    # two kinds (int8's stored bytes and nvCOMP's temp space) are two buffers: the largest of each
+    mixed = [GroupSize("a", 100 * MIB, 70 * MIB, 0, (("int8-stored", 50 * MIB), ("nvcomp-ans", MIB)))]
+    mixed += [GroupSize("b", 100 * MIB, 70 * MIB, 0, (("int8-stored", 40 * MIB), ("nvcomp-ans", 3 * MIB)))]
+    plan = plan_placement(mixed, GIB, device="cuda", prefetch=1, force_streamed={"a", "b"})
+    assert plan.workspace_bytes == 50 * MIB + 3 * MIB
+
+
+def test_shared_workspace_counts_only_streamed_groups():
+    # the workspace of a group that ends up resident is not needed: a large one must not inflate the plan
+    groups = [GroupSize("embed", 300 * MIB, 200 * MIB, 0, (("nvcomp-zstd", 90 * MIB),))]
+    groups += [
+        GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB, 0, (("nvcomp-zstd", 10 * MIB),)) for i in range(4)
+    ]
+    plan = plan_placement(groups, 300 * MIB + 2 * 100 * MIB + 2 * 70 * MIB + 10 * MIB + MIB, device="cuda")
+    assert plan.placement("embed").tier == Tier.RESIDENT
+    assert plan.workspace_bytes == 10 * MIB
+
+
+def test_streaming_zstd_is_cheaper_than_resident_with_a_shared_workspace():
+    """The reason for sharing: per-group nvCOMP Zstd scratch made streaming cost more than residency."""
+    blocks = [
+        GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB, 0, (("nvcomp-zstd", 60 * MIB),)) for i in range(8)
+    ]
+    plan = plan_placement(blocks, 8 * 100 * MIB - 1, device="cuda", prefetch=1)
+    assert plan.streamed and plan.workspace_bytes == 60 * MIB
+    # slots + staging + one workspace + slack; charged per group it would be 821 MiB, above all-resident
+    assert plan.minimum_bytes == (2 * 100 + 2 * 70 + 60 + 1) * MIB < 8 * 100 * MIB
+
+
+class _FakeDecoder:
+    """What the runtime reads from a GPU decoder to size it (no CUDA needed)."""
+
+    def __init__(self, scratch: int, needs: dict[str, int]) -> None:
+        self.scratch_bytes = scratch
+        self.workspace_needs = needs
+
+
+def test_runtime_sizes_per_group_arrays_and_workspace_separately():
+    from types import SimpleNamespace
+
+    from offload_runtime.scheduler.arena import ARENA_ALIGN
+    from offload_runtime.scheduler.runtime import DECODER_DEVICE_ARRAYS, _device_size, allocator_size
+
+    entry = SimpleNamespace(name="layers.0", decoded_size=100 * MIB + 1, stored_size=70 * MIB + 3)
+    size = _device_size(entry, _FakeDecoder(4096, {"nvcomp-zstd": 30 * MIB + 5, "int8-stored": 0}))
+    assert size.scratch_bytes == 4096 + DECODER_DEVICE_ARRAYS * ARENA_ALIGN
+    assert size.workspace == (("nvcomp-zstd", allocator_size(30 * MIB + 5)),)
+    assert allocator_size(30 * MIB + 5) == 30 * MIB + 512 + MIB  # 512-byte rounding + a possible tail
+    assert _device_size(entry, None).workspace == () and _device_size(entry, None).scratch_bytes == 0
+
+
+def test_decode_workspace_reserves_the_largest_need_of_each_kind():
+    from offload_runtime.native.workspace import DecodeWorkspace
+
+    workspace = DecodeWorkspace("cpu")  # reservation is host bookkeeping: no device touched
+    workspace.reserve({"nvcomp-ans": 5 * MIB})
+    workspace.reserve({"nvcomp-ans": 3 * MIB, "int8-stored": 7 * MIB})
+    assert workspace.sizes == {"nvcomp-ans": 5 * MIB, "int8-stored": 7 * MIB}
+    assert workspace.nbytes == 12 * MIB
+    assert "nvcomp-ans" in repr(workspace)
