@@ -152,8 +152,10 @@ class CudaLoader:
                 self.device_payload[entry.name] = arena.take(entry.stored_size).copy_(pinned)
             else:
                 self.host_payload[entry.name] = pinned
-        nstage = min(DEVICE_STAGING_BUFFERS, plan.nslots)
-        stage_size = max((e.stored_size for e in streamed), default=0)
+        # staging receives payloads that cross PCIe; device-tier payloads decode straight from VRAM
+        over_pcie = [e for e in streamed if self.tiers[e.name] != Tier.DEVICE_COMPRESSED]
+        nstage = min(DEVICE_STAGING_BUFFERS, plan.nslots) if over_pcie else 0
+        stage_size = max((e.stored_size for e in over_pcie), default=0)
         self.device_staging = [arena.take(stage_size) for _ in range(nstage)]
         self.staging_free = [torch.cuda.Event() for _ in range(nstage)]
         self.copy_done = [torch.cuda.Event() for _ in range(nstage)]

@@ -182,16 +182,21 @@ def shared_workspace_bytes(streamed: Sequence[GroupSize]) -> int:
 
 
 def _fixed_cost(
-    streamed: Sequence[GroupSize], prefetch: int, on_cuda: bool
+    streamed: Sequence[GroupSize], prefetch: int, on_cuda: bool, over_pcie: Sequence[GroupSize] | None = None
 ) -> tuple[int, int, int, int, int]:
-    """(nslots, slot_bytes, staging_bytes, scratch_bytes, workspace_bytes) of streaming ``streamed``."""
+    """(nslots, slot_bytes, staging_bytes, scratch_bytes, workspace_bytes) of streaming ``streamed``.
+
+    Device staging receives payloads that cross PCIe, so it is sized by ``over_pcie`` (default: every
+    streamed group); groups whose payloads stay in VRAM decode straight from there.
+    """
     if not streamed:
         return 0, 0, 0, 0, 0
     nslots = min(prefetch + 1, len(streamed))
     slot = max(g.decoded_bytes for g in streamed)
     if not on_cuda:
         return nslots, slot, 0, 0, 0
-    staging = min(DEVICE_STAGING_BUFFERS, nslots) * max(g.stored_bytes for g in streamed)
+    over_pcie = streamed if over_pcie is None else over_pcie
+    staging = min(DEVICE_STAGING_BUFFERS, nslots) * max((g.stored_bytes for g in over_pcie), default=0)
     scratch = sum(g.scratch_bytes for g in streamed)  # each group's decoder keeps its own small arrays
     return nslots, slot, staging, scratch, shared_workspace_bytes(streamed)
 
@@ -210,8 +215,11 @@ def plan_placement(
     """Place every group in a tier so the device bytes fit ``budget_bytes``.
 
     The structure is chosen among "the k largest groups resident, the rest streamed" for every k (making
-    a huge embedding resident shrinks every slot), then leftover budget makes more groups resident (largest
-    first), then keeps payloads on the device (CUDA), then in host RAM up to ``host_budget_bytes``.
+    a huge embedding resident shrinks every slot). On CUDA the leftover budget first keeps streamed
+    payloads on the device (fewest bytes over PCIe per token), then promotes device-compressed groups to
+    resident; on the CPU it makes more groups resident. The rest goes to host RAM up to
+    ``host_budget_bytes``, then to disk. Among structures, the plan moving the fewest bytes over PCIe per
+    token wins, then the one with the most resident bytes.
 
     Args:
         groups (`Sequence[GroupSize]`): every group, in group (execution) order.
@@ -251,6 +259,15 @@ def plan_placement(
         resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
         return forced_bytes + resident_bytes + nslots * slot + staging + scratch + workspace + overhead
 
+    def vram_cost(resident: set[str], in_vram: set[str]) -> int:
+        """Device bytes (CUDA) when ``in_vram`` payloads are kept on the device and the rest cross PCIe."""
+        streamed = [g for g in candidates if g.name not in resident]
+        over_pcie = [g for g in streamed if g.name not in in_vram]
+        nslots, slot, staging, scratch, workspace = _fixed_cost(streamed, prefetch, True, over_pcie)
+        kept = sum(g.stored_bytes for g in streamed if g.name in in_vram)
+        resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
+        return forced_bytes + resident_bytes + kept + nslots * slot + staging + scratch + workspace + overhead
+
     promotable = [g for g in candidates if g.name not in force_streamed]
     structures = [{g.name for g in promotable[:k]} for k in range(len(promotable) + 1)]
     costs = [cost(s) for s in structures]
@@ -267,41 +284,63 @@ def plan_placement(
             hint=f"raise budget_gb to at least {minimum / GIB:.4f}, or lower prefetch",
         )
 
-    best: set[str] | None = None
-    best_bytes = -1
-    for base, base_cost in zip(structures, costs, strict=True):
-        if base_cost > budget_bytes:
-            continue
+    def fill(base: set[str]) -> tuple[tuple[int, int], set[str], set[str]]:
+        """Resident and device-compressed sets grown from ``base``, and their score (lower is better)."""
         resident = set(base)
         streamed = [g for g in candidates if g.name not in resident]
-        leftover = budget_bytes - base_cost
-        # promote smaller groups than the slot-defining one while they fit (the slot size stays the same)
-        # promote groups in group order while they fit; one of the largest (the last) keeps the slot size
+        # one of the largest streamed groups (the last) stays streamed: it keeps the slot size
         keeper = (
             [g for g in streamed if g.decoded_bytes == streamed[0].decoded_bytes][-1] if streamed else None
         )
-        for g in groups:
-            if g not in streamed or g is keeper or g.name in force_streamed or g.decoded_bytes > leftover:
-                continue
-            if cost(resident | {g.name}) <= budget_bytes:
-                resident.add(g.name)
+        in_vram: set[str] = set()
+        if on_cuda:
+            # First keep payloads on the device: each byte kept there is a byte PCIe no longer carries per
+            # token, whereas making a group resident saves its stored bytes at the price of its (larger)
+            # decoded bytes. Then promote device-compressed groups to resident with what is left.
+            if vram_cost(resident, {g.name for g in streamed}) <= budget_bytes:
+                in_vram = {g.name for g in streamed}  # no payload crosses PCIe: no staging either
+            else:
                 leftover = budget_bytes - cost(resident)
+                for g in groups:
+                    if g in streamed and g.stored_bytes <= leftover:
+                        in_vram.add(g.name)
+                        leftover -= g.stored_bytes
+            for g in groups:
+                if g.name not in in_vram or g is keeper or g.name in force_streamed:
+                    continue
+                if vram_cost(resident | {g.name}, in_vram - {g.name}) <= budget_bytes:
+                    resident.add(g.name)
+                    in_vram.discard(g.name)
+        else:
+            leftover = budget_bytes - cost(resident)
+            for g in groups:
+                if g not in streamed or g is keeper or g.name in force_streamed or g.decoded_bytes > leftover:
+                    continue
+                if cost(resident | {g.name}) <= budget_bytes:
+                    resident.add(g.name)
+                    leftover = budget_bytes - cost(resident)
+        over_pcie = sum(
+            g.stored_bytes for g in candidates if g.name not in resident and g.name not in in_vram
+        )
         resident_bytes = sum(g.decoded_bytes for g in candidates if g.name in resident)
-        if resident_bytes > best_bytes:
-            best, best_bytes = resident, resident_bytes
-    if best is None:  # unreachable: the minimum structure fits whenever budget >= minimum
+        return (over_pcie, -resident_bytes), resident, in_vram
+
+    options = [
+        fill(base) for base, base_cost in zip(structures, costs, strict=True) if base_cost <= budget_bytes
+    ]
+    if not options:  # unreachable: the minimum structure fits whenever budget >= minimum
         raise RuntimeError("no placement fits although the budget is above the minimum")
+    _, best, in_vram = min(options, key=lambda option: option[0])
 
     streamed = [g for g in groups if g.name not in forced_names and g.name not in best]
-    nslots, slot_bytes, staging, scratch, workspace = _fixed_cost(streamed, prefetch, on_cuda)
-    leftover = budget_bytes - cost(best)
+    over_pcie = [g for g in streamed if g.name not in in_vram]
+    nslots, slot_bytes, staging, scratch, workspace = _fixed_cost(streamed, prefetch, on_cuda, over_pcie)
     host_left = host_budget_bytes if host_budget_bytes is not None else float("inf")
     disk_groups = []
     tiers: dict[str, Tier] = {}
     for g in streamed:
-        if on_cuda and g.stored_bytes <= leftover:
+        if g.name in in_vram:
             tiers[g.name] = Tier.DEVICE_COMPRESSED
-            leftover -= g.stored_bytes
         elif g.stored_bytes <= host_left:
             tiers[g.name] = Tier.HOST
             host_left -= g.stored_bytes

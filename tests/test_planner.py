@@ -187,3 +187,27 @@ def test_decode_workspace_reserves_the_largest_need_of_each_kind():
     assert workspace.sizes == {"nvcomp-ans": 5 * MIB, "int8-stored": 7 * MIB}
     assert workspace.nbytes == 12 * MIB
     assert "nvcomp-ans" in repr(workspace)
+
+
+def test_cuda_keeps_payloads_in_vram_before_making_groups_resident():
+    # 24 blocks of 100 MiB compressing to 66 MiB: a budget of 3/4 of the weights holds every payload on the
+    # device plus two slots (no staging: nothing crosses PCIe per token); the leftover makes some resident
+    groups = blocks(24, decoded=100 * MIB, stored=66 * MIB)
+    budget = int(0.75 * 24 * 100 * MIB)
+    plan = plan_placement(groups, budget, device="cuda", prefetch=1)
+    tiers = [p.tier for p in plan.groups]
+    assert Tier.HOST not in tiers and Tier.DISK not in tiers, str(plan)
+    assert tiers.count(Tier.DEVICE_COMPRESSED) >= 1
+    assert plan.staging_bytes == 0 and plan.device_bytes <= budget
+
+
+def test_cuda_prefers_more_groups_in_vram_over_more_resident_bytes():
+    # when not everything fits, compressed payloads in VRAM save more PCIe traffic per budget byte
+    groups = blocks(12, decoded=100 * MIB, stored=50 * MIB)
+    budget = 610 * MIB  # 10 MiB of room for the allocator slack
+    plan = plan_placement(groups, budget, device="cuda", prefetch=1)
+    in_vram = [p for p in plan.groups if p.tier in (Tier.RESIDENT, Tier.DEVICE_COMPRESSED)]
+    over_pcie = sum(p.stored_bytes for p in plan.groups if p.tier in (Tier.HOST, Tier.DISK))
+    # slots (2 x 100) + staging (2 x 50) leave ~300 MiB: six payloads of 50, not three resident blocks
+    assert len(in_vram) == 6 and over_pcie == 6 * 50 * MIB, str(plan)
+    assert all(p.tier == Tier.DEVICE_COMPRESSED for p in in_vram)
