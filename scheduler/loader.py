@@ -142,16 +142,23 @@ class CudaLoader:
         disk = [e for e in streamed if self.tiers[e.name] == Tier.DISK]
         self.device_payload: dict[str, torch.Tensor] = {}
         self.host_payload: dict[str, torch.Tensor] = {}
+        # device-tier payloads pass through one reused pinned bounce buffer: pinning costs ~0.5 s per GB,
+        # so a fresh pinned buffer per group would make dispatching a large model slow
+        to_device = [e.stored_size for e in streamed if self.tiers[e.name] == Tier.DEVICE_COMPRESSED]
+        bounce = torch.empty(max(to_device), dtype=torch.uint8, pin_memory=True) if to_device else None
         for entry in streamed:
             tier = self.tiers[entry.name]
             if tier == Tier.DISK:
                 continue
-            pinned = torch.empty(entry.stored_size, dtype=torch.uint8, pin_memory=True)
-            source.read_into(entry.name, pinned)
             if tier == Tier.DEVICE_COMPRESSED:
-                self.device_payload[entry.name] = arena.take(entry.stored_size).copy_(pinned)
+                staged = bounce[: entry.stored_size]
+                source.read_into(entry.name, staged)
+                self.device_payload[entry.name] = arena.take(entry.stored_size).copy_(staged)  # synchronous
             else:
+                pinned = torch.empty(entry.stored_size, dtype=torch.uint8, pin_memory=True)
+                source.read_into(entry.name, pinned)
                 self.host_payload[entry.name] = pinned
+        del bounce
         # staging receives payloads that cross PCIe; device-tier payloads decode straight from VRAM
         over_pcie = [e for e in streamed if self.tiers[e.name] != Tier.DEVICE_COMPRESSED]
         nstage = min(DEVICE_STAGING_BUFFERS, plan.nslots) if over_pcie else 0
