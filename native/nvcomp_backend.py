@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -218,16 +219,40 @@ class NvcompGpuDecoder(GpuDecoder):
             )
 
 
-def ans_encode_chunks(data: np.ndarray, chunk_size: int, data_type: str) -> tuple[np.ndarray, list[Chunk]]:
-    """Compress ``data`` with nvCOMP ANS on the GPU, one chunk per ``chunk_size`` bytes.
+@dataclass
+class AnsCompressed:
+    """nvCOMP ANS output still on the device: chunk ``i``'s body is ``dst[i * stride :][: lengths[i]]``.
 
-    Returns the payload (chunks at :data:`~offload_runtime.native.nvcomp_capi.ANS_ALIGNMENT`-aligned
-    offsets) and the chunk table with CRC-32s of both the compressed and the decoded bytes.
+    Attributes:
+        dst: uint8 CUDA tensor of ``len(lengths) * stride`` bytes (bytes past each body are undefined).
+        stride: bytes reserved per chunk (nvCOMP's maximum output size, aligned to ``ANS_ALIGNMENT``).
+        lengths: compressed bytes of each chunk (int64, host).
+        sizes: decoded bytes of each chunk (int64, host).
     """
+
+    dst: torch.Tensor
+    stride: int
+    lengths: np.ndarray
+    sizes: np.ndarray
+
+
+def ans_compress_device(src: torch.Tensor, chunk_size: int, data_type: str) -> AnsCompressed:
+    """Compress the contiguous uint8 CUDA tensor ``src`` with nvCOMP ANS, one chunk per ``chunk_size`` bytes.
+
+    Runs on ``src``'s device and current stream; returns once the compressed lengths are known (the host
+    waits for the stream). Nothing is copied to the host but the lengths and statuses.
+
+    Raises:
+        ValueError: ``src`` is not a contiguous uint8 CUDA tensor, or ``<f2`` with an odd byte count.
+        NvcompCallError: nvCOMP failed on some chunk.
+    """
+    if src.dtype != torch.uint8 or src.device.type != "cuda" or src.dim() != 1 or not src.is_contiguous():
+        raise ValueError(f"need a contiguous 1-D uint8 CUDA tensor, got {src.dtype} {tuple(src.shape)}")
     lib = capi.library()
-    size = int(data.size)
+    size = int(src.numel())
     if size == 0:
-        return np.zeros(0, dtype=np.uint8), []
+        empty = np.zeros(0, dtype=np.int64)
+        return AnsCompressed(torch.zeros(0, dtype=torch.uint8, device=src.device), 0, empty, empty)
     if data_type == "<f2" and (size % 2 or chunk_size % 2):
         raise ValueError(f"ANS <f2 needs an even byte count, got {size} bytes in chunks of {chunk_size}")
     opts = capi.ans_compress_opts(data_type)
@@ -245,43 +270,59 @@ def ans_encode_chunks(data: np.ndarray, chunk_size: int, data_type: str) -> tupl
         lib.nvcompBatchedANSCompressGetTempSize(n, chunk_size, opts, ctypes.byref(temp_bytes), size, None),
         "nvcompBatchedANSCompressGetTempSize",
     )
-    device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream(device)
-    src = torch.from_numpy(np.ascontiguousarray(data)).to(device)
-    dst = torch.empty(n * stride, dtype=torch.uint8, device=device)
-    temp = torch.empty(max(int(temp_bytes.value), 1), dtype=torch.uint8, device=device)
-    src_ptrs = _device_array(src.data_ptr() + starts, device)
-    dst_ptrs = _device_array(dst.data_ptr() + stride * np.arange(n, dtype=np.int64), device)
-    in_bytes = _device_array(sizes, device)
-    out_bytes = torch.zeros(n, dtype=torch.int64, device=device)
-    statuses = torch.zeros(n, dtype=torch.int32, device=device)
-    capi.check(
-        lib.nvcompBatchedANSCompressAsync(
-            src_ptrs.data_ptr(),
-            in_bytes.data_ptr(),
-            chunk_size,
-            n,
-            temp.data_ptr(),
-            int(temp_bytes.value),
-            dst_ptrs.data_ptr(),
-            out_bytes.data_ptr(),
-            opts,
-            statuses.data_ptr(),
-            ctypes.c_void_p(stream.cuda_stream),
-        ),
-        "nvcompBatchedANSCompressAsync",
-    )
-    compressed = dst.cpu().numpy()  # synchronises: encoding is offline work
-    lengths = out_bytes.cpu().numpy()
-    bad = [i for i, s in enumerate(statuses.cpu().tolist()) if s != capi.NVCOMP_SUCCESS]
+    device = src.device
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        dst = torch.empty(n * stride, dtype=torch.uint8, device=device)
+        temp = torch.empty(max(int(temp_bytes.value), 1), dtype=torch.uint8, device=device)
+        src_ptrs = _device_array(src.data_ptr() + starts, device)
+        dst_ptrs = _device_array(dst.data_ptr() + stride * np.arange(n, dtype=np.int64), device)
+        in_bytes = _device_array(sizes, device)
+        out_bytes = torch.zeros(n, dtype=torch.int64, device=device)
+        statuses = torch.zeros(n, dtype=torch.int32, device=device)
+        capi.check(
+            lib.nvcompBatchedANSCompressAsync(
+                src_ptrs.data_ptr(),
+                in_bytes.data_ptr(),
+                chunk_size,
+                n,
+                temp.data_ptr(),
+                int(temp_bytes.value),
+                dst_ptrs.data_ptr(),
+                out_bytes.data_ptr(),
+                opts,
+                statuses.data_ptr(),
+                ctypes.c_void_p(stream.cuda_stream),
+            ),
+            "nvcompBatchedANSCompressAsync",
+        )
+        lengths = out_bytes.cpu().numpy()  # synchronises
+        bad = [i for i, s in enumerate(statuses.cpu().tolist()) if s != capi.NVCOMP_SUCCESS]
     if bad:
         raise capi.NvcompCallError(f"nvCOMP ANS failed to compress chunks {bad[:8]} of {n}")
-    pieces, chunks, offset = [], [], 0
-    for i in range(n):
-        body = compressed[i * stride : i * stride + int(lengths[i])]
-        raw = data[int(starts[i]) : int(starts[i] + sizes[i])]
-        chunks.append(Chunk(offset, body.size, int(sizes[i]), crc32(body), crc32(raw)))
+    return AnsCompressed(dst, stride, lengths, sizes)
+
+
+def ans_encode_chunks(data: np.ndarray, chunk_size: int, data_type: str) -> tuple[np.ndarray, list[Chunk]]:
+    """Compress ``data`` with nvCOMP ANS on the GPU, one chunk per ``chunk_size`` bytes.
+
+    Returns the payload (chunks at :data:`~offload_runtime.native.nvcomp_capi.ANS_ALIGNMENT`-aligned
+    offsets, zero padded) and the chunk table with CRC-32s of both the compressed and the decoded bytes.
+    """
+    size = int(data.size)
+    if size == 0:
+        return np.zeros(0, dtype=np.uint8), []
+    device = torch.device("cuda", torch.cuda.current_device())
+    src = torch.from_numpy(np.ascontiguousarray(data).reshape(-1)).to(device)
+    result = ans_compress_device(src, chunk_size, data_type)
+    compressed = result.dst.cpu().numpy()  # synchronises: encoding is offline work
+    pieces, chunks, offset, start = [], [], 0, 0
+    for i, (length, decoded) in enumerate(zip(result.lengths, result.sizes, strict=True)):
+        body = compressed[i * result.stride : i * result.stride + int(length)]
+        raw = data[start : start + int(decoded)]
+        chunks.append(Chunk(offset, body.size, int(decoded), crc32(body), crc32(raw)))
         padded = align_up(body.size, capi.ANS_ALIGNMENT)
         pieces.append(np.pad(body, (0, padded - body.size)))
         offset += padded
+        start += int(decoded)
     return np.concatenate(pieces), chunks

@@ -1,0 +1,273 @@
+"""Synthetic Llama-shaped models, built without ever holding them: 70 B on one GPU, no checkpoint needed.
+
+The model skeleton lives on ``meta``. Each group's weights are produced on the device by
+:func:`init_group` (2-D weights normal(0, 0.02), norms ones, as Hugging Face initialises them) from a
+``torch.Generator`` seeded per group, so any group can be regenerated, bit for bit, at any time. A
+:class:`~offload_runtime.scheduler.synthetic_source.SyntheticSource` encodes the groups one at a time and
+hands the runtime their payloads when it places them in their tier; the whole model is never materialised.
+
+:func:`materialize` fills a real (small) model with exactly the same tensors: packed with the ordinary
+``pack`` and loaded with ``load_compressed`` it must give bit-identical outputs to
+:func:`dispatch_synthetic` (the tests check this).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload_runtime.loaders.groups import GroupSpec, find_groups
+from offload_runtime.native import GroupLayout
+
+__all__ = [
+    "INIT_STD",
+    "SYNTHETIC_SHAPES",
+    "dispatch_synthetic",
+    "group_layout",
+    "init_group",
+    "materialize",
+    "synthetic_config",
+    "synthetic_skeleton",
+]
+
+INIT_STD = 0.02  # LlamaConfig.initializer_range: what HF draws Linear and Embedding weights from
+
+_LLAMA3 = {"num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0}
+SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "num_hidden_layers": 3,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+    },
+    "llama-2b": {
+        "num_hidden_layers": 8,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+    },
+    "llama-8b": {
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+    },
+    "llama-70b": {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, **_LLAMA3},
+}
+
+
+def synthetic_config(name: str, **overrides: Any):
+    """The ``LlamaConfig`` of synthetic shape ``name`` (a key of :data:`SYNTHETIC_SHAPES`).
+
+    Args:
+        name (`str`): ``"tiny"``, ``"llama-2b"``, ``"llama-8b"`` or ``"llama-70b"``.
+        overrides: config fields to change (``num_hidden_layers=1``, ``tie_word_embeddings=True``, ...).
+
+    Raises:
+        ValueError: an unknown shape name, listing the known ones.
+    """
+    from transformers import LlamaConfig
+
+    if name not in SYNTHETIC_SHAPES:
+        raise ValueError(f"unknown synthetic shape {name!r}; choose one of {sorted(SYNTHETIC_SHAPES)}")
+    fields = {
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "initializer_range": INIT_STD,
+        **SYNTHETIC_SHAPES[name],
+        **overrides,
+    }
+    return LlamaConfig(**fields)
+
+
+def synthetic_skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model of ``config`` with parameters on ``meta`` (buffers real), in eval mode, ties made.
+
+    Built exactly as ``load_compressed`` builds a model from a container's stored config, so both paths
+    run the same modules.
+    """
+    from offload_runtime.loaders.load import empty_model_from_config
+    from offload_runtime.native.layout import dtype_name
+
+    architecture = (getattr(config, "architectures", None) or ["LlamaForCausalLM"])[0]
+    return empty_model_from_config(config.to_dict(), architecture, dtype=dtype_name(dtype))
+
+
+def group_layout(model: nn.Module, group: GroupSpec, dtype: torch.dtype | None = None) -> GroupLayout:
+    """The decoded layout of ``group``: its tensors' shapes, floating ones in ``dtype`` (default: as is)."""
+    state = model.state_dict(keep_vars=True)
+    metas = []
+    for name in group.tensors:
+        tensor = state[name]
+        target = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+        metas.append((name, torch.empty(tensor.shape, dtype=target, device="meta")))
+    return GroupLayout.from_tensors(metas)
+
+
+def group_seed(seed: int, group: str) -> int:
+    """The generator seed of ``group``: a function of the base seed and the group's name only."""
+    return (seed * 0x9E3779B1 + zlib.crc32(group.encode())) % (1 << 63)
+
+
+def _norm_like(model: nn.Module, name: str) -> bool:
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return "norm" in type(owner).__name__.lower()
+
+
+def fill_group(
+    model: nn.Module, group: GroupSpec, layout: GroupLayout, seed: int, buffer: torch.Tensor
+) -> None:
+    """Write ``group``'s synthetic tensors into ``buffer`` (uint8, ``layout.size`` bytes, zeroed), in place.
+
+    Floating tensors with 2+ dimensions are drawn from normal(0, :data:`INIT_STD`) by one generator on the
+    buffer's device, in layout order; 1-D floating tensors are ones in norm modules, zeros elsewhere
+    (biases); other tensors stay zero.
+    """
+    generator = torch.Generator(device=buffer.device)
+    generator.manual_seed(group_seed(seed, group.name))
+    for spec, view in zip(layout.tensors, layout.views(buffer).values(), strict=True):
+        if not spec.torch_dtype.is_floating_point or spec.numel == 0:
+            continue
+        if len(spec.shape) >= 2:
+            view.normal_(0.0, INIT_STD, generator=generator)
+        elif _norm_like(model, spec.name):
+            view.fill_(1.0)
+
+
+def init_group(
+    model: nn.Module,
+    group: GroupSpec,
+    seed: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None = torch.bfloat16,
+) -> dict[str, torch.Tensor]:
+    """The synthetic tensors of ``group`` on ``device``: deterministic in (``seed``, group name).
+
+    Args:
+        model (`nn.Module`): the model (``meta`` is fine: only shapes and module types are read).
+        group (`GroupSpec`): one of ``find_groups(model)``.
+        seed (`int`): the base seed.
+        device (`torch.device` or `str`): where the tensors are generated (values differ between CPU and
+            CUDA: each has its own generator).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the floating tensors;
+            ``None`` keeps the model's.
+
+    Returns:
+        `dict[str, torch.Tensor]`: stored tensor name -> tensor (views into one buffer of the group).
+    """
+    layout = group_layout(model, group, dtype)
+    buffer = torch.zeros(layout.size, dtype=torch.uint8, device=device)
+    fill_group(model, group, layout, seed, buffer)
+    return layout.views(buffer)
+
+
+def materialize(model: nn.Module, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Give ``model`` real CPU weights: exactly the tensors :func:`init_group` makes (the ordinary path).
+
+    For small shapes only (the whole model is materialised). Parameters on ``meta`` are allocated;
+    tied weights stay tied.
+
+    Args:
+        model (`nn.Module`): e.g. :func:`synthetic_skeleton`'s model.
+        seed (`int`, defaults to 0): the base seed.
+        device (`torch.device` or `str`, defaults to `"cpu"`): where the tensors are generated (use the
+            device :func:`dispatch_synthetic` generates on to get its weights); they are stored on the CPU.
+
+    Returns:
+        `nn.Module`: ``model``, with every stored tensor replaced in place.
+    """
+    for group in find_groups(model):
+        for name, tensor in init_group(model, group, seed, device, dtype=None).items():
+            module_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module_path) if module_path else model
+            value = tensor.to("cpu", copy=True)
+            if attr in owner._parameters:
+                old = owner._parameters[attr]
+                owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[attr] = value
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def synthetic_source(
+    model: nn.Module,
+    *,
+    seed: int = 0,
+    codec: str = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """A :class:`~offload_runtime.scheduler.synthetic_source.SyntheticSource` of ``model``'s synthetic groups.
+
+    Encodes every group once (phase 1), on ``device``; see :func:`dispatch_synthetic`.
+    """
+    from offload_runtime.scheduler.synthetic_source import SyntheticSource
+
+    specs = find_groups(model)
+    layouts = [group_layout(model, spec, dtype) for spec in specs]
+
+    def fill(index: int, buffer: torch.Tensor) -> None:
+        fill_group(model, specs[index], layouts[index], seed, buffer)
+
+    return SyntheticSource(specs, layouts, fill, codec=codec, device=device)
+
+
+def dispatch_synthetic(
+    name_or_config: str | Any,
+    budget_gb: float,
+    *,
+    codec: str = "auto",
+    device: torch.device | str | None = None,
+    prefetch: int = 1,
+    host_budget_gb: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> nn.Module:
+    """A synthetic model of shape ``name_or_config``, dispatched in ``budget_gb`` without materialising it.
+
+    Each group is generated and encoded on ``device`` (on CUDA: generated, packed and, for ``ans``/
+    ``int8``, encoded on the GPU), and only its chunk table is kept; when the runtime places a group in its
+    tier (resident, compressed in VRAM, pinned host RAM) the group is generated and encoded again and its
+    payload checked against the first encoding's CRC-32s. Nothing is written to disk.
+
+    Args:
+        name_or_config (`str` or `LlamaConfig`): a key of :data:`SYNTHETIC_SHAPES` or a config.
+        budget_gb (`float`): see :func:`~offload_runtime.dispatch_compressed`.
+        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``.
+        device (`torch.device` or `str`, *optional*): CUDA when available, else CPU.
+        prefetch (`int`, defaults to 1), host_budget_gb (`float`, *optional*): see ``dispatch_compressed``.
+        seed (`int`, defaults to 0): base seed of the weights.
+        dtype (`torch.dtype`, defaults to `torch.bfloat16`): dtype of the weights.
+
+    Returns:
+        `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
+
+    Raises:
+        BudgetError: the budget is below the minimum working set (raised before anything is generated).
+    """
+    from offload_runtime.api import _attach, _refuse_early, _resolve_device
+
+    config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    device = _resolve_device(device)
+    model = synthetic_skeleton(config, dtype)
+    _refuse_early(model, budget_gb, prefetch)  # decoded sizes are known on meta: fail before generating
+    source = synthetic_source(model, seed=seed, codec=codec, device=device, dtype=dtype)
+    try:
+        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None)
+    except BaseException:
+        source.close()
+        raise
+    source.trim()  # the pinned D2H buffer is only needed while groups are placed
+    return model
