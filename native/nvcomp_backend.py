@@ -273,7 +273,9 @@ def ans_compress_device(src: torch.Tensor, chunk_size: int, data_type: str) -> A
     device = src.device
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device)
-        dst = torch.empty(n * stride, dtype=torch.uint8, device=device)
+        # zeroed: ANS leaves alignment bytes unwritten, and the payload (and its CRCs) must not depend on
+        # whatever memory the allocator hands out; re-encoding a synthetic group must give the same bytes
+        dst = torch.zeros(n * stride, dtype=torch.uint8, device=device)
         temp = torch.empty(max(int(temp_bytes.value), 1), dtype=torch.uint8, device=device)
         src_ptrs = _device_array(src.data_ptr() + starts, device)
         dst_ptrs = _device_array(dst.data_ptr() + stride * np.arange(n, dtype=np.int64), device)
