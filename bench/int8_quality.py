@@ -21,67 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from offload_runtime.loaders import ContainerReader, load_state_dict, pack
-from offload_runtime.native import get_codec
 from offload_runtime.native.int8 import SCALE_SUFFIX, is_quantised
 from offload_runtime.packaged import SMOLLM2_GGUF, load_smollm2
+from offload_runtime.quality import EVAL_TEXT, next_token_metrics, stored_int8
 
-# Ordinary prose written for this benchmark (no download); tests/test_int8_quality.py uses the same text.
-TEXT = (
-    "The village sat at the bend of a slow brown river, and most of the people who lived there had never "
-    "seen the sea. In the mornings the baker opened his shutters before the sun was up, and the smell of "
-    "warm bread drifted down the main street, past the post office, the school and the small stone church. "
-    "Children walked to school in pairs, kicking pebbles and arguing about football, while their parents "
-    "hurried to the bus stop with cups of coffee in their hands. On market days the square filled with "
-    "stalls selling apples, cheese, honey, cheap shoes and second-hand books, and old men sat on the "
-    "benches under the plane trees, talking about the weather and the price of everything. Nobody was "
-    "rich, but few were truly poor, and people looked after one another when times were hard. In winter "
-    "the river sometimes flooded the lower fields, and the farmers would lose a season of work, but the "
-    "town council had slowly built a wall of earth and stone along the bank, and the floods came less "
-    "often than they used to. The young people often left for the city after finishing school, hoping to "
-    "find better jobs and a more exciting life. Some of them came back years later with children of their "
-    "own, saying that the city was too loud, too expensive and too lonely. They bought the empty houses at "
-    "the edge of the village, repaired the roofs, painted the doors in bright colours and planted "
-    "vegetables in the gardens. The old teacher, who had taught three generations of the same families, "
-    "liked to say that a place is not made by its buildings but by the people who choose to stay in it. "
-    "Every summer there was a festival by the river, with music, dancing and a long table where everyone "
-    "shared the food they had brought, and for one evening the whole village ate together under the stars."
-)
 PROMPT = "What is the capital of France?"
-
-
-def next_token_metrics(reference: torch.Tensor, candidate: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Compare two models' logits ``[T, V]`` over the same tokens ``ids`` ``[T]``."""
-    ref_logp = F.log_softmax(reference[:-1].double(), dim=-1)
-    cand_logp = F.log_softmax(candidate[:-1].double(), dim=-1)
-    targets = ids[1:]
-    ref_nll = -ref_logp.gather(1, targets[:, None]).mean()
-    cand_nll = -cand_logp.gather(1, targets[:, None]).mean()
-    kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)  # KL(reference || candidate) per position
-    ppl_ref, ppl_cand = float(ref_nll.exp()), float(cand_nll.exp())
-    return {
-        "positions": int(targets.numel()),
-        "perplexity_fp32": ppl_ref,
-        "perplexity_int8": ppl_cand,
-        "perplexity_rel_delta": ppl_cand / ppl_ref - 1.0,
-        "top1_agreement": float((reference[:-1].argmax(-1) == candidate[:-1].argmax(-1)).double().mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "logits_max_abs_diff": float((reference - candidate).abs().max()),
-    }
-
-
-def stored_int8(reader: ContainerReader, group: str) -> dict[str, torch.Tensor]:
-    """The int8 values and fp32 row scales stored for ``group`` (the inner codec's decode only)."""
-    entry = reader.group(group)
-    scratch = torch.empty(entry.stored_layout.size, dtype=torch.uint8)
-    inner = get_codec(entry.params["inner"])
-    inner.decode_cpu(
-        reader.payload(group), entry.chunks, entry.params["inner_params"], entry.stored_layout, scratch
-    )
-    return {name: view.clone() for name, view in entry.stored_layout.views(scratch).items()}
 
 
 def weight_errors(reader: ContainerReader, original: dict[str, torch.Tensor]) -> dict:
@@ -136,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     model, tokenizer = load_smollm2()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    ids = tokenizer(EVAL_TEXT, return_tensors="pt").input_ids
 
     sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         ref_logits = model(ids).logits[0]
         int8_logits = quantised(ids).logits[0]
     metrics = next_token_metrics(ref_logits, int8_logits, ids[0])
+    metrics["perplexity_fp32"] = metrics.pop("perplexity_reference")  # the names of the committed results
+    metrics["perplexity_int8"] = metrics.pop("perplexity_candidate")
 
     result = {
         "benchmark": "int8 codec quality, SmolLM2-135M-Instruct, CPU",

@@ -12,33 +12,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from offload_runtime.loaders import ContainerReader, load_state_dict, pack
-from offload_runtime.native import get_codec
 from offload_runtime.native.int8 import INT8_MAX, SCALE_SUFFIX
-
-# Ordinary English prose written for this test (no download): ~370 SmolLM2 tokens.
-TEXT = (
-    "The village sat at the bend of a slow brown river, and most of the people who lived there had never "
-    "seen the sea. In the mornings the baker opened his shutters before the sun was up, and the smell of "
-    "warm bread drifted down the main street, past the post office, the school and the small stone church. "
-    "Children walked to school in pairs, kicking pebbles and arguing about football, while their parents "
-    "hurried to the bus stop with cups of coffee in their hands. On market days the square filled with "
-    "stalls selling apples, cheese, honey, cheap shoes and second-hand books, and old men sat on the "
-    "benches under the plane trees, talking about the weather and the price of everything. Nobody was "
-    "rich, but few were truly poor, and people looked after one another when times were hard. In winter "
-    "the river sometimes flooded the lower fields, and the farmers would lose a season of work, but the "
-    "town council had slowly built a wall of earth and stone along the bank, and the floods came less "
-    "often than they used to. The young people often left for the city after finishing school, hoping to "
-    "find better jobs and a more exciting life. Some of them came back years later with children of their "
-    "own, saying that the city was too loud, too expensive and too lonely. They bought the empty houses at "
-    "the edge of the village, repaired the roofs, painted the doors in bright colours and planted "
-    "vegetables in the gardens. The old teacher, who had taught three generations of the same families, "
-    "liked to say that a place is not made by its buildings but by the people who choose to stay in it. "
-    "Every summer there was a festival by the river, with music, dancing and a long table where everyone "
-    "shared the food they had brought, and for one evening the whole village ate together under the stars."
-)
+from offload_runtime.quality import EVAL_TEXT, next_token_metrics, stored_int8
 
 # Weights whose stored int8 values and scales are checked directly: first/middle/last block, attention and
 # MLP, and the embedding (tied to lm_head, so its per-row scales are per-vocabulary-entry).
@@ -65,32 +42,21 @@ def int8_round_trip(smollm2, tmp_path_factory):
     return path, state, quantised
 
 
-def _stored(reader: ContainerReader, group: str) -> dict[str, torch.Tensor]:
-    """What ``int8`` stored for ``group`` (int8 values and fp32 row scales): the inner codec's decode only."""
-    entry = reader.group(group)
-    scratch = torch.empty(entry.stored_layout.size, dtype=torch.uint8)
-    inner = get_codec(entry.params["inner"])
-    inner.decode_cpu(
-        reader.payload(group), entry.chunks, entry.params["inner_params"], entry.stored_layout, scratch
-    )
-    return {name: view.clone() for name, view in entry.stored_layout.views(scratch).items()}
-
-
 def test_int8_perplexity_and_next_token_agreement(smollm2, int8_round_trip):
     model, tokenizer = smollm2
     _, _, quantised = int8_round_trip
-    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    ids = tokenizer(EVAL_TEXT, return_tensors="pt").input_ids
     assert ids.shape[1] > 300  # "a few hundred tokens": enough positions for the rates below to mean much
     with torch.no_grad():
-        ref_logits = model(ids).logits[0, :-1].double()
-        int8_logits = quantised(ids).logits[0, :-1].double()
-    targets = ids[0, 1:, None]
-    ref_logp, int8_logp = F.log_softmax(ref_logits, -1), F.log_softmax(int8_logits, -1)
-    ppl_ref = float((-ref_logp.gather(1, targets).mean()).exp())
-    ppl_int8 = float((-int8_logp.gather(1, targets).mean()).exp())
-    rel_delta = ppl_int8 / ppl_ref - 1.0
-    agreement = float((ref_logits.argmax(-1) == int8_logits.argmax(-1)).double().mean())
-    kl_mean = float((ref_logp.exp() * (ref_logp - int8_logp)).sum(-1).mean())  # KL(fp32 || int8)
+        ref_logits = model(ids).logits[0]
+        int8_logits = quantised(ids).logits[0]
+    metrics = next_token_metrics(ref_logits, int8_logits, ids[0])
+    ppl_ref, ppl_int8 = metrics["perplexity_reference"], metrics["perplexity_candidate"]
+    rel_delta, agreement, kl_mean = (
+        metrics["perplexity_rel_delta"],
+        metrics["top1_agreement"],
+        metrics["kl_mean"],
+    )
 
     # Measured on 2026-11-22 (CPU, 365 positions): ppl 22.64 -> 22.66 (+0.10%), top-1 agreement 95.9%,
     # mean KL 0.0036 nats. Bounds leave ~10x margin on the loss metrics and ~6 points on agreement (one
@@ -111,7 +77,7 @@ def test_int8_weights_within_half_a_step_of_stored_scales(smollm2, int8_round_tr
     with ContainerReader(path) as reader:
         for group, names in CHECKED_WEIGHTS.items():
             assert reader.group(group).codec == "int8"
-            stored = _stored(reader, group)
+            stored = stored_int8(reader, group)
             for name in names:
                 w, q, scale = original[name], stored[name], stored[name + SCALE_SUFFIX]
                 assert q.dtype == torch.int8 and q.shape == w.shape, name
