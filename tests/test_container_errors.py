@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from container_surgery import rewrite_header, split_header
 
 from offload_runtime.errors import (
     CheckpointError,
@@ -18,7 +19,7 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
 )
 from offload_runtime.loaders import ContainerReader, build_empty_model, check_compatible, pack
-from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
+from offload_runtime.loaders.format import PAYLOAD_ALIGN
 from offload_runtime.tiny import tiny_model
 
 
@@ -38,26 +39,6 @@ def container(packed, tmp_path):
         return path
 
     return copy
-
-
-def _split(path):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
-
-def _rewrite(path, edit_header=None, edit_index=None):
-    """Re-encode the header after ``edit_header(header)`` / ``edit_index(index)``, keeping the data."""
-    header, data = _split(path)
-    index = json.loads(header["__metadata__"][INDEX_KEY])
-    if edit_index:
-        edit_index(index)
-    header["__metadata__"][INDEX_KEY] = json.dumps(index)
-    if edit_header:
-        edit_header(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
 def _group(index, i=1):
@@ -113,13 +94,13 @@ def test_not_an_offload_container(tmp_path):
 
 def test_unknown_format_version(container):
     path = container()
-    _rewrite(path, edit_header=lambda h: h["__metadata__"].update(format_version="99"))
+    rewrite_header(path, edit_header=lambda h: h["__metadata__"].update(format_version="99"))
     _open_fails(path, CheckpointError, "unknown container format version", "expected=1", "actual=99")
 
 
 def test_unknown_codec(container):
     path = container()
-    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="lzma9"))
+    rewrite_header(path, edit_index=lambda ix: _group(ix).update(codec="lzma9"))
     _open_fails(path, CodecUnavailableError, "lzma9", "group=model.layers.0")
 
 
@@ -130,7 +111,7 @@ def test_tensor_offsets_overlap(container):
         begin, end = header["group.0002"]["data_offsets"]
         header["group.0002"]["data_offsets"] = [begin - PAYLOAD_ALIGN, end - PAYLOAD_ALIGN]
 
-    _rewrite(path, edit_header=overlap)
+    rewrite_header(path, edit_header=overlap)
     _open_fails(path, CorruptCheckpointError, "overlaps the previous tensor", "group=group.0002")
 
 
@@ -142,13 +123,15 @@ def test_tensor_offsets_gap(container):
             begin, end = header[name]["data_offsets"]
             header[name]["data_offsets"] = [begin + PAYLOAD_ALIGN, end + PAYLOAD_ALIGN]
 
-    _rewrite(path, edit_header=gap)
+    rewrite_header(path, edit_header=gap)
     _open_fails(path, CorruptCheckpointError, "leaves a gap", "group=group.0002")
 
 
 def test_tensor_offsets_disagree_with_shape(container):
     path = container()
-    _rewrite(path, edit_header=lambda h: h["group.0001"].update(shape=[h["group.0001"]["shape"][0] + 1]))
+    rewrite_header(
+        path, edit_header=lambda h: h["group.0001"].update(shape=[h["group.0001"]["shape"][0] + 1])
+    )
     _open_fails(path, CorruptCheckpointError, "offsets disagree with its shape", "group=group.0001")
 
 
@@ -191,7 +174,7 @@ def _edit_chunk(i, column, value):
 
 def test_chunk_out_of_payload(container):
     path = container()
-    _rewrite(
+    rewrite_header(
         path, edit_index=lambda ix: _group(ix)["chunks"][0].__setitem__(1, _group(ix)["stored_size"] + 1)
     )
     _open_fails(path, CorruptCheckpointError, "beyond the group payload", "group=model.layers.0", "chunk=0")
@@ -205,7 +188,7 @@ def test_chunks_overlap(container):
         chunks.insert(1, list(chunks[0]))  # a second chunk starting where the first does
         chunks[0][2] = chunks[1][2] = chunks[0][2] // 2  # keep the decoded total right
 
-    _rewrite(path, edit_index=overlap)
+    rewrite_header(path, edit_index=overlap)
     _open_fails(
         path, CorruptCheckpointError, "overlaps the previous chunk", "group=model.layers.0", "chunk=1"
     )
@@ -213,7 +196,7 @@ def test_chunks_overlap(container):
 
 def test_chunk_offset_overflowing(container):
     path = container()
-    _rewrite(path, edit_index=_edit_chunk(0, 0, 2**64 - 1))
+    rewrite_header(path, edit_index=_edit_chunk(0, 0, 2**64 - 1))
     _open_fails(
         path, CorruptCheckpointError, "not a sane non-negative integer", "chunk=0", "group=model.layers.0"
     )
@@ -221,7 +204,7 @@ def test_chunk_offset_overflowing(container):
 
 def test_decoded_sizes_do_not_add_up(container):
     path = container()
-    _rewrite(
+    rewrite_header(
         path, edit_index=lambda ix: _group(ix)["chunks"][-1].__setitem__(2, _group(ix)["chunks"][-1][2] - 1)
     )
     _open_fails(path, CorruptCheckpointError, "do not add up to the layout size", "group=model.layers.0")
@@ -229,7 +212,7 @@ def test_decoded_sizes_do_not_add_up(container):
 
 def test_decoded_size_exceeding_layout(container):
     path = container()
-    _rewrite(path, edit_index=_edit_chunk(0, 2, 2**40))
+    rewrite_header(path, edit_index=_edit_chunk(0, 2, 2**40))
     _open_fails(
         path, CorruptCheckpointError, "more bytes than the layout holds", "group=model.layers.0", "chunk=0"
     )
@@ -241,14 +224,14 @@ def test_layout_size_disagrees_with_shapes(container):
     def widen(index):
         _group(index)["layout"]["tensors"][0]["shape"][0] += 1  # no longer fits before the next tensor
 
-    _rewrite(path, edit_index=widen)
+    rewrite_header(path, edit_index=widen)
     _open_fails(path, CorruptCheckpointError, "model.layers.0/", "overlap")
 
 
 def test_layout_tensor_shrunk_leaving_a_gap(container):
     """A shrunken tensor that is not the last one would read other bytes as itself: a gap is refused."""
     path = container()
-    _rewrite(path, edit_index=lambda ix: _group(ix)["layout"]["tensors"][0].update(shape=[16]))
+    rewrite_header(path, edit_index=lambda ix: _group(ix)["layout"]["tensors"][0].update(shape=[16]))
     _open_fails(path, CorruptCheckpointError, "leave a gap", "group=model.layers.0/")
 
 
@@ -258,7 +241,7 @@ def test_layout_size_not_shape_times_dtype(container):
     def grow(index):
         _group(index)["layout"]["size"] += 256
 
-    _rewrite(path, edit_index=grow)
+    rewrite_header(path, edit_index=grow)
     _open_fails(path, CorruptCheckpointError, "shapes x dtypes", "group=model.layers.0")
 
 
@@ -270,7 +253,7 @@ def test_decoded_size_huge(container):
         layout["tensors"][-1]["shape"] = [2**20, 2**20]
         layout["size"] = layout["tensors"][-1]["offset"] + 2**42
 
-    _rewrite(path, edit_index=huge)
+    rewrite_header(path, edit_index=huge)
     _open_fails(path, CorruptCheckpointError, "implausibly large", "group=model.layers.0")
 
 
@@ -280,10 +263,10 @@ def test_decoded_size_huge(container):
 def _payload_start(path, group_name):
     with ContainerReader(path, verify="never") as reader:
         view = reader.payload(group_name)
-        header, _ = _split(path)
+        header, _ = split_header(path)
         begin = header[reader.group(group_name).tensor]["data_offsets"][0]
         return (
-            len(path.read_bytes()) - len(_split(path)[1]) + begin,
+            len(path.read_bytes()) - len(split_header(path)[1]) + begin,
             reader.group(group_name).chunks,
             view.nbytes,
         )
@@ -320,7 +303,7 @@ def test_flipped_byte_that_still_decodes(container):
     raw[start + 5] ^= 0x01
     forged = zlib.crc32(bytes(raw[start : start + chunks[0].size])) & 0xFFFFFFFF
     path.write_bytes(raw)
-    _rewrite(path, edit_index=_edit_chunk(0, 3, forged))
+    rewrite_header(path, edit_index=_edit_chunk(0, 3, forged))
     with ContainerReader(path) as reader:
         reader.payload("model.layers.0")  # compressed CRC now passes
         out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
@@ -407,8 +390,8 @@ def test_replaced_after_open(container):
 
 def _forge_raw_header(path, replace: bytes, by: bytes):
     """Substitute bytes inside the JSON header text, keeping the data section and 4 KiB alignment."""
-    _rewrite(path)  # normalise the JSON spacing so ``replace`` matches
-    header, data = _split(path)
+    rewrite_header(path)  # normalise the JSON spacing so ``replace`` matches
+    header, data = split_header(path)
     text = json.dumps(header).encode()
     if replace not in text:
         raise ValueError(f"{replace!r} not in the header")
@@ -431,8 +414,8 @@ def test_header_nested_too_deeply(container):
 
 def test_index_string_with_lone_surrogate(container):
     path = container()
-    _rewrite(path, edit_index=lambda ix: ix.update(x="\ud800"))
-    header, data = _split(path)
+    rewrite_header(path, edit_index=lambda ix: ix.update(x="\ud800"))
+    header, data = split_header(path)
     raw = json.dumps(header).encode()  # the index string now holds an escaped lone surrogate
     text = raw.replace(b"\\\\ud800", b"\\ud800", 1)
     text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
@@ -459,7 +442,7 @@ def test_layout_shape_product_overflows_int64(container):
         group["layout"]["size"] -= shrink
         group["chunks"][-1][2] -= shrink
 
-    _rewrite(path, edit_index=forge)
+    rewrite_header(path, edit_index=forge)
     _open_fails(path, CorruptCheckpointError, "implausibly large", "group=model.layers.0/")
 
 
@@ -472,13 +455,13 @@ def test_raw_chunk_decoded_size_differs_from_stored(container):
         group["stored_size"] -= 100
         group["chunks"][0][1] -= 100
 
-    _rewrite(path, edit_index=forge)
+    rewrite_header(path, edit_index=forge)
     _open_fails(path, CorruptCheckpointError, "raw chunk", "group=model.layers.0", "chunk=0")
 
 
 def test_alias_to_a_tensor_not_stored(container):
     path = container()
-    _rewrite(path, edit_index=lambda ix: _group(ix).update(aliases={"tied.weight": "no.such.weight"}))
+    rewrite_header(path, edit_index=lambda ix: _group(ix).update(aliases={"tied.weight": "no.such.weight"}))
     _open_fails(path, CorruptCheckpointError, "alias", "no.such.weight", "group=model.layers.0")
 
 
@@ -488,7 +471,7 @@ def test_tensor_stored_twice(container):
     def duplicate(index):
         index["groups"][2]["layout"]["tensors"][0]["name"] = _group(index)["layout"]["tensors"][0]["name"]
 
-    _rewrite(path, edit_index=duplicate)
+    rewrite_header(path, edit_index=duplicate)
     _open_fails(path, CorruptCheckpointError, "stored twice", "group=model.layers.1")
 
 
@@ -496,9 +479,9 @@ def test_tensor_stored_twice(container):
 def test_index_model_fields_of_the_wrong_type(container, key, value):
     path = container()
     if key == "dtype":
-        _rewrite(path, edit_index=lambda ix: ix.update(dtype=value))
+        rewrite_header(path, edit_index=lambda ix: ix.update(dtype=value))
     else:
-        _rewrite(path, edit_index=lambda ix: ix["model"].update(model_class=value))
+        rewrite_header(path, edit_index=lambda ix: ix["model"].update(model_class=value))
     _open_fails(path, CorruptCheckpointError, key)
 
 
@@ -509,7 +492,7 @@ def test_gpu_only_codec_decoded_on_the_cpu_names_the_extra(container):
     if gpu_codecs_unavailable_reason() is None:
         pytest.skip("nvCOMP is present: the CPU message is about re-packing, not installing")
     path = container("zstd")
-    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="ans"))
+    rewrite_header(path, edit_index=lambda ix: _group(ix).update(codec="ans"))
     with ContainerReader(path) as reader:
         out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
         with pytest.raises(CodecUnavailableError) as info:
@@ -523,7 +506,7 @@ def test_gpu_only_codec_decoded_on_the_cpu_names_the_extra(container):
 def test_codec_error_names_file_and_group(container):
     """Errors raised inside a codec (here int8 on a zstd group) gain the file and group."""
     path = container("zstd")
-    _rewrite(path, edit_index=lambda ix: _group(ix).update(codec="int8", params={"inner": "zstd"}))
+    rewrite_header(path, edit_index=lambda ix: _group(ix).update(codec="int8", params={"inner": "zstd"}))
     with ContainerReader(path) as reader:
         out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
         with pytest.raises(CorruptCheckpointError) as info:
@@ -541,7 +524,7 @@ def test_decoder_failure_after_forged_crcs_is_typed(container):
     raw[start + chunks[0].offset : start + chunks[0].offset + 4] = b"\0\0\0\0"  # destroy the frame magic
     forged = zlib.crc32(bytes(raw[start + chunks[0].offset : start + chunks[0].offset + chunks[0].size]))
     path.write_bytes(raw)
-    _rewrite(path, edit_index=_edit_chunk(0, 3, forged & 0xFFFFFFFF))
+    rewrite_header(path, edit_index=_edit_chunk(0, 3, forged & 0xFFFFFFFF))
     with ContainerReader(path) as reader:
         out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
         with pytest.raises(CorruptCheckpointError) as info:
@@ -568,7 +551,7 @@ def test_int8_forged_decoded_crc_is_caught(int8_container, tmp_path):
         entry = reader.group("model.layers.0")
         assert entry.codec == "int8" and entry.stored_layout is not None and len(entry.chunks) >= 1
         wrong = (entry.chunks[0].decoded_crc32 + 1) & 0xFFFFFFFF
-    _rewrite(path, edit_index=_edit_chunk(0, 4, wrong))
+    rewrite_header(path, edit_index=_edit_chunk(0, 4, wrong))
     with ContainerReader(path) as reader:
         out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
         with pytest.raises(CorruptCheckpointError) as info:
@@ -591,7 +574,7 @@ def test_int8_forged_decoded_crc_fails_a_forward_from_host_ram(int8_container, t
     path.write_bytes(int8_container.read_bytes())
     with ContainerReader(path) as reader:
         wrong = (reader.group("model.layers.0").chunks[0].decoded_crc32 + 1) & 0xFFFFFFFF
-    _rewrite(path, edit_index=_edit_chunk(0, 4, wrong))
+    rewrite_header(path, edit_index=_edit_chunk(0, 4, wrong))
     from offload_runtime.errors import BudgetError
 
     with pytest.raises(BudgetError) as minimum:

@@ -17,11 +17,12 @@ import tracemalloc
 
 import pytest
 import torch
+from container_surgery import rewrite_header
 
 from offload_runtime.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from offload_runtime.loaders import ContainerReader, ContainerWriter, check_compatible, load_state_dict, pack
 from offload_runtime.loaders import reader as reader_module
-from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
+from offload_runtime.loaders.format import PAYLOAD_ALIGN
 from offload_runtime.loaders.groups import find_groups
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.raw import RawCodec
@@ -153,21 +154,6 @@ def test_header_length_rejected_before_allocating(copy_of, small, length):
 # -- 4./5. forged offsets and decoded sizes --------------------------------------------------------------
 
 
-def _rewrite(path, edit_header=None, edit_index=None):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
-    index = json.loads(header["__metadata__"][INDEX_KEY])
-    if edit_index:
-        edit_index(index)
-    header["__metadata__"][INDEX_KEY] = json.dumps(index)
-    if edit_header:
-        edit_header(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
 def _set_offsets(tensor, begin=None, end=None):
     def edit(header):
         offsets = header[tensor]["data_offsets"]
@@ -187,7 +173,7 @@ def _set_offsets(tensor, begin=None, end=None):
 )
 def test_tensor_offsets_forged(copy_of, edit, fragment):
     path = copy_of()
-    _rewrite(path, edit_header=edit)
+    rewrite_header(path, edit_header=edit)
     with pytest.raises(CorruptCheckpointError, match=fragment) as info:
         ContainerReader(path)
     assert info.value.file == str(path) and info.value.group is not None
@@ -208,7 +194,7 @@ def test_tensor_offsets_forged(copy_of, edit, fragment):
 )
 def test_chunk_fields_forged(copy_of, column, value, fragment):
     path = copy_of()
-    _rewrite(path, edit_index=lambda ix: ix["groups"][1]["chunks"][2].__setitem__(column, value))
+    rewrite_header(path, edit_index=lambda ix: ix["groups"][1]["chunks"][2].__setitem__(column, value))
     with pytest.raises(CorruptCheckpointError, match=fragment) as info:
         ContainerReader(path)
     assert (info.value.file, info.value.group, info.value.chunk) == (str(path), "model.layers.0", 2)
@@ -223,7 +209,7 @@ def test_decoded_size_forged_is_rejected_before_any_allocation(copy_of, monkeypa
         group["layout"]["size"] = group["layout"]["tensors"][-1]["offset"] + 2**42
         group["chunks"][-1][2] += 2**42
 
-    _rewrite(path, edit_index=huge)
+    rewrite_header(path, edit_index=huge)
 
     def no_allocation(*args, **kwargs):
         raise AssertionError(f"allocated {args} before validation finished")
@@ -289,7 +275,9 @@ def test_flip_that_still_decodes_is_caught_by_the_decoded_crc(copy_of, small):
         frame = bytes(damaged[start + chunk.offset : start + chunk.offset + chunk.size])
         forged = __import__("zlib").crc32(frame) & 0xFFFFFFFF
         path.write_bytes(damaged)
-        _rewrite(path, edit_index=lambda ix, i=i, f=forged: ix["groups"][2]["chunks"][i].__setitem__(3, f))
+        rewrite_header(
+            path, edit_index=lambda ix, i=i, f=forged: ix["groups"][2]["chunks"][i].__setitem__(3, f)
+        )
         with ContainerReader(path) as reader:
             out = torch.empty(reader.group("model.layers.1").layout.size, dtype=torch.uint8)
             with pytest.raises(CorruptCheckpointError) as info:
