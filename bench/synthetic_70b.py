@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_e2e import h2d_gbps  # this script's folder is on sys.path: one H2D measurement for both
 from torch import nn
 
 GIB = 1 << 30
@@ -38,21 +39,6 @@ HEADROOM_GIB = 7.0  # CUDA context, activations, KV cache, one group's transient
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Pinned host -> device copy GB/s (median of ``repeats`` after a warm-up)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    del host, dev
-    return nbytes / sorted(times[1:])[repeats // 2] / 1e9
 
 
 def prompt_ids(length: int, vocab: int, device: torch.device) -> torch.Tensor:
