@@ -79,5 +79,7 @@ def tiny_model(
     cfg = tiny_config(arch, num_layers=num_layers, **overrides)
     torch.manual_seed(seed)
     factory = AutoModel if arch == "bert" else AutoModelForCausalLM
-    model = factory.from_config(cfg)
-    return model.to(dtype).eval()
+    # built in ``dtype`` like from_pretrained does, not cast after: a cast would also turn fp32 buffers
+    # (rotary inv_freq) into ``dtype``, unlike the same model loaded from a checkpoint
+    model = factory.from_config(cfg, dtype=dtype)
+    return model.eval()
