@@ -35,10 +35,19 @@ Worker thread, per queued ticket ``t`` (FIFO):
      occupant was used), the copy/decode are enqueued and ``slot.ready_event`` recorded; CPU: decode;
   4. set ``t.done``.
 
-Invariants (tested in ``tests/test_engine.py``): a slot's bytes are never overwritten while a forward that
-uses them has not released them; a forward never runs before its group's decode finished; each slot's ready
-event is re-recorded only after the previous load of the slot is fully released, so one ready and one
-release event per slot suffice. Deadlock freedom: the worker only ever waits for pins held by forwards
+Inline mode (``threaded=False``): when the loader never blocks the host (CUDA, every payload already in
+VRAM or pinned host RAM: a load only *enqueues* copies and a decode), the compute thread runs the worker's
+steps itself, in the same FIFO order, right after step 1 of the pre-forward and after each post-forward
+unpins a slot; a ticket whose slot is still pinned stays queued until that unpin. No thread means no GIL
+hand-offs: a waiting worker gets the GIL only after CPython's switch interval (5 ms) or when the compute
+thread blocks, which delayed every decode until the forward waited for it. A ticket that is still not
+done when its forward needs it could only be waiting on a slot pinned by an enclosing forward (streamed
+groups nested in each other, which the caller keeps resident): that is an ``OffloadError``, not a hang.
+
+Invariants (tested in ``tests/test_engine.py``, in both modes): a slot's bytes are never overwritten while a
+forward that uses them has not released them; a forward never runs before its group's decode finished; each
+slot's ready event is re-recorded only after the previous load of the slot is fully released, so one ready and
+one release event per slot suffice. Deadlock freedom: the worker only ever waits for pins held by forwards
 that already passed their pre-forward, and those never wait for the worker again (nested modules from two
 streamed groups are kept resident by the planner's caller).
 """
@@ -77,6 +86,8 @@ class Engine:
         order (`ExecutionOrder`): the execution order prefetching follows.
         prefetch (`int`): how many groups ahead to load.
         stats (`OffloadStats`): counters.
+        threaded (`bool`, defaults to `True`): loads run on a prefetch thread; `False` runs them inline on
+            the compute thread (for loaders whose ``load`` only enqueues device work).
     """
 
     def __init__(
@@ -87,6 +98,7 @@ class Engine:
         order: ExecutionOrder,
         prefetch: int,
         stats: OffloadStats,
+        threaded: bool = True,
     ) -> None:
         self.slots = list(slots)
         self.slot_of = dict(slot_of)
@@ -99,12 +111,16 @@ class Engine:
         self._held: dict[str, list[Ticket]] = collections.defaultdict(list)
         self._deferred: dict[int, str] = {}  # slot -> group to prefetch once the slot's current use ends
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
-        self._thread.start()
+        self.threaded = threaded
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="offload-prefetch", daemon=True)
+            self._thread.start()
         _LIVE_ENGINES.add(self)
 
     def __repr__(self) -> str:
-        return f"Engine(prefetch={self.prefetch}, slots={self.slots}, order={self.order.sequence})"
+        mode = "threaded" if self.threaded else "inline"
+        return f"Engine({mode}, prefetch={self.prefetch}, slots={self.slots}, order={self.order.sequence})"
 
     # ---- compute thread -------------------------------------------------------------------------------
     def begin_pass(self) -> None:
@@ -128,6 +144,17 @@ class Engine:
             ticket.acquired = True
             self._held[group].append(ticket)
             self._kick(self.order.visit(group, self.prefetch))
+            if not self.threaded:
+                self._drain()
+                if not ticket.done.is_set():
+                    self._held[group].remove(ticket)
+                    ticket.pins -= 1
+                    raise OffloadError(
+                        f"slot {ticket.slot} is held by a forward still running "
+                        f"({self.slots[ticket.slot].loaded.group!r}): streamed groups nested in each other "
+                        "must be kept resident",
+                        group=group,
+                    )
         if not ticket.done.is_set():
             start = time.perf_counter()
             ticket.done.wait()
@@ -152,6 +179,8 @@ class Engine:
                 deferred = self._deferred.pop(ticket.slot, None)
                 if deferred is not None and self.slots[ticket.slot].current is ticket:
                     self._enqueue(deferred, demand=False)  # its decode waits for the release just recorded
+                if not self.threaded:
+                    self._drain()
                 self._cond.notify_all()
 
     def _enqueue(self, group: str, demand: bool) -> Ticket:
@@ -183,7 +212,7 @@ class Engine:
                     continue  # needed sooner than this one
             self._enqueue(group, demand=False)
 
-    # ---- worker thread --------------------------------------------------------------------------------
+    # ---- worker thread (or the compute thread, inline) ----------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -193,8 +222,8 @@ class Engine:
                     return
                 ticket = self._queue.popleft()
                 slot = self.slots[ticket.slot]
-                if slot.current is not ticket and not ticket.acquired:
-                    continue  # superseded before anyone needed it
+                if self._superseded(ticket):
+                    continue
                 previous = slot.loaded
                 while previous is not None and previous.pins and not self._closed:
                     self._cond.wait()
@@ -202,24 +231,51 @@ class Engine:
                     ticket.error = OffloadError("the offload runtime was closed", group=ticket.group)
                     ticket.done.set()
                     return
-                wait_release = previous is not None and previous.released
-                slot.loaded = ticket
-            try:
-                self.loader.load(ticket.group, slot, wait_release)
-            except BaseException as exc:  # re-raised in the forward that needs this group
-                ticket.error = exc
-            ticket.done.set()
+                wait_release = self._claim(ticket)
+            self._perform(ticket, wait_release)
+
+    def _drain(self) -> None:
+        """Inline mode (lock held): run queued loads in FIFO order until one waits for a pinned slot."""
+        while self._queue:
+            ticket = self._queue[0]
+            if self._superseded(ticket):
+                self._queue.popleft()
+                continue
+            previous = self.slots[ticket.slot].loaded
+            if previous is not None and previous.pins:
+                return  # the post-forward that unpins it drains again
+            self._queue.popleft()
+            self._perform(ticket, self._claim(ticket))
+
+    def _superseded(self, ticket: Ticket) -> bool:
+        """A load nobody took whose slot was since assigned another load: skip it (step 1)."""
+        return self.slots[ticket.slot].current is not ticket and not ticket.acquired
+
+    def _claim(self, ticket: Ticket) -> bool:
+        """Make ``ticket`` the slot's loaded one (lock held); whether its decode must wait for the release
+        event of the previous occupant (only if one was used: a wait on an unrecorded event is a no-op)."""
+        slot = self.slots[ticket.slot]
+        previous = slot.loaded
+        slot.loaded = ticket
+        return previous is not None and previous.released
+
+    def _perform(self, ticket: Ticket, wait_release: bool) -> None:
+        try:
+            self.loader.load(ticket.group, self.slots[ticket.slot], wait_release)
+        except BaseException as exc:  # re-raised in the forward that needs this group
+            ticket.error = exc
+        ticket.done.set()
 
     def close(self) -> None:
         """Stop the worker; fail every queued load so no forward waits forever. Idempotent."""
         with self._cond:
-            if self._closed and not self._thread.is_alive():
+            if self._closed and (self._thread is None or not self._thread.is_alive()):
                 return
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        if self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         for ticket in pending:
             if not ticket.done.is_set():

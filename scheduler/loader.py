@@ -6,9 +6,11 @@ Two implementations of the same three calls, so the engine's state machine is id
   not needed (the host handshake of the engine is the whole synchronisation).
 * :class:`CudaLoader`: disk reads land in a pinned host ring, the copy stream moves payloads into device
   staging, the decode stream waits for the copy and for the slot's release event, then runs the group's
-  :class:`GpuDecoder` and records the slot's ready event. At most one decode is outstanding: the worker
-  waits (GIL released) for the previous decode before issuing the next, because a second nvCOMP decode
-  issued while the GPU is busy blocks the host ~2.7 ms holding the GIL.
+  :class:`GpuDecoder` and records the slot's ready event. Nothing on the host waits for the GPU: decodes
+  go through nvCOMP's batched C API by ctypes, which only enqueues (nvCOMP's Python API blocked ~2.7 ms
+  per call, holding the GIL, when the GPU was busy). Payloads of host-tier groups are copied ahead into
+  free staging buffers in execution order, independently of their slots (:mod:`.staging`). GPU timings
+  are collected with events and added to the stats once the GPU has passed them (no synchronisation).
 
 Source objects are :class:`~offload_runtime.loaders.ContainerReader` or anything with the same
 ``groups``, ``payload``, ``read_into`` and ``decode_cpu``.
@@ -16,6 +18,7 @@ Source objects are :class:`~offload_runtime.loaders.ContainerReader` or anything
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any
@@ -25,8 +28,10 @@ import torch
 from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.reader import locate_error
 from offload_runtime.native import get_codec
+from offload_runtime.scheduler.order import ExecutionOrder
 from offload_runtime.scheduler.planner import DEVICE_STAGING_BUFFERS, Plan, Tier
 from offload_runtime.scheduler.slots import Slot
+from offload_runtime.scheduler.staging import StagingRing
 from offload_runtime.scheduler.stats import OffloadStats
 
 
@@ -46,6 +51,7 @@ class CpuLoader:
     """
 
     device = torch.device("cpu")
+    blocks_host = True  # decoding is CPU work: it runs on the prefetch thread, overlapping the forward
 
     def __init__(self, source: Any, plan: Plan, stats: OffloadStats) -> None:
         self.source = source
@@ -94,6 +100,9 @@ class CpuLoader:
 
     def new_slot_events(self) -> tuple[None, None]:
         return None, None
+
+    def follow(self, order: ExecutionOrder) -> None:
+        """Nothing is loaded ahead of the slots on the CPU."""
 
     def record_release(self, slot: Slot) -> None:
         """The compute thread is done with the slot; nothing to record on the CPU."""
@@ -166,20 +175,47 @@ class CudaLoader:
         self.device_staging = [arena.take(stage_size) for _ in range(nstage)]
         self.staging_free = [torch.cuda.Event() for _ in range(nstage)]
         self.copy_done = [torch.cuda.Event() for _ in range(nstage)]
+        self.staged = StagingRing({e.name: j % nstage for j, e in enumerate(over_pcie)}, nstage)
+        self.order: ExecutionOrder | None = None
         ring_size = max((e.stored_size for e in disk), default=0)
         nring = 2 if disk else 0
         self.host_ring = [torch.empty(ring_size, dtype=torch.uint8, pin_memory=True) for _ in range(nring)]
         self.ring_free = [torch.cuda.Event() for _ in range(nring)]
         self._ring_next = 0
-        self._last_decode: torch.cuda.Event | None = None
-        self._timing: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = []
+        # only disk reads block the host; without them loads merely enqueue work (inline engine)
+        self.blocks_host = bool(disk)
+        self._timing: collections.deque[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = (
+            collections.deque()
+        )
+        self._spare_events: list[torch.cuda.Event] = []
 
     def new_slot_events(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         return torch.cuda.Event(), torch.cuda.Event()
 
-    def _harvest_timing(self, finished: list[tuple[str, torch.cuda.Event, torch.cuda.Event, int]]) -> None:
-        """Add up the timing of the previous load, known complete once the decode gate returned."""
-        for kind, start, end, nbytes in finished:
+    def follow(self, order: ExecutionOrder) -> None:
+        """Copy host-tier payloads ahead in ``order`` (the engine's learned execution order)."""
+        self.order = order
+
+    # ---- timing ---------------------------------------------------------------------------------------
+    def _timed_start(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = self._spare_events.pop() if self._spare_events else torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def _timed_end(self, kind: str, start: torch.cuda.Event, stream: torch.cuda.Stream, nbytes: int) -> None:
+        end = self._spare_events.pop() if self._spare_events else torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        self._timing.append((kind, start, end, nbytes))
+
+    def harvest_timing(self, wait: bool = False) -> None:
+        """Add the timings of copies and decodes the GPU has finished (all of them with ``wait``)."""
+        while self._timing:
+            kind, start, end, nbytes = self._timing[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                break
+            self._timing.popleft()
             seconds = start.elapsed_time(end) / 1e3
             if kind == "h2d":
                 self.stats.h2d_seconds += seconds
@@ -187,63 +223,64 @@ class CudaLoader:
             else:
                 self.stats.decode_seconds += seconds
                 self.stats.decode_bytes += nbytes
+            self._spare_events += (start, end)
 
-    def _stage(self, name: str, slot: Slot) -> torch.Tensor:
-        """Get the payload of ``name`` onto the device (copy stream); the decode stream waits for it.
+    # ---- staging --------------------------------------------------------------------------------------
+    def _copy_ahead_candidates(self, name: str) -> list[str]:
+        """The next host-tier groups after ``name`` in execution order, as many as staging buffers."""
+        if self.order is None or not self.host_payload or not self.staged.holder:
+            return []
+        return self.order.following(name, len(self.staged.holder), self.host_payload.__contains__)
 
-        The staging buffer is chosen by slot so each group always decodes from the same (staging, slot)
-        pair: the nvCOMP decoder caches its device pointer arrays per pair.
-        """
-        entry = self.entries[name]
-        if name in self.device_payload:
-            return self.device_payload[name]
-        k = slot.index % len(self.device_staging)
-        host_src = self.host_payload.get(name)
-        ring = None
-        if host_src is None:
-            ring = self._ring_next
-            self._ring_next = (ring + 1) % len(self.host_ring)
-            self.ring_free[ring].synchronize()  # the previous H2D out of this pinned buffer is done
-            self.source.read_into(name, self.host_ring[ring])
-            self.stats.disk_bytes += entry.stored_size
-            host_src = self.host_ring[ring]
-        dst = self.device_staging[k][: entry.stored_size]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def _copy(self, name: str, k: int, host_src: torch.Tensor, ring: int | None = None) -> None:
+        """Enqueue the H2D copy of ``name``'s payload into staging buffer ``k`` on the copy stream."""
+        nbytes = self.entries[name].stored_size
         with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(
-                self.staging_free[k]
-            )  # the decode reading this staging buffer is done
-            start.record(self.copy_stream)
-            dst.copy_(host_src[: entry.stored_size], non_blocking=True)
-            end.record(self.copy_stream)
+            self.copy_stream.wait_event(self.staging_free[k])  # the decode that read buffer k is done
+            start = self._timed_start(self.copy_stream)
+            self.device_staging[k][:nbytes].copy_(host_src[:nbytes], non_blocking=True)
+            self._timed_end("h2d", start, self.copy_stream, nbytes)
             self.copy_done[k].record(self.copy_stream)
             if ring is not None:
                 self.ring_free[ring].record(self.copy_stream)
-        self._timing.append(("h2d", start, end, entry.stored_size))
+
+    def _stage(self, name: str) -> tuple[torch.Tensor, int | None]:
+        """The payload of ``name`` on the device, and the staging buffer it is in (``None``: kept in VRAM);
+        the decode stream is ordered after its copy."""
+        if name in self.device_payload:
+            return self.device_payload[name], None
+        entry = self.entries[name]
+        k, copy_now = self.staged.for_load(name)
+        if copy_now:
+            host_src = self.host_payload.get(name)
+            ring = None
+            if host_src is None:
+                ring = self._ring_next
+                self._ring_next = (ring + 1) % len(self.host_ring)
+                self.ring_free[ring].synchronize()  # the previous H2D out of this pinned buffer is done
+                self.source.read_into(name, self.host_ring[ring])
+                self.stats.disk_bytes += entry.stored_size
+                host_src = self.host_ring[ring]
+            self._copy(name, k, host_src, ring)
         self.decode_stream.wait_event(self.copy_done[k])
-        self._pending_stage = k
-        return dst
+        return self.device_staging[k][: entry.stored_size], k
 
     def load(self, name: str, slot: Slot, wait_release: bool) -> None:
         entry = self.entries[name]
-        previous_timing, self._timing = self._timing, []
-        self._pending_stage = None
-        src = self._stage(name, slot)
+        self.harvest_timing()
+        src, k = self._stage(name)
         if wait_release:
             # the host handshake guarantees this event was recorded (a wait on an unrecorded event is a no-op)
             self.decode_stream.wait_event(slot.release_event)
-        if self._last_decode is not None:
-            self._last_decode.synchronize()  # one outstanding decode per codec; releases the GIL
-            self._harvest_timing(previous_timing)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self.decode_stream)
+        start = self._timed_start(self.decode_stream)
         self.decoders[name].decode(src, slot.buffer[: entry.decoded_size], self.decode_stream)
-        end.record(self.decode_stream)
+        self._timed_end("decode", start, self.decode_stream, entry.decoded_size)
         slot.ready_event.record(self.decode_stream)
-        if self._pending_stage is not None:
-            self.staging_free[self._pending_stage].record(self.decode_stream)
-        self._timing.append(("decode", start, end, entry.decoded_size))
-        self._last_decode = end
+        if k is not None:
+            self.staging_free[k].record(self.decode_stream)
+            self.staged.consume(k)
+        for group, buffer in self.staged.copies_ahead(self._copy_ahead_candidates(name)):
+            self._copy(group, buffer, self.host_payload[group])
 
     def decode_into(self, name: str, out: torch.Tensor) -> None:
         """Decode ``name`` into device tensor ``out`` at dispatch, synchronously (resident groups).
@@ -280,6 +317,7 @@ class CudaLoader:
     def close(self) -> None:
         self.decode_stream.synchronize()
         self.copy_stream.synchronize()
+        self.harvest_timing(wait=True)
         self.device_payload.clear()
         self.host_payload.clear()
         self.device_staging.clear()

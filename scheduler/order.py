@@ -8,7 +8,7 @@ used for prefetching, so a model whose order changes is followed after one pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -46,19 +46,33 @@ class ExecutionOrder:
         pass, so the start of the next forward (next token) is prefetched during the end of this one.
         """
         self.recording.append(group)
-        seq = self.sequence
-        position = _find(seq, group, self.cursor)
-        if position is None:
-            position = _find(seq, group, 0)
+        position = self._position(group)
         if position is None:
             return []
         self.cursor = position + 1
+        return self._after(position, lookahead)
+
+    def following(self, group: str, count: int, accept: Callable[[str], bool]) -> list[str]:
+        """Up to ``count`` distinct groups for which ``accept`` holds, expected after ``group`` (wrapping
+        into the next pass); read-only, for loaders that work further ahead than the slots (copy-ahead)."""
+        position = self._position(group)
+        return [] if position is None else self._after(position, count, accept)
+
+    def _position(self, group: str) -> int | None:
+        position = _find(self.sequence, group, self.cursor)
+        return _find(self.sequence, group, 0) if position is None else position
+
+    def _after(self, position: int, count: int, accept: Callable[[str], bool] | None = None) -> list[str]:
+        seq = self.sequence
+        group = seq[position]
         upcoming: list[str] = []
+        if count <= 0:
+            return upcoming
         for step in range(1, len(seq) + 1):
             name = seq[(position + step) % len(seq)]
-            if name != group and name not in upcoming:
+            if name != group and name not in upcoming and (accept is None or accept(name)):
                 upcoming.append(name)
-                if len(upcoming) == lookahead:
+                if len(upcoming) == count:
                     break
         return upcoming
 

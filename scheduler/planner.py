@@ -23,8 +23,11 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TypeVar
 
 from offload_runtime.errors import BudgetError
+
+T = TypeVar("T")
 
 GIB = 1 << 30
 SMALL_GROUP_FRACTION = (
@@ -201,6 +204,19 @@ def _fixed_cost(
     return nslots, slot, staging, scratch, shared_workspace_bytes(streamed)
 
 
+def spread_order(items: Sequence[T]) -> list[T]:
+    """``items`` reordered so that every prefix is spread evenly over the original positions (bit-reversal
+    order): the first ``m`` taken are about ``len(items) / m`` apart."""
+    n = len(items)
+    bits = max(n - 1, 0).bit_length()
+    order = []
+    for i in range(1 << bits):
+        j = int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+        if j < n:
+            order.append(items[j])
+    return order
+
+
 def plan_placement(
     groups: Sequence[GroupSize],
     budget_bytes: int,
@@ -301,8 +317,10 @@ def plan_placement(
                 in_vram = {g.name for g in streamed}  # no payload crosses PCIe: no staging either
             else:
                 leftover = budget_bytes - cost(resident)
-                for g in groups:
-                    if g in streamed and g.stored_bytes <= leftover:
+                # the payloads left to cross PCIe are spread over the pass, not bunched at its end: their
+                # copies (copied ahead, see scheduler.staging) then overlap the groups decoded from VRAM
+                for g in reversed(spread_order([g for g in groups if g in streamed])):
+                    if g.stored_bytes <= leftover:
                         in_vram.add(g.name)
                         leftover -= g.stored_bytes
             for g in groups:

@@ -94,6 +94,7 @@ def build_runtime(
     host_budget_bytes: int | None = None,
     keep_resident: Collection[str] = (),
     force_streamed: Collection[str] = (),
+    threaded: bool | None = None,
 ) -> Runtime:
     """Plan and allocate the runtime of ``source`` (a ContainerReader or the like) on ``device``.
 
@@ -105,6 +106,8 @@ def build_runtime(
         host_budget_bytes (`int`, *optional*): cap on compressed bytes copied into host RAM.
         keep_resident (`Collection[str]`): groups that must not be streamed.
         force_streamed (`Collection[str]`): groups that must be streamed even when they would fit.
+        threaded (`bool`, *optional*): run loads on a prefetch thread; by default only when a load can
+            block the host (CPU decodes, disk reads), else inline on the compute thread (see the engine).
 
     Raises:
         BudgetError: when the budget is below the minimum working set.
@@ -174,5 +177,8 @@ def build_runtime(
     stats.peak_weight_bytes += plan.staging_bytes + plan.scratch_bytes + plan.workspace_bytes
     stats.peak_weight_bytes += sum(p.stored_bytes for p in plan.groups if p.tier == Tier.DEVICE_COMPRESSED)
     order = ExecutionOrder([p.name for p in plan.streamed])
-    engine = Engine(slots, slot_of, loader, order, prefetch, stats)
+    if threaded is None:
+        threaded = loader.blocks_host
+    engine = Engine(slots, slot_of, loader, order, prefetch, stats, threaded=threaded)
+    loader.follow(order)
     return Runtime(plan, engine, stats, views, resident, slots, device, source, streamed)

@@ -1,5 +1,8 @@
 """Slot/event protocol of the engine, on the CPU, with a fake source of groups whose bytes identify them.
 
+Every test runs in both engine modes: loads on the prefetch thread, and inline on the compute thread (the
+mode CUDA uses when no load blocks the host).
+
 Every group ``i`` holds one int64 tensor filled with ``i + 1``; a fake "forward" acquires the group, checks
 its view holds ``i + 1`` before *and* after yielding to the prefetch thread, then releases it. An
 instrumented loader also checks, at each write into a slot, that no forward is using that slot.
@@ -76,6 +79,21 @@ class Instrumented:
         for group in order:
             self.forward(group, spin)
         self.engine.end_pass()
+
+
+@pytest.fixture(params=[True, False], ids=["threaded", "inline"], autouse=True)
+def threaded(request, monkeypatch):
+    """Every runtime built in a test uses this engine mode."""
+    original = build_runtime
+
+    def build(*args, **kwargs):
+        kwargs.setdefault("threaded", request.param)
+        runtime = original(*args, **kwargs)
+        assert runtime.engine.threaded is request.param
+        return runtime
+
+    monkeypatch.setitem(globals(), "build_runtime", build)
+    return request.param
 
 
 def runtime_for(ngroups: int, prefetch: int):
@@ -220,3 +238,22 @@ def test_close_fails_waiting_forwards_instead_of_hanging():
     runtime.close()
     with pytest.raises(OffloadError, match="closed"):
         runtime.engine.acquire("g0")
+
+
+@pytest.mark.parametrize("threaded", [False], ids=["inline"], indirect=True)
+def test_a_group_nested_in_another_on_the_same_slot_is_an_error_not_a_hang(threaded):
+    # (a prefetch thread would wait for the enclosing forward; callers keep such groups resident)
+    runtime = runtime_for(3, 1)  # g0 and g2 share slot 0
+    try:
+        runtime.engine.acquire("g0")
+        with pytest.raises(OffloadError, match="slot 0 is held by a forward still running") as info:
+            runtime.engine.acquire("g2")
+        assert info.value.group == "g2"
+        runtime.engine.release("g0")
+        harness = Instrumented(runtime)
+        harness.run_pass(["g0", "g1", "g2"])  # the queued load ran once the slot was released
+        assert harness.violations == []
+        assert all(not t for t in runtime.engine._held.values())
+    finally:
+        runtime.close()
+

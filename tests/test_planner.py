@@ -76,8 +76,21 @@ def test_cuda_counts_staging_and_scratch_and_keeps_payloads_on_device():
     assert info.value.expected == minimum
     plan = plan_placement(groups, minimum + 90 * MIB, device="cuda", prefetch=1)
     tiers = [p.tier for p in plan.groups]  # 90 MiB left: no room for a decoded block, room for one payload
-    assert tiers == [Tier.DEVICE_COMPRESSED] + [Tier.HOST] * 5
+    assert sorted(tiers) == [Tier.DEVICE_COMPRESSED] + [Tier.HOST] * 5
     assert plan.device_bytes <= plan.budget_bytes
+
+
+@pytest.mark.parametrize("in_vram", [1, 20, 40, 59, 77])
+def test_payloads_crossing_pcie_are_spread_over_the_pass(in_vram):
+    # 80 equal blocks, room for ``in_vram`` payloads on the device: the rest, copied ahead over PCIe while the
+    # others decode from VRAM, must not be bunched together (a run of them would serialise on the copy engine)
+    groups = [GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB) for i in range(80)]
+    slots_staging_slack = 2 * 100 * MIB + 2 * 70 * MIB + MIB
+    plan = plan_placement(groups, slots_staging_slack + in_vram * 70 * MIB, device="cuda", prefetch=1)
+    host = [i for i, p in enumerate(plan.groups) if p.tier == Tier.HOST]
+    assert len(host) == 80 - in_vram
+    gaps = [(b - a) % 80 for a, b in zip(host, host[1:] + host[:1], strict=True)] if len(host) > 1 else [80]
+    assert max(gaps) <= 2 * -(-80 // len(host)), host
 
 
 def test_host_budget_sends_the_rest_to_disk():
