@@ -104,10 +104,16 @@ class GpuDecoder(ABC):
         self.workspace = workspace
 
     @abstractmethod
-    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def decode(
+        self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream, check: bool = False
+    ) -> Any:
         """Enqueue the decode of the payload ``src`` (uint8, CUDA) into ``out`` (uint8, CUDA) on ``stream``.
 
-        Must not synchronise the host, and must not allocate after the first call.
+        Must not synchronise the host, and must not allocate after the first call. With ``check``, also
+        enqueue a check of the decoded bytes against the chunk table (decoder statuses, sizes, decoded
+        CRC-32s, on the GPU) and return an object whose ``result()`` waits for it and raises
+        ``CorruptCheckpointError`` naming the chunk; return ``None`` when there is nothing beyond the
+        payload's own checksums to check (a plain copy).
         """
 
 

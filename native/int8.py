@@ -220,10 +220,12 @@ class _Int8GpuDecoder(GpuDecoder):
             self._views_of = (buffer.data_ptr(), self.stored_layout.views(buffer[: self.stored_layout.size]))
         return self._views_of[1]
 
-    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream, check: bool = False):
         buffer = self.workspace.acquire(STORED_KIND, stream)
         stored = buffer[: self.stored_layout.size]
-        self.inner.decode(src, stored, stream)
+        # the chunk table describes the stored bytes: they are checked before dequantising, in stream order
+        report = self.inner.decode(src, stored, stream, check)
         with torch.cuda.stream(stream):
             dequantise(self.layout, self._stored_views(buffer), self.layout.views(out))
         self.workspace.release(STORED_KIND, stream)
+        return report

@@ -92,8 +92,9 @@ class NvcompGpuDecoder(GpuDecoder):
         device (`torch.device`): the CUDA device of every payload and output passed to :meth:`decode`.
 
     Attributes:
-        statuses: per-chunk ``nvcompStatus_t`` (int32, device) of the latest decode; read them only after
-            synchronising the decode stream (tests do; the hot path relies on the chunk CRCs checked earlier).
+        statuses: per-chunk ``nvcompStatus_t`` (int32, device) of the latest decode; ``decode(check=True)``
+            reads them back with the decoded sizes and the CRC-32 of each decoded chunk, computed on the GPU
+            by nvCOMP's CRC32 API (:class:`DecodeCheck`).
     """
 
     def __init__(self, algorithm: str, chunks: Sequence[Chunk], device: torch.device | str) -> None:
@@ -135,12 +136,21 @@ class NvcompGpuDecoder(GpuDecoder):
                 else self.lib.nvcompBatchedZstdDecompressAsync
             )
             self.done = torch.cuda.Event()  # orders reuse of statuses/actual sizes across streams
+            # decoded-chunk CRC-32s on the GPU (checked decodes only); the host reads a small report back
+            self.crc_opts = capi.crc32_opts(self.num_chunks, max_chunk)
+            self.crcs = torch.zeros(max(self.num_chunks, 1), dtype=torch.int32, device=self.device)
+            self.crc_statuses = torch.zeros_like(self.crcs)
+        self.expected_sizes = decoded
+        self.expected_crcs = np.array([c.decoded_crc32 for c in chunks], dtype=np.uint32)
+        self._report: torch.Tensor | None = None  # pinned, allocated by the first checked decode
+        self._report_ready = torch.cuda.Event()
         self._last_stream: torch.cuda.Stream | None = None
         self._pointers: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
             OrderedDict()
         )
         # per group: the size/status arrays and (built on the first decode) one pointer array of 16 B/chunk
-        arrays = self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses
+        arrays = (self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses)
+        arrays += (self.crcs, self.crc_statuses)
         self.scratch_bytes = sum(t.numel() * t.element_size() for t in arrays) + 16 * self.num_chunks
         # nvCOMP's temp workspace is only live during a decode: drawn from a workspace shared per kind
         self.workspace_kind = f"nvcomp-{algorithm}"
@@ -168,8 +178,13 @@ class NvcompGpuDecoder(GpuDecoder):
             stream.wait_event(cached[2])  # built on another stream: order after its copy, no host sync
         return cached[1]
 
-    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def decode(
+        self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream, check: bool = False
+    ) -> DecodeCheck | None:
         """Enqueue the decode of all chunks of ``src`` into ``out`` on ``stream``; returns at once.
+
+        With ``check``, also enqueues the CRC-32 of every decoded chunk and the copy of a small report
+        (statuses, decoded sizes, CRCs) to the host, and returns the :class:`DecodeCheck` to resolve it.
 
         Raises:
             ValueError: wrong device, dtype, size or alignment of ``src``/``out`` (checked on the host).
@@ -177,7 +192,7 @@ class NvcompGpuDecoder(GpuDecoder):
         self._check(src, "payload", self.payload_end)
         self._check(out, "output", self.decoded_size)
         if not self.num_chunks:
-            return
+            return None
         pointers = self._pointer_arrays(src.data_ptr(), out.data_ptr(), stream)
         if self._last_stream is not None and self._last_stream != stream:
             stream.wait_event(self.done)  # statuses are reused: the previous decode must be done
@@ -201,8 +216,51 @@ class NvcompGpuDecoder(GpuDecoder):
         )
         capi.check(status, self._call.__name__)
         self.workspace.release(self.workspace_kind, stream)
+        report = self._enqueue_report(base + 8 * n, stream) if check else None
         self.done.record(stream)
         self._last_stream = stream
+        return report
+
+    def _enqueue_report(self, out_pointers: int, stream: torch.cuda.Stream) -> DecodeCheck:
+        """CRC-32 of the decoded chunks (at ``out_pointers``), then statuses, sizes and CRCs to the host."""
+        n = self.num_chunks
+        crc = capi.crc32_library()
+        if crc is not None and self.crc_opts is not None:
+            status = crc.nvcompBatchedCRC32Async(
+                out_pointers,
+                self.buffer_bytes.data_ptr(),  # the expected sizes: a short chunk shows in actual_bytes
+                n,
+                self.crcs.data_ptr(),
+                self.crc_opts,
+                capi.CRC32_ONLY_SEGMENT,
+                self.crc_statuses.data_ptr(),
+                ctypes.c_void_p(stream.cuda_stream),
+            )
+            capi.check(status, "nvcompBatchedCRC32Async")
+        if self._report is None:
+            self._report = torch.empty(5 * n, dtype=torch.int32, pin_memory=True)
+        with torch.cuda.stream(stream):  # int32 statuses, CRC statuses, CRCs, then int64 sizes as 2 x int32
+            parts = (self.statuses, self.crc_statuses, self.crcs, self.actual_bytes.view(torch.int32))
+            start = 0
+            for part, count in zip(parts, (n, n, n, 2 * n), strict=True):
+                self._report[start : start + count].copy_(part[:count], non_blocking=True)
+                start += count
+        self._report_ready.record(stream)
+        return DecodeCheck(self, crc is not None and self.crc_opts is not None)
+
+    def report_faults(self, with_crcs: bool) -> list[tuple[int, str]]:
+        """Wait for the last checked decode's report; its faulty chunks (see :func:`chunk_faults`)."""
+        self._report_ready.synchronize()
+        n = self.num_chunks
+        report = self._report.numpy()
+        return chunk_faults(
+            statuses=report[:n],
+            crc_statuses=report[n : 2 * n] if with_crcs else None,
+            crcs=report[2 * n : 3 * n].view(np.uint32) if with_crcs else None,
+            actual_sizes=report[3 * n :].view(np.int64),
+            expected_sizes=self.expected_sizes,
+            expected_crcs=self.expected_crcs,
+        )
 
     def _check(self, tensor: torch.Tensor, what: str, needed: int) -> None:
         if (
@@ -216,6 +274,58 @@ class NvcompGpuDecoder(GpuDecoder):
                 f"{self.algorithm} decode needs a contiguous uint8 {what} on {self.device} of >= {needed} "
                 f"bytes at a {self.alignment}-byte aligned address; got {tensor.dtype} "
                 f"{tuple(tensor.shape)} on {tensor.device} at address {tensor.data_ptr():#x}"
+            )
+
+
+def chunk_faults(
+    *,
+    statuses: np.ndarray,
+    actual_sizes: np.ndarray,
+    expected_sizes: np.ndarray,
+    crc_statuses: np.ndarray | None = None,
+    crcs: np.ndarray | None = None,
+    expected_crcs: np.ndarray | None = None,
+) -> list[tuple[int, str]]:
+    """``(chunk, what is wrong)`` for each chunk whose decode failed, came out short or long, or whose
+    decoded bytes have another CRC-32 than the index records (when ``crcs`` are given)."""
+    faults = []
+    for i in range(len(statuses)):
+        if statuses[i] != capi.NVCOMP_SUCCESS:
+            faults.append((i, f"nvCOMP decode status {int(statuses[i])}"))
+        elif actual_sizes[i] != expected_sizes[i]:
+            faults.append((i, f"decoded {int(actual_sizes[i])} bytes, expected {int(expected_sizes[i])}"))
+        elif crcs is not None and crc_statuses is not None and crc_statuses[i] != capi.NVCOMP_SUCCESS:
+            faults.append((i, f"nvCOMP CRC32 status {int(crc_statuses[i])}"))
+        elif crcs is not None and expected_crcs is not None and crcs[i] != expected_crcs[i]:
+            faults.append((i, f"decoded CRC-32 {int(crcs[i]):#010x}, expected {int(expected_crcs[i]):#010x}"))
+    return faults
+
+
+class DecodeCheck:
+    """A checked decode in flight: :meth:`result` waits for it and raises if any chunk is wrong.
+
+    One per decoder at a time (the report buffer is the decoder's): resolve it before the decoder's next
+    checked decode, which the runtime does in the forward of the group, before its next load.
+    """
+
+    def __init__(self, decoder: NvcompGpuDecoder, with_crcs: bool) -> None:
+        self.decoder = decoder
+        self.with_crcs = with_crcs
+
+    def result(self) -> None:
+        """Raises:
+        CorruptCheckpointError: naming the first faulty chunk and how many are faulty (the caller adds
+            the file and group)."""
+        from offload_runtime.errors import CorruptCheckpointError
+
+        faults = self.decoder.report_faults(self.with_crcs)
+        if faults:
+            chunk, what = faults[0]
+            raise CorruptCheckpointError(
+                f"GPU decode of chunk {chunk} is wrong: {what}"
+                + (f" ({len(faults)} chunks faulty)" if len(faults) > 1 else ""),
+                chunk=chunk,
+                hint="the payload in memory or on disk is damaged; re-open the container or re-pack it",
             )
 
 

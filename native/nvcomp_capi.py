@@ -59,6 +59,41 @@ class ZstdDecompressOpts(ctypes.Structure):
     _fields_ = [("backend", ctypes.c_int), ("reserved", ctypes.c_char * 60)]
 
 
+class Crc32Spec(ctypes.Structure):
+    """``nvcompCRC32Spec_t`` (32 bytes)."""
+
+    _fields_ = [
+        ("poly", ctypes.c_uint32),
+        ("init", ctypes.c_uint32),
+        ("ref_in", ctypes.c_bool),
+        ("ref_out", ctypes.c_bool),
+        ("xorout", ctypes.c_uint32),
+        ("reserved", ctypes.c_char * 16),
+    ]
+
+
+class Crc32KernelConf(ctypes.Structure):
+    """``nvcompCRC32KernelConf_t`` (32 bytes)."""
+
+    _fields_ = [
+        ("kernel_kind", ctypes.c_int),
+        ("bytes_per_read", ctypes.c_int32),
+        ("blocks_per_msg", ctypes.c_int32),
+        ("reserved", ctypes.c_char * 20),
+    ]
+
+
+class Crc32Opts(ctypes.Structure):
+    """``nvcompBatchedCRC32Opts_t`` (128 bytes, passed by value)."""
+
+    _fields_ = [("spec", Crc32Spec), ("kernel_conf", Crc32KernelConf), ("reserved", ctypes.c_char * 64)]
+
+
+CRC32_ONLY_SEGMENT = 0  # nvcompCRC32OnlySegment: each chunk is a whole message
+# CRC-32/PKZIP, the zlib.crc32 the index stores (nvcompCRC32 in crc32.h)
+CRC32_PKZIP = {"poly": 0x04C11DB7, "init": 0xFFFFFFFF, "ref_in": True, "ref_out": True, "xorout": 0xFFFFFFFF}
+
+
 class NvcompCallError(RuntimeError):
     """An nvCOMP C function returned a status other than ``nvcompSuccess``."""
 
@@ -156,6 +191,51 @@ def _declare(lib: ctypes.CDLL) -> bool:
     ):
         getattr(lib, name).restype = ctypes.c_int
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def crc32_library() -> ctypes.CDLL | None:
+    """``libnvcomp.so`` when it has the batched CRC32 API (nvCOMP 5+), else ``None``."""
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        lib.nvcompBatchedCRC32Async.argtypes = [
+            _void_p,  # const void* const* device_input_chunk_ptrs
+            _void_p,  # const size_t* device_input_chunk_bytes
+            _size_t,  # num_chunks
+            _void_p,  # uint32_t* device_crc32_ptr
+            Crc32Opts,
+            ctypes.c_int,  # nvcompCRC32SegmentKind_t
+            _void_p,  # nvcompStatus_t* device_statuses
+            _void_p,  # cudaStream_t
+        ]
+        lib.nvcompBatchedCRC32GetHeuristicConf.argtypes = [
+            _void_p,
+            _size_t,
+            ctypes.POINTER(Crc32KernelConf),
+            _size_t,
+            _void_p,
+        ]
+    except AttributeError:
+        return None
+    lib.nvcompBatchedCRC32Async.restype = ctypes.c_int
+    lib.nvcompBatchedCRC32GetHeuristicConf.restype = ctypes.c_int
+    return lib
+
+
+def crc32_opts(num_chunks: int, max_chunk_bytes: int) -> Crc32Opts | None:
+    """CRC-32/PKZIP options with nvCOMP's heuristic kernel choice for this batch shape (host-only query),
+    or ``None`` when this nvCOMP has no CRC32 API."""
+    lib = crc32_library()
+    if lib is None or not num_chunks:
+        return None
+    conf = Crc32KernelConf()
+    status = lib.nvcompBatchedCRC32GetHeuristicConf(
+        None, num_chunks, ctypes.byref(conf), max_chunk_bytes, None
+    )
+    check(status, "nvcompBatchedCRC32GetHeuristicConf")
+    return Crc32Opts(spec=Crc32Spec(**CRC32_PKZIP), kernel_conf=conf)
 
 
 def check(status: int, function: str) -> None:

@@ -67,6 +67,9 @@ class _RawGpuDecoder(GpuDecoder):
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def decode(self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    def decode(
+        self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream, check: bool = False
+    ) -> None:
         with torch.cuda.stream(stream):
             out[: self.size].copy_(src[: self.size], non_blocking=True)
+        return None  # a copy: the payload's chunk CRCs, checked when it was read, cover the output

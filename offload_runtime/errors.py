@@ -11,6 +11,7 @@ Hierarchy::
     │   ├── CorruptCheckpointError     bytes on disk are not what the index promises
     │   └── CheckpointMismatchError    a valid container that does not fit the model it is attached to
     ├── BudgetError                    the memory budget cannot hold the minimum working set
+    ├── DeviceMemoryError              the device ran out of memory in a forward (also torch.OutOfMemoryError)
     └── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
 """
 
@@ -20,12 +21,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 __all__ = [
     "BudgetError",
     "CheckpointError",
     "CheckpointMismatchError",
     "CodecUnavailableError",
     "CorruptCheckpointError",
+    "DeviceMemoryError",
     "OffloadError",
 ]
 
@@ -131,6 +135,16 @@ class BudgetError(OffloadError):
     """The memory budget is below the minimum working set.
 
     ``expected`` holds the minimum, ``actual`` the budget given.
+    """
+
+
+class DeviceMemoryError(OffloadError, torch.OutOfMemoryError):
+    """The device ran out of memory during the forward of an offloaded model.
+
+    Raised in place of ``torch.OutOfMemoryError`` (and still one, so existing handlers catch it) once the
+    runtime has released the group's slot: the model stays usable, e.g. with a shorter input or more free
+    memory. ``group`` is the group whose forward (or load) failed, ``expected`` the bytes the runtime holds
+    for weights.
     """
 
 

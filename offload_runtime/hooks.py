@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
 from torch import nn
+
+from offload_runtime.errors import DeviceMemoryError
 
 HOOK_ATTR = "_offload_hook"
 
@@ -51,17 +54,36 @@ class GroupHook:
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            args, kwargs = self.pre_forward(module, *args, **kwargs)
+            try:
+                args, kwargs = self.pre_forward(module, *args, **kwargs)
+            except torch.OutOfMemoryError as exc:
+                self._raise_out_of_memory(exc)
             try:
                 output = original(*args, **kwargs)
-            except BaseException:
-                self.post_forward(module, None)
+            except BaseException as exc:
+                self.post_forward(module, None)  # the slots are released whatever went wrong
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self._raise_out_of_memory(exc)
                 raise
             return self.post_forward(module, output)
 
         module.forward = forward
         setattr(module, HOOK_ATTR, self)
         return module
+
+    def _raise_out_of_memory(self, exc: torch.OutOfMemoryError) -> None:
+        """Re-raise a CUDA OOM as :class:`DeviceMemoryError` naming the group (once, innermost hook)."""
+        if isinstance(exc, DeviceMemoryError):
+            raise exc
+        held = getattr(getattr(self.engine, "stats", None), "peak_weight_bytes", None)
+        where = f"the forward of {self.groups[0]!r}" if self.groups else "the model's forward"
+        raise DeviceMemoryError(
+            f"CUDA ran out of memory in {where}: {str(exc).splitlines()[0]}",
+            group=self.groups[0] if self.groups else None,
+            expected=held,
+            hint="its slots were released and the model stays usable: free device memory, shorten the "
+            "input or lower budget_gb to leave more room for activations and the KV cache",
+        ) from exc
 
     def detach(self, module: nn.Module) -> nn.Module:
         """Undo :meth:`attach` exactly: the module's ``forward`` is what it was before."""

@@ -21,7 +21,10 @@ Compute thread, pre-forward of a group ``g`` (``Engine.acquire``):
   2. wait for the ticket's host handshake ``ticket.done`` ("decode enqueued and ready event recorded" on
      CUDA, "decoded" on the CPU) - never wait on a device event before it is known to be recorded, a
      wait on an unrecorded CUDA event is a no-op;
-  3. CUDA: ``compute_stream.wait_event(slot.ready_event)``; no host synchronisation.
+  3. CUDA: ``compute_stream.wait_event(slot.ready_event)``; no host synchronisation, except for a load
+     whose decoded bytes are checked (the verify policy): the check is waited for first, and if it fails
+     the ticket takes the error, is unpinned without a release event (nothing read the slot) and the
+     error is raised in this forward.
 
 Compute thread, post-forward (``Engine.release``): ``ticket.pins -= 1``; at zero, record
 ``slot.release_event`` on the compute stream, then (host handshake) mark the ticket released and notify.
@@ -162,7 +165,13 @@ class Engine:
         if ticket.error is not None:
             self._unpin(group, record=False)
             raise ticket.error
-        self.loader.wait_ready(slot)
+        try:
+            self.loader.wait_ready(slot)
+        except BaseException as exc:  # the load's check failed: the slot's bytes must not be used
+            with self._cond:
+                ticket.error = exc  # the next forward of this group enqueues a new load
+            self._unpin(group, record=False)
+            raise
 
     def release(self, group: str) -> None:
         """The forward that acquired ``group`` is done with it (all its reads are enqueued)."""

@@ -184,6 +184,12 @@ class CudaLoader:
         self._ring_next = 0
         # only disk reads block the host; without them loads merely enqueue work (inline engine)
         self.blocks_host = bool(disk)
+        # decoded bytes are checked on the GPU (nvCOMP statuses, sizes, CRC-32s) per the reader's policy:
+        # "once" the first decode of each group, "always" every decode; the forward of the group waits for
+        # the check, so a failed decode is reported there, before any kernel reads the slot
+        self.verify = getattr(source, "verify", "once")
+        self._verified: set[str] = set()
+        self._checks: dict[int, tuple[str, Any]] = {}  # slot index -> (group, pending check of its load)
         self._timing: collections.deque[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = (
             collections.deque()
         )
@@ -272,9 +278,14 @@ class CudaLoader:
         if wait_release:
             # the host handshake guarantees this event was recorded (a wait on an unrecorded event is a no-op)
             self.decode_stream.wait_event(slot.release_event)
+        check = self.verify == "always" or (self.verify == "once" and name not in self._verified)
         start = self._timed_start(self.decode_stream)
-        self.decoders[name].decode(src, slot.buffer[: entry.decoded_size], self.decode_stream)
+        report = self.decoders[name].decode(src, slot.buffer[: entry.decoded_size], self.decode_stream, check)
         self._timed_end("decode", start, self.decode_stream, entry.decoded_size)
+        if report is not None:
+            self._checks[slot.index] = (name, report)
+        else:
+            self._checks.pop(slot.index, None)
         slot.ready_event.record(self.decode_stream)
         if k is not None:
             self.staging_free[k].record(self.decode_stream)
@@ -312,6 +323,19 @@ class CudaLoader:
         slot.release_event.record(torch.cuda.current_stream(self.device))
 
     def wait_ready(self, slot: Slot) -> None:
+        """Order the compute stream after the slot's decode; first wait for its check, if it has one.
+
+        Raises:
+            CorruptCheckpointError: the decode failed or its bytes differ from the index (file, group, chunk).
+        """
+        pending = self._checks.pop(slot.index, None)
+        if pending is not None:
+            name, report = pending
+            try:
+                report.result()
+            except OffloadError as exc:
+                raise locate_error(exc, getattr(self.source, "path", None), name) from exc
+            self._verified.add(name)
         torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
 
     def close(self) -> None:

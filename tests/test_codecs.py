@@ -276,3 +276,26 @@ def test_verify_decoded_names_the_chunk(name):
     with pytest.raises(CorruptCheckpointError, match="decoded chunk CRC-32 mismatch") as info:
         codec.decode_cpu(encoded.payload, chunks, encoded.params, layout, out, verify_decoded=True)
     assert info.value.chunk == 2
+
+
+def test_gpu_decode_report_names_every_faulty_chunk():
+    from offload_runtime.native.nvcomp_backend import chunk_faults
+
+    sizes = np.array([256, 256, 256, 100], dtype=np.int64)
+    crcs = np.array([1, 2, 3, 4], dtype=np.uint32)
+    ok = np.zeros(4, dtype=np.int32)
+    report = dict(expected_sizes=sizes, expected_crcs=crcs, crc_statuses=ok)
+    assert chunk_faults(statuses=ok, actual_sizes=sizes, crcs=crcs, **report) == []
+    statuses = np.array([0, 0, 5, 0], dtype=np.int32)
+    short = np.array([256, 200, 256, 100], dtype=np.int64)
+    flipped = np.array([1, 2, 3, 0xDEADBEEF], dtype=np.uint32)
+    faults = chunk_faults(statuses=statuses, actual_sizes=short, crcs=flipped, **report)
+    assert faults == [
+        (1, "decoded 200 bytes, expected 256"),
+        (2, "nvCOMP decode status 5"),
+        (3, "decoded CRC-32 0xdeadbeef, expected 0x00000004"),
+    ]
+    # without CRCs (an nvCOMP without the CRC32 API) statuses and sizes are still checked
+    assert chunk_faults(statuses=statuses, actual_sizes=sizes, expected_sizes=sizes) == [
+        (2, "nvCOMP decode status 5")
+    ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offload_runtime import dispatch_compressed, load_compressed, remove_offload
-from offload_runtime.errors import BudgetError, CheckpointMismatchError
+from offload_runtime.errors import BudgetError, CheckpointMismatchError, DeviceMemoryError
 from offload_runtime.hooks import attached_hooks
 from offload_runtime.loaders import pack
 from offload_runtime.scheduler.planner import GIB, GroupSize, Tier, plan_placement
@@ -339,6 +339,32 @@ def test_container_truncated_under_a_running_model_is_a_typed_error(tmp_path):
     words = result.stdout.split()
     assert words[:2] == ["TYPED", "True"], result.stdout
     assert words[2].startswith("model."), result.stdout
+
+
+def test_out_of_memory_in_a_forward_is_typed_and_the_model_stays_usable(tiny_llama, monkeypatch):
+    # the allocator fails in the middle of a generation: inside the 3rd block's forward of the 2nd step
+    reference = copy.deepcopy(tiny_llama)
+    ids = torch.randint(3, 256, (1, 7))
+    dispatch_compressed(tiny_llama, budget_gb(tiny_llama, 1, "stream"), device="cpu", codec="raw")
+    mlp = tiny_llama.model.layers[2].mlp  # not hooked itself: it runs inside its block's hooked forward
+    mlp_forward = mlp.forward
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # what the CUDA caching allocator raises
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return mlp_forward(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", failing)
+    with pytest.raises(DeviceMemoryError) as info:
+        generate(tiny_llama, ids)
+    assert isinstance(info.value, torch.OutOfMemoryError)  # existing OOM handlers still catch it
+    assert info.value.group == "model.layers.2" and "Tried to allocate" in str(info.value)
+    engine = tiny_llama._offload_runtime.runtime.engine
+    assert all(not held for held in engine._held.values())  # every slot released
+    assert all(slot.current is None or slot.current.pins == 0 for slot in engine.slots)
+    assert torch.equal(generate(tiny_llama, ids), generate(reference, ids))
 
 
 def test_load_compressed_bf16_matches_the_model_it_was_packed_from(tmp_path):

@@ -257,3 +257,31 @@ def test_a_group_nested_in_another_on_the_same_slot_is_an_error_not_a_hang(threa
     finally:
         runtime.close()
 
+
+def test_failed_check_of_a_load_is_raised_in_its_forward_and_the_group_reloads():
+    # the CUDA loader waits for a decode's GPU check in wait_ready (the acquiring forward) and raises there
+    runtime = runtime_for(3, 1)
+    loader = runtime.engine.loader
+    original = loader.wait_ready
+    bad = {"g1": 1}
+
+    def wait_ready(slot):
+        if bad.get(slot.loaded.group):
+            bad[slot.loaded.group] -= 1
+            raise OffloadError("injected decode check failure", group=slot.loaded.group, chunk=3)
+        original(slot)
+
+    loader.wait_ready = wait_ready
+    try:
+        harness = Instrumented(runtime)
+        harness.forward("g0")
+        with pytest.raises(OffloadError, match="injected decode check failure") as info:
+            harness.forward("g1")
+        assert (info.value.group, info.value.chunk) == ("g1", 3)
+        assert all(not t for t in runtime.engine._held.values())  # the failed forward holds no pin
+        loads = runtime.stats.loads
+        harness.run_pass(["g0", "g1", "g2"])  # g1 is loaded again rather than used as it was
+        assert runtime.stats.loads > loads
+        assert harness.violations == []
+    finally:
+        runtime.close()

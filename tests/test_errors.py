@@ -1,6 +1,7 @@
 import pickle
 
 import pytest
+import torch
 
 from offload_runtime import errors
 from offload_runtime.errors import (
@@ -9,6 +10,7 @@ from offload_runtime.errors import (
     CheckpointMismatchError,
     CodecUnavailableError,
     CorruptCheckpointError,
+    DeviceMemoryError,
     OffloadError,
 )
 
@@ -21,6 +23,7 @@ from offload_runtime.errors import (
         (CheckpointMismatchError, (CheckpointError, OffloadError)),
         (BudgetError, (OffloadError,)),
         (CodecUnavailableError, (OffloadError,)),
+        (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -98,5 +101,6 @@ def test_all_is_complete():
         "CorruptCheckpointError",
         "CheckpointMismatchError",
         "BudgetError",
+        "DeviceMemoryError",
         "CodecUnavailableError",
     }
