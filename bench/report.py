@@ -4,7 +4,9 @@ Usage: python bench/report.py bench/results/<date>-<device>-e2e.json [--png benc
 
 The table is printed as Markdown; the plot shows tok/s against the budget for each method, with the PCIe
 limit (compressed bytes per token / measured pinned H2D GB/s) of each codec drawn as a horizontal line.
-Needs matplotlib only for the plot.
+Results that record peak VRAM and RSS per row get two more columns; lossy rows (``int8``) show their
+teacher-forced top-1 agreement with the resident model instead of "identical". Needs matplotlib only for
+the plot.
 """
 
 from __future__ import annotations
@@ -14,39 +16,59 @@ import json
 from pathlib import Path
 
 GIB = 2**30
+PLACEMENT = {"resident": "GPU-resident", "accelerate disk_offload": "disk (memory-mapped)"}  # others: CPU RAM
+
+
+def _identical(r: dict) -> str:
+    if r.get("lossless", True):
+        return "yes" if r.get("identical") else "NO"
+    return f"lossy, top-1 {100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "lossy"
 
 
 def table(results: dict) -> str:
     h2d = results.get("h2d_pinned_GBps")
+    # columns added with the per-row memory keys: older results keep their table exactly
+    memory = any("rss_after_bytes" in r for r in results["rows"])
+    extra_head, extra_rule = (" peak VRAM GiB | peak RSS GiB |", "---:|---:|") if memory else ("", "")
     lines = [
         f"{results['device']}, {results['config']}, {results['weight_bytes'] / 1e9:.2f} GB of bf16 weights; "
-        f"pinned H2D {h2d:.1f} GB/s, pageable {results.get('h2d_pageable_GBps', 0):.1f} GB/s "
-        "(measured in the run).",
+        + (  # a dry run on the CPU measures no H2D
+            f"pinned H2D {h2d:.1f} GB/s, pageable {results.get('h2d_pageable_GBps', 0):.1f} GB/s "
+            "(measured in the run)."
+            if h2d
+            else "H2D not measured."
+        ),
         "",
         "| method | placement | budget GiB | tok/s | prefill 512 tok/s | streamed GB/token "
-        "| % of PCIe limit | peak weight GiB | identical |",
-        "|---|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| % of PCIe limit | peak weight GiB | identical |" + extra_head,
+        "|---|---|---:|---:|---:|---:|---:|---:|:---:|" + extra_rule,
     ]
     for r in results["rows"]:
         if "tok_s" not in r:
             lines.append(
                 f"| {r['method']} | {r.get('scenario', '')} | | failed: {r.get('error', '?')} | | | | | |"
+                + (" | |" if memory else "")
             )
             continue
         streamed = r.get("h2d_bytes_per_token")
         limit = r.get("fraction_of_h2d")
+        cells = ""
+        if memory:
+            vram, rss = r.get("peak_vram_total_bytes"), r.get("peak_rss_bytes", r.get("rss_after_bytes"))
+            cells = " {} | {} |".format(*(f"{b / GIB:.2f}" if b else "" for b in (vram, rss)))
         lines.append(
             "| {m} | {s} | {b} | {t:.2f} | {p} | {g} | {l} | {w} | {i} |".format(
                 m=r["method"],
-                s=r.get("scenario", "GPU-resident" if r["method"] == "resident" else "CPU RAM"),
+                s=r.get("scenario", PLACEMENT.get(r["method"], "CPU RAM")),
                 b=f"{r['budget_gb']:.2f}" if "budget_gb" in r else "",
                 t=r["tok_s"],
                 p=f"{r['prefill_512_tok_s']:.0f}" if "prefill_512_tok_s" in r else "",
                 g=f"{streamed / 1e9:.2f}" if streamed else "0",
                 l=f"{100 * limit:.0f}%" if limit else "",
                 w=f"{r['peak_weight_bytes'] / GIB:.2f}" if r.get("peak_weight_bytes") else "",
-                i="yes" if r.get("identical") else "NO",
+                i=_identical(r),
             )
+            + cells
         )
     gates = results.get("gates", {})
     if gates:
@@ -65,7 +87,7 @@ def plot(results: dict, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     h2d = results["h2d_pinned_GBps"]
-    colors = {"raw": "tab:blue", "ans": "tab:green"}
+    colors = {"raw": "tab:blue", "ans": "tab:green", "int8": "tab:purple"}
     for codec, color in colors.items():
         rows = sorted(
             (
@@ -108,15 +130,18 @@ def plot(results: dict, png: Path) -> None:
                 linewidth=1,
                 label=f"PCIe limit, {codec} fully streamed ({h2d * 1e9 / stored:.1f} tok/s)",
             )
+    resident = [r["tok_s"] for r in results["rows"] if r["method"] == "resident" and "tok_s" in r]
+    if resident:  # measured first and, in newer results, again last: the faster one
+        ax.axhline(
+            max(resident), color="black", linewidth=1, label=f"GPU-resident ({max(resident):.0f} tok/s)"
+        )
     for r in results["rows"]:
-        if r["method"] == "resident":
-            ax.axhline(r["tok_s"], color="black", linewidth=1, label=f"GPU-resident ({r['tok_s']:.0f} tok/s)")
-        if r["method"] == "accelerate cpu_offload":
+        if r["method"] in ("accelerate cpu_offload", "accelerate disk_offload") and "tok_s" in r:
             ax.axhline(
                 r["tok_s"],
-                color="tab:red",
+                color="tab:red" if "cpu" in r["method"] else "tab:orange",
                 linewidth=1,
-                label=f"accelerate cpu_offload ({r['tok_s']:.2f} tok/s)",
+                label=f"{r['method']} ({r['tok_s']:.2f} tok/s)",
             )
     ax.set_yscale("log")
     ax.set_xlabel("VRAM budget for weights (GiB)")
