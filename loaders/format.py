@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from offload_runtime.native.layout import GroupLayout, align_up
 FORMAT_NAME = "offload_runtime"
 FORMAT_VERSION = 1
 INDEX_KEY = "offload_runtime.index"
+# CRC-32 (8 hex digits) of the index text: an edit that keeps the index self-consistent (a shape, a
+# dtype, a chunk's CRC) is still caught. Containers written before it existed have no such key.
+INDEX_CRC_KEY = "offload_runtime.index_crc32"
 PAYLOAD_ALIGN = 4096  # every payload starts on a page boundary: O_DIRECT-, mmap- and DMA-friendly
 HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 length of the JSON header
 MAX_HEADER_SIZE = 100_000_000  # the limit safetensors itself enforces
@@ -129,9 +133,11 @@ def encode_header(index: ContainerIndex) -> bytes:
         "__metadata__": {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
-            INDEX_KEY: json.dumps(index.to_json(), separators=(",", ":")),
         }
     }
+    index_text = json.dumps(index.to_json(), separators=(",", ":"))
+    header["__metadata__"][INDEX_KEY] = index_text
+    header["__metadata__"][INDEX_CRC_KEY] = index_crc32(index_text)
     offset = 0
     for group in index.groups:
         padded = group.padded_size
@@ -141,3 +147,9 @@ def encode_header(index: ContainerIndex) -> bytes:
     total = align_up(HEADER_LEN_BYTES + len(text), PAYLOAD_ALIGN)
     text += b" " * (total - HEADER_LEN_BYTES - len(text))
     return struct.pack("<Q", len(text)) + text
+
+
+def index_crc32(index_text: str) -> str:
+    """The checksum stored under :data:`INDEX_CRC_KEY` for ``index_text``."""
+    # surrogatepass: a forged index may hold a lone surrogate, which must fail the check, not the encoder
+    return f"{zlib.crc32(index_text.encode('utf-8', 'surrogatepass')) & 0xFFFFFFFF:08x}"

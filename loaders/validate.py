@@ -20,12 +20,14 @@ from offload_runtime.loaders.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER_LEN_BYTES,
+    INDEX_CRC_KEY,
     INDEX_KEY,
     MAX_GROUP_DECODED_SIZE,
     MAX_HEADER_SIZE,
     PAYLOAD_ALIGN,
     ContainerIndex,
     GroupEntry,
+    index_crc32,
 )
 from offload_runtime.native.base import Chunk
 from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, TensorSpec, align_up, torch_dtype
@@ -123,6 +125,16 @@ def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContai
     end = max((data_start + span[1] for span in tensor_spans.values()), default=data_start)
     if end > file_size:
         _raise_truncated(index, offsets, path, end, file_size)
+    # last: a structurally broken index gets the error that says what is wrong with it
+    stored_crc = metadata.get(INDEX_CRC_KEY)
+    if stored_crc is not None and stored_crc != index_crc32(index_text):
+        raise CorruptCheckpointError(
+            "index checksum mismatch: the index was damaged or edited after packing",
+            file=path,
+            expected=stored_crc,
+            actual=index_crc32(index_text),
+            hint="re-pack the checkpoint",
+        )
     return ParsedContainer(index, data_start, offsets)
 
 

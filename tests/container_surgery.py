@@ -3,7 +3,7 @@
 import json
 import struct
 
-from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
+from offload_runtime.loaders.format import INDEX_CRC_KEY, INDEX_KEY, PAYLOAD_ALIGN, index_crc32
 
 
 def split_header(path):
@@ -13,13 +13,19 @@ def split_header(path):
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def rewrite_header(path, edit_header=None, edit_index=None):
-    """Re-encode the header after ``edit_header(header)`` / ``edit_index(index)``, keeping the data."""
+def rewrite_header(path, edit_header=None, edit_index=None, reseal=True):
+    """Re-encode the header after ``edit_header(header)`` / ``edit_index(index)``, keeping the data.
+
+    ``reseal`` stores the edited index's checksum, so the edit reaches the check a test is aimed at (a
+    damaged index with its original checksum is refused when the container opens).
+    """
     header, data = split_header(path)
     index = json.loads(header["__metadata__"][INDEX_KEY])
     if edit_index:
         edit_index(index)
     header["__metadata__"][INDEX_KEY] = json.dumps(index)
+    if reseal and INDEX_CRC_KEY in header["__metadata__"]:
+        header["__metadata__"][INDEX_CRC_KEY] = index_crc32(header["__metadata__"][INDEX_KEY])
     if edit_header:
         edit_header(header)
     text = json.dumps(header).encode()

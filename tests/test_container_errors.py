@@ -19,7 +19,7 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
 )
 from offload_runtime.loaders import ContainerReader, build_empty_model, check_compatible, pack
-from offload_runtime.loaders.format import PAYLOAD_ALIGN
+from offload_runtime.loaders.format import INDEX_CRC_KEY, PAYLOAD_ALIGN
 from offload_runtime.tiny import tiny_model
 
 
@@ -420,8 +420,11 @@ def test_index_string_with_lone_surrogate(container):
     text = raw.replace(b"\\\\ud800", b"\\ud800", 1)
     text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-    with ContainerReader(path):  # a lone surrogate is odd but harmless: it opens, or fails typed
-        pass
+    try:  # a lone surrogate is odd but harmless: it opens, or fails typed (here: the index checksum)
+        with ContainerReader(path):
+            pass
+    except CorruptCheckpointError as exc:
+        assert "index checksum mismatch" in str(exc)
 
 
 def test_layout_shape_infinite(container):
@@ -586,3 +589,30 @@ def test_int8_forged_decoded_crc_fails_a_forward_from_host_ram(int8_container, t
     message = str(info.value)
     for fragment in ("decoded chunk CRC-32 mismatch", str(path), "group=model.layers.0", "chunk=0"):
         assert fragment in message, message
+
+
+def _last_tensor_as_int32(index):
+    """A self-consistent edit: the last tensor's float32 read as int32 (same size, same offsets)."""
+    spec = index["groups"][-1]["layout"]["tensors"][-1]
+    assert spec["dtype"] == "float32"
+    spec["dtype"] = "int32"
+
+
+def test_self_consistent_index_edit_is_caught_by_the_index_checksum(container):
+    path = container()
+    rewrite_header(path, edit_index=_last_tensor_as_int32, reseal=False)
+    error = _open_fails(path, CorruptCheckpointError, "index checksum mismatch")
+    assert error.expected != error.actual
+    # the same edit with the checksum updated passes every structure check: only the checksum stood
+    # between it and weights read as another dtype
+    path = container()
+    rewrite_header(path, edit_index=_last_tensor_as_int32, reseal=True)
+    with ContainerReader(path) as reader:
+        assert str(reader.groups[-1].layout.tensors[-1].dtype).endswith("int32")
+
+
+def test_containers_without_an_index_checksum_still_open(container):
+    path = container()  # as written before the checksum existed
+    rewrite_header(path, edit_header=lambda header: header["__metadata__"].pop(INDEX_CRC_KEY))
+    with ContainerReader(path) as reader:
+        assert reader.groups

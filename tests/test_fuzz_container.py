@@ -197,10 +197,6 @@ def _same(state: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> 
     )
 
 
-def _signature(state: dict[str, torch.Tensor]) -> set:
-    return {(k, tuple(v.shape), v.dtype) for k, v in state.items()}
-
-
 @pytest.mark.parametrize("codec", ["zstd", "raw"])
 def test_fuzz_open_and_decode(originals, codec, tmp_path):
     raw, original = originals[codec]
@@ -223,14 +219,10 @@ def test_fuzz_open_and_decode(originals, codec, tmp_path):
             assert str(path) in str(exc) or exc.file is None or exc.file == str(path)
             outcomes["error"] += 1
             return
-        if _same(state, original):
-            outcomes["original"] += 1
-            return
-        # the index carries no checksum of its own: an edit of a last tensor's shape within its 256-byte
-        # alignment padding stays self-consistent. It must then differ in name, shape or dtype, which
-        # check_compatible rejects when the container is attached to the model: never silently wrong.
-        assert _signature(state) != _signature(original), "a damaged container loaded as other values"
-        outcomes["other_signature"] = outcomes.get("other_signature", 0) + 1
+        # the index carries its own CRC-32: even an edit that keeps it self-consistent (a last tensor's
+        # shape within its alignment padding) is refused, so whatever loads is the original
+        assert _same(state, original), "a damaged container loaded as other values"
+        outcomes["original"] += 1
 
     check()
     assert outcomes["error"] > 50  # the mutations do damage; most must be caught
