@@ -12,10 +12,12 @@ class OffloadStats:
     Attributes:
         disk_bytes: payload bytes read from the container (mmap) while streaming.
         h2d_bytes: bytes copied host -> device (CUDA; 0 on the CPU).
-        h2d_seconds: device time of those copies (CUDA events).
+        h2d_seconds: device time of those copies (CUDA events; like ``decode_seconds`` on the GPU, a copy
+            or decode is counted once the GPU has finished it and a later load looked, or the runtime closed).
         decode_bytes: decoded bytes written into slots.
         decode_seconds: decode time (CUDA events on the GPU, wall time on the CPU).
-        wait_seconds: host time the compute thread waited for a group to be loaded (or its decode enqueued).
+        wait_seconds: host time the compute thread waited for a group to be loaded (or its decode enqueued)
+            by the prefetch thread; 0 when loads run inline on the compute thread (CUDA, no disk tier).
         loads: groups loaded into slots; ``demand_loads`` of them requested by a forward that needed them
             now rather than by the prefetcher.
         peak_weight_bytes: bytes the runtime holds for weights on the device (resident + slots + staging).
