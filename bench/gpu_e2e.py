@@ -1,6 +1,6 @@
 """End-to-end benchmark: resident vs accelerate vs offload_runtime on a Llama-shaped model, one process.
 
-Usage:
+Usage (exit status 1 when a gate fails, after writing OUT.json):
     python3 bench/gpu_e2e.py OUT.json [--layers 8|32] [--tokens 16] [--codecs raw,ans,int8] [--scenarios ...]
     python3 bench/gpu_e2e.py OUT.json --dry-run                       # tiny model on the CPU (CI smoke test)
 
@@ -511,6 +511,9 @@ def main() -> None:
     results["gates"] = gates(results)
     print(json.dumps(results["gates"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    failed = [name for name, passed in results["gates"].items() if not passed]
+    if failed:  # asserted: gpu_suite.sh exits non-zero; the JSON is written first, with every row
+        raise SystemExit(f"gates failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
