@@ -22,6 +22,9 @@ INDEX_KEY = "offload_runtime.index"
 # CRC-32 (8 hex digits) of the index text: an edit that keeps the index self-consistent (a shape, a
 # dtype, a chunk's CRC) is still caught. Containers written before it existed have no such key.
 INDEX_CRC_KEY = "offload_runtime.index_crc32"
+# the index stores tokenizer files as text; a binary one (a sentencepiece model) is stored base64-encoded
+# under its name plus this suffix, and written back under its own name
+TOKENIZER_BINARY_SUFFIX = ".base64"
 PAYLOAD_ALIGN = 4096  # every payload starts on a page boundary: O_DIRECT-, mmap- and DMA-friendly
 HEADER_LEN_BYTES = 8  # safetensors: little-endian u64 length of the JSON header
 MAX_HEADER_SIZE = 100_000_000  # the limit safetensors itself enforces
@@ -98,7 +101,8 @@ class ContainerIndex:
         model_class: transformers class name (``"LlamaForCausalLM"``) or None for a bare checkpoint.
         config: the HF ``config.to_dict()`` or None.
         generation_config: the HF generation config as a dict, or None.
-        tokenizer: tokenizer file name -> file text, or None.
+        tokenizer: tokenizer file name -> file text, or None (binary files: see
+            :data:`TOKENIZER_BINARY_SUFFIX`).
         dtype: the floating dtype of the stored weights (``"bfloat16"``), or None when there are none.
     """
 

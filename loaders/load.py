@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from offload_runtime.errors import CheckpointError, CheckpointMismatchError
+from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.reader import ContainerReader
 from offload_runtime.native.layout import torch_dtype
 
@@ -151,5 +153,12 @@ def load_tokenizer(path: str | os.PathLike | ContainerReader):
         for name, text in files.items():
             if Path(name).name != name:
                 raise CheckpointError("tokenizer file name is not a plain file name", file=where, actual=name)
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
+            if name.endswith(TOKENIZER_BINARY_SUFFIX):  # binary (sentencepiece model), base64 in the index
+                try:
+                    data = base64.b64decode(text, validate=True)
+                except ValueError:
+                    raise CheckpointError("tokenizer file is not base64", file=where, actual=name) from None
+                (Path(tmp) / name.removesuffix(TOKENIZER_BINARY_SUFFIX)).write_bytes(data)
+            else:
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
         return AutoTokenizer.from_pretrained(tmp)

@@ -6,6 +6,7 @@ into the group's layout buffer, encoded, and the payload streamed to the writer 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from offload_runtime.errors import CheckpointMismatchError
+from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
 from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource, checkpoint_files
 from offload_runtime.loaders.writer import ContainerWriter
@@ -35,6 +37,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+BINARY_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # sentencepiece
 
 
 @dataclass
@@ -221,10 +224,19 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
             "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
         )
     plan = _Plan(groups, renamed, **_model_info(model), cleanup=[source.close])
-    files_found = {f: (directory / f) for f in TOKENIZER_FILES if (directory / f).is_file()}
-    if files_found:
-        plan.tokenizer = {f: p.read_text(encoding="utf-8") for f, p in files_found.items()}
+    found = [directory / f for f in TOKENIZER_FILES + BINARY_TOKENIZER_FILES if (directory / f).is_file()]
+    if found:
+        plan.tokenizer = dict(_tokenizer_entry(f) for f in found)
     return plan
+
+
+def _tokenizer_entry(file: Path) -> tuple[str, str]:
+    """``(name, text)`` for the index: the file's text, or its bytes base64-encoded if it is not UTF-8."""
+    data = file.read_bytes()
+    try:
+        return file.name, data.decode("utf-8")
+    except UnicodeDecodeError:
+        return file.name + TOKENIZER_BINARY_SUFFIX, base64.b64encode(data).decode("ascii")
 
 
 class _RenamedSource(TensorSource):
@@ -292,14 +304,7 @@ def _natural_key(name: str) -> list:
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:
-    """Text files a tokenizer's ``save_pretrained`` writes (binary ones such as sentencepiece skipped)."""
-    files = {}
+    """The files a tokenizer's ``save_pretrained`` writes, as index entries (binary ones base64-encoded)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        for file in sorted(Path(tmp).iterdir()):
-            if file.is_file():
-                try:
-                    files[file.name] = file.read_text(encoding="utf-8")
-                except UnicodeDecodeError:
-                    continue
-    return files
+        return dict(_tokenizer_entry(f) for f in sorted(Path(tmp).iterdir()) if f.is_file())

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,63 @@ def test_dispatch_on_the_cpu_packs_for_the_cpu(monkeypatch):
     assert {g.params["inner"] for g in reader.groups} == {"zstd"}
     with torch.no_grad():
         model(torch.randint(3, 256, (1, 4)))
+
+
+SENTENCEPIECE_LIKE = bytes(range(256)) * 3  # not UTF-8, like a sentencepiece model
+
+
+class _SentencepieceTokenizer:
+    """Writes what a slow Llama tokenizer saves: a config (text) and ``tokenizer.model`` (binary)."""
+
+    def save_pretrained(self, directory):
+        (Path(directory) / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+        (Path(directory) / "tokenizer.model").write_bytes(SENTENCEPIECE_LIKE)
+
+
+def _files_given_to_auto_tokenizer(path, monkeypatch) -> dict[str, bytes]:
+    import transformers
+
+    seen = {}
+
+    def from_pretrained(directory, *args, **kwargs):
+        seen.update({f.name: f.read_bytes() for f in Path(directory).iterdir()})
+        return "tokenizer"
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    assert load_tokenizer(path) == "tokenizer"
+    return seen
+
+
+def test_binary_tokenizer_files_are_kept(tmp_path, monkeypatch):
+    # a tokenizer object: its sentencepiece model used to be dropped, leaving a tokenizer that cannot load
+    model = tiny_model("llama")
+    out = pack(model, tmp_path / "m.ort", codec="raw", progress=False, tokenizer=_SentencepieceTokenizer())
+    with ContainerReader(out) as reader:
+        assert set(reader.index.tokenizer) == {"tokenizer_config.json", "tokenizer.model.base64"}
+    files = _files_given_to_auto_tokenizer(out, monkeypatch)
+    assert files["tokenizer.model"] == SENTENCEPIECE_LIKE
+    # a Hugging Face directory with a tokenizer.model beside the weights
+    model.save_pretrained(tmp_path / "hf")
+    _SentencepieceTokenizer().save_pretrained(tmp_path / "hf")
+    out = pack(tmp_path / "hf", tmp_path / "d.ort", codec="raw", progress=False)
+    assert _files_given_to_auto_tokenizer(out, monkeypatch)["tokenizer.model"] == SENTENCEPIECE_LIKE
+
+
+def test_tokenizer_file_that_is_not_base64_is_a_typed_error(tmp_path):
+    from container_surgery import rewrite_header
+
+    from offload_runtime.errors import CheckpointError
+
+    out = pack(
+        tiny_model("llama"),
+        tmp_path / "m.ort",
+        codec="raw",
+        progress=False,
+        tokenizer=_SentencepieceTokenizer(),
+    )
+    rewrite_header(
+        out, edit_index=lambda ix: ix["model"]["tokenizer"].update({"tokenizer.model.base64": "@@"})
+    )
+    with pytest.raises(CheckpointError, match="tokenizer file is not base64") as info:
+        load_tokenizer(out)
+    assert info.value.file == str(out)
