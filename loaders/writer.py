@@ -63,8 +63,13 @@ class ContainerWriter:
         dtype: str | None = None,
     ) -> None:
         self.path = Path(path)
-        self.index = ContainerIndex(
-            FORMAT_VERSION, [], model_class, config, generation_config, tokenizer, dtype
+        self.index = ContainerIndex(FORMAT_VERSION, [], None, None, None, None, None)
+        self.set_model_info(
+            model_class=model_class,
+            config=config,
+            generation_config=generation_config,
+            tokenizer=tokenizer,
+            dtype=dtype,
         )
         remove_stale_temporaries(self.path)
         self._data_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.data.tmp")

@@ -150,8 +150,7 @@ class Engine:
             if not self.threaded:
                 self._drain()
                 if not ticket.done.is_set():
-                    self._held[group].remove(ticket)
-                    ticket.pins -= 1
+                    self._unpin(group, record=False)
                     raise OffloadError(
                         f"slot {ticket.slot} is held by a forward still running "
                         f"({self.slots[ticket.slot].loaded.group!r}): streamed groups nested in each other "

@@ -35,6 +35,12 @@ from offload_runtime.scheduler.staging import StagingRing
 from offload_runtime.scheduler.stats import OffloadStats
 
 
+def _check_now(verify: str, verified: set[str], name: str) -> bool:
+    """Whether this decode of group ``name`` checks its decoded bytes under the ``verify`` policy: every
+    time (``"always"``), the first time (``"once"``, until ``name`` is in ``verified``) or never."""
+    return verify == "always" or (verify == "once" and name not in verified)
+
+
 def _codec_decode_cpu(entry: Any, payload: Any, out: torch.Tensor, verify_decoded: bool = False) -> None:
     get_codec(entry.codec).decode_cpu(
         payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=verify_decoded
@@ -77,7 +83,7 @@ class CpuLoader:
         out = out[: entry.decoded_size]
         host = self.host.get(name)
         if host is not None:
-            check = self.verify == "always" or (self.verify == "once" and name not in self._verified)
+            check = _check_now(self.verify, self._verified, name)
             try:
                 _codec_decode_cpu(entry, memoryview(host.numpy()), out, verify_decoded=check)
             except OffloadError as exc:  # the codec knows the chunk: add the file and group
@@ -278,7 +284,7 @@ class CudaLoader:
         if wait_release:
             # the host handshake guarantees this event was recorded (a wait on an unrecorded event is a no-op)
             self.decode_stream.wait_event(slot.release_event)
-        check = self.verify == "always" or (self.verify == "once" and name not in self._verified)
+        check = _check_now(self.verify, self._verified, name)
         start = self._timed_start(self.decode_stream)
         report = self.decoders[name].decode(src, slot.buffer[: entry.decoded_size], self.decode_stream, check)
         self._timed_end("decode", start, self.decode_stream, entry.decoded_size)

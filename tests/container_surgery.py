@@ -1,4 +1,5 @@
-"""Test helpers that edit a container's header in place, to forge the bad inputs the reader must refuse."""
+"""Test helpers that build a tiny container and edit its header, to forge the bad inputs the reader must
+refuse (used by the error tests, the fuzz test and ``tests/corpus/make_corpus.py``)."""
 
 import json
 import struct
@@ -6,11 +7,50 @@ import struct
 from offload_runtime.loaders.format import INDEX_CRC_KEY, INDEX_KEY, PAYLOAD_ALIGN, index_crc32
 
 
+def write_tiny_container(path, codec_name="zstd"):
+    """A valid container at ``path``: one-layer llama, 1 KiB ``zstd`` or ``raw`` chunks (a few KB)."""
+    from offload_runtime.loaders import ContainerWriter
+    from offload_runtime.loaders.groups import find_groups
+    from offload_runtime.native.layout import GroupLayout
+    from offload_runtime.native.raw import RawCodec
+    from offload_runtime.native.zstd import ZstdCodec
+    from offload_runtime.tiny import tiny_model
+
+    model = tiny_model("llama", num_layers=1, hidden_size=16, intermediate_size=32, vocab_size=64)
+    codec = ZstdCodec(chunk_size=1024) if codec_name == "zstd" else RawCodec(chunk_size=1024)
+    state = model.state_dict()
+    with ContainerWriter(path) as writer:
+        for spec in find_groups(model):
+            layout = GroupLayout.from_tensors((name, state[name]) for name in spec.tensors)
+            writer.add_group(spec, layout, codec.encode(layout, layout.pack(state)), codec.name)
+
+
+def split(raw):
+    """``(header dict, index dict, data bytes)`` of a container's bytes."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return header, json.loads(header["__metadata__"][INDEX_KEY]), raw[8 + n :]
+
+
+def join(header, index, data, align=True, extra=b""):
+    """Container bytes from ``split``'s parts, the index stored as is (its checksum is not updated).
+
+    ``align``: pad the header so the data starts 4 KiB aligned; ``extra``: raw JSON text inserted into
+    ``__metadata__`` before its ``"format"`` key (for values ``json`` cannot write).
+    """
+    header["__metadata__"][INDEX_KEY] = json.dumps(index)
+    text = json.dumps(header).encode()
+    if extra:
+        text = text.replace(b'"format":', extra + b', "format":', 1)
+    if align:
+        text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
+    return struct.pack("<Q", len(text)) + text + data
+
+
 def split_header(path):
     """``(header dict, data bytes)`` of the safetensors file at ``path``."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header, _, data = split(path.read_bytes())
+    return header, data
 
 
 def rewrite_header(path, edit_header=None, edit_index=None, reseal=True):
@@ -19,15 +59,11 @@ def rewrite_header(path, edit_header=None, edit_index=None, reseal=True):
     ``reseal`` stores the edited index's checksum, so the edit reaches the check a test is aimed at (a
     damaged index with its original checksum is refused when the container opens).
     """
-    header, data = split_header(path)
-    index = json.loads(header["__metadata__"][INDEX_KEY])
+    header, index, data = split(path.read_bytes())
     if edit_index:
         edit_index(index)
-    header["__metadata__"][INDEX_KEY] = json.dumps(index)
     if reseal and INDEX_CRC_KEY in header["__metadata__"]:
-        header["__metadata__"][INDEX_CRC_KEY] = index_crc32(header["__metadata__"][INDEX_KEY])
+        header["__metadata__"][INDEX_CRC_KEY] = index_crc32(json.dumps(index))
     if edit_header:
         edit_header(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    path.write_bytes(join(header, index, data))

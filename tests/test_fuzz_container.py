@@ -12,31 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from container_surgery import join, split, write_tiny_container
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offload_runtime import errors
 from offload_runtime.errors import OffloadError
-from offload_runtime.loaders import ContainerReader, ContainerWriter, load_state_dict
-from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
-from offload_runtime.loaders.groups import find_groups
-from offload_runtime.native.layout import GroupLayout
-from offload_runtime.native.raw import RawCodec
-from offload_runtime.native.zstd import ZstdCodec
-from offload_runtime.tiny import tiny_model
+from offload_runtime.loaders import ContainerReader, load_state_dict
 
 CORPUS = Path(__file__).parent / "corpus"
 EXAMPLE_SECONDS = 10  # one open + decode of the tiny container takes milliseconds
 
 
 def _tiny_container(path: Path, codec_name: str) -> dict[str, torch.Tensor]:
-    model = tiny_model("llama", num_layers=1, hidden_size=16, intermediate_size=32, vocab_size=64)
-    codec = ZstdCodec(chunk_size=1024) if codec_name == "zstd" else RawCodec(chunk_size=1024)
-    state = model.state_dict()
-    with ContainerWriter(path) as writer:
-        for spec in find_groups(model):
-            layout = GroupLayout.from_tensors((name, state[name]) for name in spec.tensors)
-            writer.add_group(spec, layout, codec.encode(layout, layout.pack(state)), codec.name)
+    write_tiny_container(path, codec_name)
     with ContainerReader(path) as reader:
         return load_state_dict(reader)
 
@@ -50,20 +39,6 @@ def originals(tmp_path_factory):
         state = _tiny_container(root / f"{codec}.ort", codec)
         result[codec] = ((root / f"{codec}.ort").read_bytes(), state)
     return result
-
-
-def _split(raw: bytes) -> tuple[dict, dict, bytes]:
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    return header, json.loads(header["__metadata__"][INDEX_KEY]), raw[8 + n :]
-
-
-def _join(header: dict, index: dict, data: bytes, align: bool = True) -> bytes:
-    header["__metadata__"][INDEX_KEY] = json.dumps(index)
-    text = json.dumps(header).encode()
-    if align:
-        text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
-    return struct.pack("<Q", len(text)) + text + data
 
 
 def _paths(node, prefix=()):
@@ -136,7 +111,7 @@ def mutations(draw, raw: bytes):
     """A damaged copy of ``raw`` (a valid container)."""
     kind = draw(st.sampled_from(["index", "index", "header", "data", "data", "length", "header_bytes"]))
     if kind in ("index", "header"):
-        header, index, data = _split(raw)
+        header, index, data = split(raw)
         for _ in range(draw(st.integers(1, 3))):
             if kind == "index":
                 draw(_json_edit(index))
@@ -145,7 +120,7 @@ def mutations(draw, raw: bytes):
                 if header:
                     draw(_json_edit(header))
                 header["__metadata__"] = metadata
-        return _join(header, index, data, align=draw(st.sampled_from([True, True, True, False])))
+        return join(header, index, data, align=draw(st.sampled_from([True, True, True, False])))
     out = bytearray(raw)
     (n,) = struct.unpack("<Q", raw[:8])
     if kind == "length":

@@ -9,47 +9,22 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from offload_runtime.loaders import ContainerWriter
-from offload_runtime.loaders.format import INDEX_KEY, PAYLOAD_ALIGN
-from offload_runtime.loaders.groups import find_groups
-from offload_runtime.native.layout import GroupLayout
-from offload_runtime.native.raw import RawCodec
-from offload_runtime.native.zstd import ZstdCodec
-from offload_runtime.tiny import tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared container helpers
+from container_surgery import join, split, write_tiny_container
 
 HERE = Path(__file__).parent
 
 
 def valid_container(path: Path, codec_name: str = "zstd") -> bytes:
-    model = tiny_model("llama", num_layers=1, hidden_size=16, intermediate_size=32, vocab_size=64)
-    codec = ZstdCodec(chunk_size=1024) if codec_name == "zstd" else RawCodec(chunk_size=1024)
-    state = model.state_dict()
-    with ContainerWriter(path) as writer:
-        for spec in find_groups(model):
-            layout = GroupLayout.from_tensors((name, state[name]) for name in spec.tensors)
-            writer.add_group(spec, layout, codec.encode(layout, layout.pack(state)), codec.name)
+    write_tiny_container(path, codec_name)
     data = path.read_bytes()
     path.unlink()
     return data
-
-
-def split(raw: bytes) -> tuple[dict, dict, bytes]:
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    return header, json.loads(header["__metadata__"][INDEX_KEY]), raw[8 + n :]
-
-
-def join(header: dict, index: dict, data: bytes, extra: bytes = b"") -> bytes:
-    header["__metadata__"][INDEX_KEY] = json.dumps(index)
-    text = json.dumps(header).encode()
-    if extra:
-        text = text.replace(b'"format":', extra + b', "format":', 1)
-    text += b" " * (-(8 + len(text)) % PAYLOAD_ALIGN)
-    return struct.pack("<Q", len(text)) + text + data
 
 
 def edit(raw: bytes, fn: Callable[[dict, dict], None]) -> bytes:
