@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from offload_runtime.scheduler.tiers import TIERS
+
 GIB = 2**30
 SCENARIOS = (
     "streamed from pinned RAM",
@@ -274,14 +276,11 @@ def run_scenarios(
                     row["top1_agreement"] = float((top1(model, ref["seq"]) == ref["top1"]).double().mean())
                     row["token_agreement"] = float((out == ref_tokens).double().mean())
                 row["prefill_512_tok_s"] = timed_prefill(model, 512, model.config.vocab_size, device)
-                streamed_bytes = sum(p.stored_bytes for p in plan.groups if p.tier.name in ("HOST", "DISK"))
+                streamed_bytes = sum(p.stored_bytes for p in plan.groups if p.tier.crosses_pcie(plan.device))
                 row.update(
                     tok_s=tok_s,
                     identical=bool(torch.equal(out, ref_tokens)),
-                    tiers={
-                        t: sum(1 for p in plan.groups if p.tier.name == t)
-                        for t in ("RESIDENT", "DEVICE_COMPRESSED", "HOST", "DISK")
-                    },
+                    tiers={t.name.upper(): len(plan.in_tier(t)) for t in TIERS},
                     h2d_bytes_per_token=streamed_bytes,
                     stats_delta={k: after[k] - before.get(k, 0) for k in after},
                     peak_weight_bytes=after.get("peak_weight_bytes"),

@@ -12,7 +12,9 @@ Hierarchy::
     │   └── CheckpointMismatchError    a valid container that does not fit the model it is attached to
     ├── BudgetError                    the memory budget cannot hold the minimum working set
     ├── DeviceMemoryError              the device ran out of memory in a forward (also torch.OutOfMemoryError)
-    └── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
+    ├── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
+    ├── CodecCallError                 a codec library call failed (nvCOMP status; also a RuntimeError)
+    └── PlanError                      the runtime's allocations exceed its plan (a bug; also a RuntimeError)
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CodecCallError",
     "CodecUnavailableError",
     "CorruptCheckpointError",
     "DeviceMemoryError",
     "OffloadError",
+    "PlanError",
 ]
 
 
@@ -181,3 +185,12 @@ class CodecUnavailableError(OffloadError):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"codec": self.codec, "missing": self.missing, "alternative": self.alternative}
+
+
+class CodecCallError(OffloadError, RuntimeError):
+    """A codec library call failed (an nvCOMP function returned an error status)."""
+
+
+class PlanError(OffloadError, RuntimeError):
+    """The runtime's allocations disagree with its plan: an arena or workspace asked for more than the plan
+    sized. Never caused by input; report it as a bug."""

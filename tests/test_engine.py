@@ -16,11 +16,11 @@ import time
 
 import pytest
 import torch
+from memory_source import MemorySource
 
 from offload_runtime.errors import OffloadError
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.runtime import build_runtime
-from offload_runtime.scheduler.source import MemorySource
 
 NUMEL = 64
 
