@@ -83,6 +83,7 @@ def check_peer_rows(results: dict) -> None:
     )
     if "tok_s" in peers[-1]:  # AirLLM: the benchmark's one shim is named in its row
         assert "shim" in peers[-1]["notes"] and peers[-1]["buffers_identical"]  # both computed on the CPU
+        assert peers[-1]["checkpoint_shards"] > 1  # split from a sharded checkpoint, as on the GPU
     fastest = max((r for r in peers if "tok_s" in r), key=lambda r: r["tok_s"], default=None)
     assert results["fastest_peer"] == (fastest and {"method": fastest["method"], "tok_s": fastest["tok_s"]})
 

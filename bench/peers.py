@@ -94,7 +94,8 @@ def peer_rows(
         row = diffusers_row(model, method, ref, tokens if fast else slow_tokens, 3 if fast else 1, device)
         _append(results, _scored(row, weight_bytes, h2d))
     if "airllm" in wanted:
-        _append(results, _scored(airllm_row(model, ref, slow_tokens, tmp, device), weight_bytes, h2d))
+        row = airllm_row(model, ref, weight_bytes, slow_tokens, tmp, device)
+        _append(results, _scored(row, weight_bytes, h2d))
     if device == "cuda":
         accelerate_rows(results, model, ref, weight_bytes, slow_tokens, tmp, wanted)
 
@@ -166,7 +167,7 @@ def _airllm_model_class():
     return BenchAirLLM
 
 
-def airllm_row(model, ref: dict, tokens: int, tmp: Path, device: str) -> dict:
+def airllm_row(model, ref: dict, weight_bytes: int, tokens: int, tmp: Path, device: str) -> dict:
     """AirLLM on ``model`` saved as a Hugging Face folder: split into a file per layer, run from them."""
     row = _peer_row("airllm")
     try:
@@ -182,7 +183,10 @@ def airllm_row(model, ref: dict, tokens: int, tmp: Path, device: str) -> dict:
     air = None
     log = io.StringIO()  # AirLLM prints each file it writes and a tqdm bar: kept out of the run's output
     try:
-        model.save_pretrained(hf_dir)
+        # in shards with an index, as checkpoints come: AirLLM's splitter reads each shard once (it reads a
+        # single-file checkpoint whole again for every layer)
+        model.save_pretrained(hf_dir, max_shard_size=max(weight_bytes // 4, 2**20))
+        row["checkpoint_shards"] = len(list(hf_dir.glob("*.safetensors")))
         start = begin_row(device)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
