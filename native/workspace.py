@@ -119,10 +119,12 @@ class DecodeWorkspace:
         self._streams[kind] = stream
 
     def _buffer(self, kind: str, stream: torch.cuda.Stream) -> torch.Tensor:
-        needed = max(self._needed.get(kind, 0), 1)
+        needed = self._needed.get(kind, 0)
+        if self._allocate is None:
+            needed = max(needed, 1)  # a real (non-null) pointer for a library that needs no scratch
         buffer = self._buffers.get(kind)
         if buffer is None or buffer.numel() < needed:
-            if self._allocate is not None:
+            if self._allocate is not None:  # a kind that needs nothing takes an empty piece: no bytes
                 if buffer is not None:  # unreachable through reserve(); kept as the invariant's guard
                     raise PlanError(f"decode workspace {kind!r} cannot grow: it was sized by the plan")
                 buffer = self._allocate(needed)

@@ -79,5 +79,5 @@ def test_device_memory_stays_within_the_budget(tmp_path, codec, regime):
     tiers = {p.tier.name for p in offloaded.offload_plan.groups}
     if regime == "all resident":
         assert tiers == {"resident"}
-    else:
-        assert tiers - {"resident"}, tiers
+    elif regime == "stream":
+        assert "host" in tiers, tiers

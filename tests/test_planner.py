@@ -214,6 +214,22 @@ def test_decode_workspace_reserves_the_largest_need_of_each_kind():
     assert "nvcomp-ans" in repr(workspace)
 
 
+def test_a_workspace_kind_that_needs_nothing_takes_nothing_from_the_arena():
+    """nvCOMP's ANS decode needs no temp space: the plan charges 0 for the kind, so the fixed workspace must
+    take 0 bytes for it (a 1-byte piece costs 512 in the arena and overflows a plan sized to the byte)."""
+    import torch
+
+    from offload_runtime.native.workspace import DecodeWorkspace
+    from offload_runtime.scheduler.arena import DeviceArena
+
+    arena = DeviceArena(1024, torch.device("cpu"))
+    workspace = DecodeWorkspace("cpu", allocate=arena.take)
+    workspace.reserve({"nvcomp-ans": 0, "int8-stored": 1000})
+    for kind in ("nvcomp-ans", "int8-stored"):
+        workspace._buffer(kind, None)  # what allocate(stream) does per kind
+    assert arena.used == 1024
+
+
 def test_cuda_keeps_payloads_in_vram_before_making_groups_resident():
     # 24 blocks of 100 MiB compressing to 66 MiB: a budget of 3/4 of the weights holds every payload on the
     # device plus two slots (no staging: nothing crosses PCIe per token); the leftover makes some resident
