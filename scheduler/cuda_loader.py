@@ -162,6 +162,11 @@ class CudaLoader:
     def record_release(self, slot: Slot) -> None:
         slot.release_event.record(torch.cuda.current_stream(self.device))
 
+    def refresh_stats(self) -> None:
+        """Add the copies and decodes the GPU has finished (event queries: no wait). Without it, a group
+        loaded once and never again (its slot is never reused) would never show in the stats."""
+        self.timer.harvest()
+
     def wait_ready(self, slot: Slot) -> None:
         """Order the compute stream after the slot's decode; first wait for its check, if it has one.
 

@@ -134,6 +134,7 @@ class Engine:
     def end_pass(self) -> None:
         with self._cond:
             self.order.end_pass()
+        self.loader.refresh_stats()
 
     def acquire(self, group: str) -> None:
         """Make ``group``'s slot hold its weights for the forward about to run (see the protocol)."""

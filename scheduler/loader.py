@@ -65,6 +65,10 @@ class Loader(Protocol):
         """The compute thread is done with ``slot``."""
         ...
 
+    def refresh_stats(self) -> None:
+        """Bring the stats up to date with what the device has finished, without waiting (a pass ended)."""
+        ...
+
     def wait_ready(self, slot: Slot) -> None:
         """Order the compute after the slot's load (and its decode check, if any)."""
         ...
@@ -113,6 +117,9 @@ class CpuLoader:
 
     def record_release(self, slot: Slot) -> None:
         """The compute thread is done with the slot; nothing to record on the CPU."""
+
+    def refresh_stats(self) -> None:
+        """CPU loads update the stats as they run."""
 
     def wait_ready(self, slot: Slot) -> None:
         """The load finished on the worker thread before the handshake; nothing to wait for."""

@@ -8,6 +8,7 @@ to learn how long something took. :meth:`GpuTimer.harvest` with ``wait`` collect
 from __future__ import annotations
 
 import collections
+import threading
 
 import torch
 
@@ -22,13 +23,15 @@ class GpuTimer:
 
     def __init__(self, stats: OffloadStats) -> None:
         self.stats = stats
+        self._lock = threading.Lock()  # the prefetch worker records; the compute thread harvests at pass ends
         self._pending: collections.deque[tuple[str, torch.cuda.Event, torch.cuda.Event, int]] = (
             collections.deque()
         )
         self._spare: list[torch.cuda.Event] = []
 
     def _event(self) -> torch.cuda.Event:
-        return self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
+        with self._lock:
+            return self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
 
     def start(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         event = self._event()
@@ -38,10 +41,15 @@ class GpuTimer:
     def end(self, kind: str, start: torch.cuda.Event, stream: torch.cuda.Stream, nbytes: int) -> None:
         end = self._event()
         end.record(stream)
-        self._pending.append((kind, start, end, nbytes))
+        with self._lock:
+            self._pending.append((kind, start, end, nbytes))
 
     def harvest(self, wait: bool = False) -> None:
         """Add the timings of operations the GPU has finished (all of them with ``wait``)."""
+        with self._lock:
+            self._harvest(wait)
+
+    def _harvest(self, wait: bool) -> None:
         while self._pending:
             kind, start, end, nbytes = self._pending[0]
             if wait:
