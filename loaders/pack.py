@@ -21,7 +21,13 @@ from torch import nn
 from offload_runtime.errors import CheckpointMismatchError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
-from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource, checkpoint_files
+from offload_runtime.loaders.sources import (
+    ModuleSource,
+    SafetensorsSource,
+    SlicedSource,
+    TensorSource,
+    checkpoint_files,
+)
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
@@ -191,7 +197,8 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def _plan_module(model: nn.Module) -> _Plan:
-    return _Plan(find_groups(model), ModuleSource(model.state_dict()), **_model_info(model))
+    source = SlicedSource(ModuleSource(model.state_dict()))
+    return _Plan(find_groups(model, experts=True), source, **_model_info(model))
 
 
 def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
@@ -204,13 +211,20 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    groups = find_groups(model)
+    groups = find_groups(model, experts=True)
     source = SafetensorsSource(files)
     buffers = dict(model.named_buffers())
     renamed = _RenamedSource(source, ModuleSource(buffers))
     prefix = getattr(model, "base_model_prefix", "") or ""
     problems = []
     for spec in groups:
+        if spec.expert is not None:  # bind the stacked parameters once, with expert 0
+            if spec.expert.index == 0:
+                for s in spec.expert.slices:
+                    problem = renamed.bind(s.param, [s.param], prefix, model)
+                    if problem:
+                        problems.append(problem)
+            continue
         candidates = {name: [name] for name in spec.tensors}
         for alias, canonical in spec.aliases.items():
             candidates[canonical].append(alias)
@@ -223,7 +237,7 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
         raise CheckpointMismatchError(
             "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
         )
-    plan = _Plan(groups, renamed, **_model_info(model), cleanup=[source.close])
+    plan = _Plan(groups, SlicedSource(renamed), **_model_info(model), cleanup=[source.close])
     found = [directory / f for f in TOKENIZER_FILES + BINARY_TOKENIZER_FILES if (directory / f).is_file()]
     if found:
         plan.tokenizer = dict(_tokenizer_entry(f) for f in found)
@@ -275,6 +289,10 @@ class _RenamedSource(TensorSource):
     def fill(self, name: str, dest: torch.Tensor) -> None:
         source, key = self.names[name]
         source.fill(key, dest)
+
+    def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
+        source, key = self.names[name]
+        source.fill_slice(key, index, dest)
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:

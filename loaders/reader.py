@@ -8,6 +8,13 @@ short read is reported as truncation), and so does ``decode_cpu`` (into a caller
 buffer, so the steady state allocates nothing); views returned by ``payload`` are only guarded when
 created, which is why the runtime never decodes from them. A file whose name marks it as a writer's
 temporary (``.<name>.<pid>.tmp``) is refused.
+
+A mixture of experts' container stores each routed expert as a group of its own. The reader presents the
+groups at one of two granularities: ``"block"`` (the default, what the block runtime streams): a block
+and its experts are one *reassembled* group whose stacked parameters are whole again (``reassemble.py``);
+``"expert"``: the groups as stored (block groups without their experts, and one group per expert, with
+their ``expert`` records), for a runtime that streams experts on their own. Dense containers look the same
+at both.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
     OffloadError,
 )
+from offload_runtime.loaders import reassemble
 from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
@@ -35,6 +43,7 @@ from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_un
 from offload_runtime.native.chunking import crc32
 
 VERIFY_POLICIES = ("once", "always", "never")
+GRANULARITIES = ("block", "expert")
 
 
 class ContainerReader:
@@ -44,15 +53,20 @@ class ContainerReader:
         path (`str` or `os.PathLike`): the container file.
         verify (`str`, defaults to `"once"`): when to check chunk CRC-32s: ``"once"`` the first time each
             group is read, ``"always"`` on every read, ``"never"`` to skip (trusted local files).
+        granularity (`str`, defaults to `"block"`): ``"block"``: a block and its expert groups are one
+            (reassembled) group; ``"expert"``: the groups as stored (see the module docstring).
 
     Raises:
         CorruptCheckpointError, CheckpointError, CodecUnavailableError: from the validation of the header
             and index, which runs entirely on open.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: str = "once") -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: str = "once", granularity: str = "block") -> None:
         if verify not in VERIFY_POLICIES:
             raise ValueError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
         self.path = Path(path)
         self.verify = verify
         if is_temporary_name(self.path):
@@ -72,7 +86,12 @@ class ContainerReader:
             raise
         self.index: ContainerIndex = parsed.index
         self._offsets = parsed.offsets
-        self._by_name = {g.name: g for g in self.index.groups}
+        self._stored = {g.name: g for g in self.index.groups}
+        if granularity == "block":
+            self._groups, self._parts = reassemble.block_view(self.index.groups)
+        else:
+            self._groups, self._parts = list(self.index.groups), {}
+        self._by_name = {g.name: g for g in self._groups}
         self._lock = threading.Lock()
         self._verified_payload: set[str] = set()
         self._verified_decoded: set[str] = set()
@@ -80,19 +99,26 @@ class ContainerReader:
 
     @property
     def groups(self) -> list[GroupEntry]:
-        """Every group, in stored (execution) order."""
-        return self.index.groups
+        """Every group at the reader's granularity, in stored (execution) order."""
+        return self._groups
 
     def group(self, name: str) -> GroupEntry:
-        """The index entry of group ``name``."""
+        """The entry of group ``name`` at the reader's granularity."""
         try:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"no group {name!r} in {self.path}") from None
 
     def payload(self, name: str) -> memoryview:
-        """Zero-copy read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked."""
+        """Read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked.
+
+        Zero-copy for a stored group; a reassembled group's parts are copied into a new buffer.
+        """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is not None:
+            out = torch.zeros(entry.stored_size, dtype=torch.uint8)
+            return memoryview(reassemble.read_parts_into(parts, self._read_stored, out).numpy()).toreadonly()
         view = self._view(entry)
         if self._needs_check(self._verified_payload, name):
             self._check_chunks(entry, view)
@@ -110,10 +136,23 @@ class ContainerReader:
             `torch.Tensor`: ``out[:stored_size]``.
         """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is not None:
+            self._check_buffer(entry, out)
+            return reassemble.read_parts_into(parts, self._read_stored, out)
+        return self._read_stored(name, out)
+
+    def _check_buffer(self, entry: GroupEntry, out: torch.Tensor) -> None:
         if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"need a contiguous 1-D uint8 CPU tensor, got {out.dtype} {tuple(out.shape)}")
         if out.numel() < entry.stored_size:
-            raise ValueError(f"group {name!r} needs {entry.stored_size} bytes, buffer has {out.numel()}")
+            raise ValueError(
+                f"group {entry.name!r} needs {entry.stored_size} bytes, buffer has {out.numel()}"
+            )
+
+    def _read_stored(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        entry = self._stored[name]
+        self._check_buffer(entry, out)
         self._check_unchanged(entry)
         dest = out[: entry.stored_size]
         buffer = memoryview(dest.numpy())
@@ -155,6 +194,19 @@ class ContainerReader:
             CodecUnavailableError: the codec has no CPU decoder (``ans``), naming the extra to install.
         """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is None:
+            return self._decode_stored(name, out, staging)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
+            raise ValueError(
+                f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
+            )
+        return reassemble.decode_parts_cpu(parts, self._decode_stored, out[: entry.layout.size], staging)
+
+    def _decode_stored(
+        self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        entry = self._stored[name]
         if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
             raise ValueError(
                 f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
@@ -163,7 +215,7 @@ class ContainerReader:
             staging = torch.empty(entry.stored_size, dtype=torch.uint8)
         # pread into a private buffer rather than decode from the mmap: a file truncated between the
         # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
-        payload = memoryview(self.read_into(name, staging).numpy())
+        payload = memoryview(self._read_stored(name, staging).numpy())
         check_decoded = self._needs_check(self._verified_decoded, name)
         lossy = entry.stored_layout is not None
         try:
@@ -185,21 +237,10 @@ class ContainerReader:
                 hint="the container is damaged or forged; re-pack it",
             ) from exc
         if check_decoded and not lossy:
-            decoded = memoryview(out[: entry.layout.size].numpy())
-            position = 0
-            for i, chunk in enumerate(entry.chunks):
-                actual = crc32(decoded[position : position + chunk.decoded_size])
-                if actual != chunk.decoded_crc32:
-                    raise CorruptCheckpointError(
-                        "decoded chunk CRC-32 mismatch",
-                        file=self.path,
-                        group=name,
-                        chunk=i,
-                        expected=f"{chunk.decoded_crc32:#010x}",
-                        actual=f"{actual:#010x}",
-                        hint="the container is damaged; re-pack it",
-                    )
-                position += chunk.decoded_size
+            try:
+                reassemble.check_decoded_crcs(entry.chunks, out[: entry.layout.size])
+            except OffloadError as exc:
+                raise locate_error(exc, self.path, name) from exc
         if check_decoded:
             self._mark(self._verified_decoded, name)
         return out[: entry.layout.size]
@@ -224,7 +265,10 @@ class ContainerReader:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ContainerReader({str(self.path)!r}, groups={len(self.groups)}, verify={self.verify!r})"
+        return (
+            f"ContainerReader({str(self.path)!r}, groups={len(self.groups)}, verify={self.verify!r}, "
+            f"granularity={self.granularity!r})"
+        )
 
     # -- internals -----------------------------------------------------------------------------------
 
