@@ -23,6 +23,7 @@ import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +40,7 @@ from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
+from offload_runtime.native.base import Chunk
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
 from offload_runtime.native.chunking import crc32
 
@@ -238,7 +240,7 @@ class ContainerReader:
             ) from exc
         if check_decoded and not lossy:
             try:
-                reassemble.check_decoded_crcs(entry.chunks, out[: entry.layout.size])
+                check_decoded_crcs(entry.chunks, out[: entry.layout.size])
             except OffloadError as exc:
                 raise locate_error(exc, self.path, name) from exc
         if check_decoded:
@@ -322,6 +324,27 @@ class ContainerReader:
                     actual=f"{actual:#010x}",
                     hint="the container is damaged; re-pack it",
                 )
+
+
+def check_decoded_crcs(chunks: Sequence[Chunk], decoded: torch.Tensor) -> None:
+    """Compare the CRC-32 of each chunk's decoded bytes (back to back in ``decoded``) with the table.
+
+    Raises:
+        CorruptCheckpointError: naming the chunk (the caller adds file and group).
+    """
+    view = memoryview(decoded.numpy())
+    position = 0
+    for i, chunk in enumerate(chunks):
+        actual = crc32(view[position : position + chunk.decoded_size])
+        if actual != chunk.decoded_crc32:
+            raise CorruptCheckpointError(
+                "decoded chunk CRC-32 mismatch",
+                chunk=i,
+                expected=f"{chunk.decoded_crc32:#010x}",
+                actual=f"{actual:#010x}",
+                hint="the container is damaged; re-pack it",
+            )
+        position += chunk.decoded_size
 
 
 def locate_error(exc: OffloadError, path: Path | None, group: str) -> OffloadError:

@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from offload_runtime.errors import CorruptCheckpointError, OffloadError
+from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import PAYLOAD_ALIGN, GroupEntry
 from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
-from offload_runtime.native.chunking import crc32
 from offload_runtime.native.layout import GroupLayout, align_up
 
 REASSEMBLED_CODEC = "reassembled"
@@ -206,6 +205,8 @@ class ReassembledCodec(GroupCodec):
                 else:
                     codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
                     if verify_decoded:
+                        from offload_runtime.loaders.reader import check_decoded_crcs
+
                         check_decoded_crcs(entry.chunks, decoded)
             except OffloadError as exc:
                 raise _in_part(exc, entry.name) from exc
@@ -219,27 +220,6 @@ class ReassembledCodec(GroupCodec):
         device: torch.device,
     ) -> GpuDecoder:
         return _ReassembledGpuDecoder(params["parts"], device)
-
-
-def check_decoded_crcs(chunks: Sequence[Chunk], decoded: torch.Tensor) -> None:
-    """Compare the CRC-32 of each chunk's decoded bytes (back to back in ``decoded``) with the table.
-
-    Raises:
-        CorruptCheckpointError: naming the chunk (the caller adds file and group).
-    """
-    view = memoryview(decoded.numpy())
-    position = 0
-    for i, chunk in enumerate(chunks):
-        actual = crc32(view[position : position + chunk.decoded_size])
-        if actual != chunk.decoded_crc32:
-            raise CorruptCheckpointError(
-                "decoded chunk CRC-32 mismatch",
-                chunk=i,
-                expected=f"{chunk.decoded_crc32:#010x}",
-                actual=f"{actual:#010x}",
-                hint="the container is damaged; re-pack it",
-            )
-        position += chunk.decoded_size
 
 
 def _in_part(exc: OffloadError, group: str) -> OffloadError:
