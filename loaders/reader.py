@@ -40,8 +40,8 @@ from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
-from offload_runtime.native.base import Chunk
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
+from offload_runtime.native.base import Chunk
 from offload_runtime.native.chunking import crc32
 
 VERIFY_POLICIES = ("once", "always", "never")
