@@ -11,6 +11,7 @@ from offload_runtime.errors import (
     CodecUnavailableError,
     CorruptCheckpointError,
     DeviceMemoryError,
+    ExpertRoutingError,
     OffloadError,
 )
 
@@ -24,6 +25,7 @@ from offload_runtime.errors import (
         (BudgetError, (OffloadError,)),
         (CodecUnavailableError, (OffloadError,)),
         (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
+        (ExpertRoutingError, (OffloadError,)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -103,4 +105,5 @@ def test_all_is_complete():
         "BudgetError",
         "DeviceMemoryError",
         "CodecUnavailableError",
+        "ExpertRoutingError",
     }
