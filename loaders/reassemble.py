@@ -166,6 +166,37 @@ def _place(part: Part, decoded: torch.Tensor, out: torch.Tensor) -> None:
         out[dst : dst + nbytes].copy_(decoded[src : src + nbytes])
 
 
+class ReassembledSource:
+    """Any group source (a :class:`~offload_runtime.scheduler.synthetic_source.SyntheticSource`, ...) seen
+    at block granularity, like a ``ContainerReader`` with ``granularity="block"``; other attributes are the
+    wrapped source's."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.groups, self._parts = block_view(source.groups)
+        self._by_name = {g.name: g for g in self.groups}
+
+    def __getattr__(self, name: str) -> Any:  # path, verify, trim, close, generated, ...
+        return getattr(self.source, name)
+
+    def group(self, name: str) -> GroupEntry:
+        return self._by_name[name] if name in self._by_name else self.source.group(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        parts = self._parts.get(name)
+        return (
+            self.source.read_into(name, out)
+            if parts is None
+            else read_parts_into(parts, self.source.read_into, out)
+        )
+
+    def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
+        parts = self._parts.get(name)
+        if parts is None:
+            return self.source.decode_cpu(name, out, staging)
+        return decode_parts_cpu(parts, self.source.decode_cpu, out[: self.group(name).layout.size], staging)
+
+
 # -- the in-memory codec -------------------------------------------------------------------------------
 
 
