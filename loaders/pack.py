@@ -21,6 +21,7 @@ from torch import nn
 from offload_runtime.errors import CheckpointMismatchError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
+from offload_runtime.loaders.legacy_experts import ConversionRules, StackedFromExperts
 from offload_runtime.loaders.sources import (
     ModuleSource,
     SafetensorsSource,
@@ -214,14 +215,16 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
     groups = find_groups(model, experts=True)
     source = SafetensorsSource(files)
     buffers = dict(model.named_buffers())
-    renamed = _RenamedSource(source, ModuleSource(buffers))
+    renamed = _RenamedSource(
+        source, ModuleSource(buffers), ConversionRules.for_model_type(config.get("model_type"))
+    )
     prefix = getattr(model, "base_model_prefix", "") or ""
     problems = []
     for spec in groups:
         if spec.expert is not None:  # bind the stacked parameters once, with expert 0
             if spec.expert.index == 0:
                 for s in spec.expert.slices:
-                    problem = renamed.bind(s.param, [s.param], prefix, model)
+                    problem = renamed.bind_stacked(s.param, prefix, model)
                     if problem:
                         problems.append(problem)
             continue
@@ -256,14 +259,30 @@ def _tokenizer_entry(file: Path) -> tuple[str, str]:
 class _RenamedSource(TensorSource):
     """Model tensor names -> checkpoint names (HF prefixes, tied copies), falling back to real buffers."""
 
-    def __init__(self, checkpoint: SafetensorsSource, buffers: ModuleSource) -> None:
+    def __init__(
+        self, checkpoint: SafetensorsSource, buffers: ModuleSource, rules: ConversionRules | None = None
+    ) -> None:
         self.checkpoint, self.buffers = checkpoint, buffers
+        self.rules = rules or ConversionRules()
+        self.stacked = StackedFromExperts(checkpoint)
         self.names: dict[str, tuple[TensorSource, str]] = {}
+
+    def bind_stacked(self, name: str, prefix: str, model: nn.Module) -> str | None:
+        """Bind a stacked experts parameter: stored whole, else assembled from per-expert tensors."""
+        problem = self.bind(name, [name], prefix, model)
+        if problem is None:
+            return None
+        legacy = self.stacked.add(name, self.rules, tuple(model.get_parameter(name).shape), prefix)
+        if legacy is None:
+            self.names[name] = (self.stacked, name)
+            return None
+        return legacy if self.rules.stackings else problem
 
     def bind(self, name: str, candidates: list[str], prefix: str, model: nn.Module) -> str | None:
         """Find ``name`` in the checkpoint; returns a mismatch line, or None when bound."""
         keys = []
-        for c in candidates:
+        renamed = [v[0] for candidate in candidates for v in self.rules.variants([candidate])]
+        for c in renamed:
             keys.append(c)
             if prefix and c.startswith(prefix + "."):
                 keys.append(c[len(prefix) + 1 :])

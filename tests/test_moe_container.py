@@ -195,28 +195,43 @@ def test_pack_from_a_directory_with_stacked_tensors_equals_pack_from_the_module(
     (directory / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     from_dir = pack(directory, tmp_path / "dir.ort", codec="zstd", progress=False, device="cpu")
-    from_module = _pack(model, tmp_path)
+    _same_containers(from_dir, _pack(model, tmp_path))
+
+
+def _same_containers(path_a, path_b) -> None:
     with (
-        ContainerReader(from_dir, granularity="expert") as a,
-        ContainerReader(from_module, granularity="expert") as b,
+        ContainerReader(path_a, granularity="expert") as a,
+        ContainerReader(path_b, granularity="expert") as b,
     ):
-        assert [(g.name, g.kind, g.expert) for g in a.groups] == [
-            (g.name, g.kind, g.expert) for g in b.groups
+        assert [(g.name, g.kind, g.expert, g.layout) for g in a.groups] == [
+            (g.name, g.kind, g.expert, g.layout) for g in b.groups
         ]
         for ga, gb in zip(a.groups, b.groups, strict=True):
-            assert ga.layout == gb.layout
             out_a, out_b = (torch.empty(ga.layout.size, dtype=torch.uint8) for _ in range(2))
             assert torch.equal(a.decode_cpu(ga.name, out_a), b.decode_cpu(gb.name, out_b))
 
 
-def test_legacy_per_expert_checkpoint_is_refused_naming_the_stack(tmp_path):
-    """``save_pretrained`` writes Mixtral's experts one tensor per expert (``experts.0.w1.weight``);
-    packing that needs transformers' checkpoint conversion, not supported yet: a typed error."""
-    model = tiny_model("mixtral", num_layers=1)
+def test_pack_from_save_pretrained_with_one_tensor_per_expert(moe_arch, tmp_path):
+    """``save_pretrained`` writes Mixtral's experts as ``block_sparse_moe.experts.<e>.w1.weight`` and
+    Qwen/DeepSeek/OLMoE's as ``mlp.experts.<e>.gate_proj.weight``: pack reads each expert's slices from
+    them (transformers' conversion mapping, reversed) and stores the same container as from the module."""
+    model = tiny_model(moe_arch)
     model.save_pretrained(tmp_path / "hf")
+    from_dir = pack(tmp_path / "hf", tmp_path / "dir.ort", codec="zstd", progress=False, device="cpu")
+    _same_containers(from_dir, _pack(model, tmp_path))
+
+
+def test_a_checkpoint_missing_an_expert_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("qwen3_moe", num_layers=1)
+    model.save_pretrained(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    del state["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatchError) as info:
         pack(tmp_path / "hf", tmp_path / "m.ort", codec="zstd", progress=False, device="cpu")
-    assert any("experts.gate_up_proj" in m for m in info.value.mismatches)
+    assert any("experts.gate_up_proj" in m and "expert 5" in m for m in info.value.mismatches)
 
 
 def test_a_damaged_expert_payload_is_named_when_its_block_is_decoded(tmp_path):
