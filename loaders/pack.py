@@ -2,6 +2,11 @@
 
 Only one group is decoded-size resident at a time: its tensors are copied (or ``pread`` from disk) straight
 into the group's layout buffer, encoded, and the payload streamed to the writer before the next group.
+
+A mixture of experts is stored one group per routed expert (``find_groups(model, experts=True)``): an
+expert group's tensors are slices ``param[e]`` of the stacked parameters, read one slice at a time from
+the module, from stacked tensors in the checkpoint, or from its per-expert tensors
+(``legacy_experts.py``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import contextlib
 import mmap
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,8 +40,7 @@ from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
-from offload_runtime.native.base import Chunk
-from offload_runtime.native.chunking import crc32
+from offload_runtime.native.chunking import check_decoded_crcs, crc32
 
 VERIFY_POLICIES = ("once", "always", "never")
 GRANULARITIES = ("block", "expert")
@@ -217,7 +215,10 @@ class ContainerReader:
             staging = torch.empty(entry.stored_size, dtype=torch.uint8)
         # pread into a private buffer rather than decode from the mmap: a file truncated between the
         # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
-        payload = memoryview(self._read_stored(name, staging).numpy())
+        # a group of this view is read through the public read_into (one read path); a part of a
+        # reassembled group through the stored read
+        read = self.read_into if self._by_name.get(name) is entry else self._read_stored
+        payload = memoryview(read(name, staging).numpy())
         check_decoded = self._needs_check(self._verified_decoded, name)
         lossy = entry.stored_layout is not None
         try:
@@ -240,7 +241,7 @@ class ContainerReader:
             ) from exc
         if check_decoded and not lossy:
             try:
-                check_decoded_crcs(entry.chunks, out[: entry.layout.size])
+                check_decoded_crcs(out[: entry.layout.size].numpy(), entry.chunks)
             except OffloadError as exc:
                 raise locate_error(exc, self.path, name) from exc
         if check_decoded:
@@ -324,27 +325,6 @@ class ContainerReader:
                     actual=f"{actual:#010x}",
                     hint="the container is damaged; re-pack it",
                 )
-
-
-def check_decoded_crcs(chunks: Sequence[Chunk], decoded: torch.Tensor) -> None:
-    """Compare the CRC-32 of each chunk's decoded bytes (back to back in ``decoded``) with the table.
-
-    Raises:
-        CorruptCheckpointError: naming the chunk (the caller adds file and group).
-    """
-    view = memoryview(decoded.numpy())
-    position = 0
-    for i, chunk in enumerate(chunks):
-        actual = crc32(view[position : position + chunk.decoded_size])
-        if actual != chunk.decoded_crc32:
-            raise CorruptCheckpointError(
-                "decoded chunk CRC-32 mismatch",
-                chunk=i,
-                expected=f"{chunk.decoded_crc32:#010x}",
-                actual=f"{actual:#010x}",
-                hint="the container is damaged; re-pack it",
-            )
-        position += chunk.decoded_size
 
 
 def locate_error(exc: OffloadError, path: Path | None, group: str) -> OffloadError:

@@ -36,6 +36,7 @@ import torch
 from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import PAYLOAD_ALIGN, GroupEntry
 from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.chunking import check_decoded_crcs
 from offload_runtime.native.layout import GroupLayout, align_up
 
 REASSEMBLED_CODEC = "reassembled"
@@ -236,9 +237,7 @@ class ReassembledCodec(GroupCodec):
                 else:
                     codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
                     if verify_decoded:
-                        from offload_runtime.loaders.reader import check_decoded_crcs
-
-                        check_decoded_crcs(entry.chunks, decoded)
+                        check_decoded_crcs(decoded.numpy(), entry.chunks)
             except OffloadError as exc:
                 raise _in_part(exc, entry.name) from exc
             _place(part, decoded, out)

@@ -105,24 +105,20 @@ class SafetensorsSource(TensorSource):
         return e.dtype, e.shape
 
     def fill(self, name: str, dest: torch.Tensor) -> None:
-        e = self.entries[name]
-        if dest.dtype == e.dtype and dest.is_contiguous():
-            self._pread(e, dest)
-        else:
-            tmp = torch.empty(e.shape, dtype=e.dtype)
-            self._pread(e, tmp)
-            dest.copy_(tmp)
+        self._read(self.entries[name], dest)
 
     def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
         """Read only ``tensor[index]``: the slices of a row-major tensor along dim 0 are contiguous."""
         e = self.entries[name]
         step = e.nbytes // e.shape[0]
-        part = _Entry(e.file, e.dtype, e.shape[1:], e.start + index * step, step)
+        self._read(_Entry(e.file, e.dtype, e.shape[1:], e.start + index * step, step), dest)
+
+    def _read(self, e: _Entry, dest: torch.Tensor) -> None:
         if dest.dtype == e.dtype and dest.is_contiguous():
-            self._pread(part, dest)
+            self._pread(e, dest)
         else:
-            tmp = torch.empty(part.shape, dtype=e.dtype)
-            self._pread(part, tmp)
+            tmp = torch.empty(e.shape, dtype=e.dtype)
+            self._pread(e, tmp)
             dest.copy_(tmp)
 
     def close(self) -> None:

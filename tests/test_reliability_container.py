@@ -24,6 +24,7 @@ from offload_runtime.loaders import ContainerReader, ContainerWriter, check_comp
 from offload_runtime.loaders import reader as reader_module
 from offload_runtime.loaders.format import PAYLOAD_ALIGN
 from offload_runtime.loaders.groups import find_groups
+from offload_runtime.native import chunking as chunking_module
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.raw import RawCodec
 from offload_runtime.native.zstd import ZstdCodec
@@ -301,7 +302,8 @@ def crc_calls(monkeypatch):
         calls.append(len(data))
         return original(data)
 
-    monkeypatch.setattr(reader_module, "crc32", counted)
+    monkeypatch.setattr(reader_module, "crc32", counted)  # compressed chunks
+    monkeypatch.setattr(chunking_module, "crc32", counted)  # decoded chunks (check_decoded_crcs)
     return calls
 
 
