@@ -8,7 +8,7 @@ every stacked parameter. The router, the shared experts and everything else of t
 modules and are not experts.
 
 Detection is structural (no list of class names), so a new architecture built the same way is found too;
-a model whose config says it has experts but where no such module is found is logged once (logger
+a model whose config says it has experts but where no such module is found gets one warning (logger
 ``offload_runtime``) and stays at block granularity.
 """
 
@@ -100,7 +100,7 @@ def find_expert_modules(model: nn.Module) -> list[ExpertsModule]:
         if params is not None:
             found.append(ExpertsModule(path, int(next(module.parameters()).shape[0]), params))
     if declared and not found:
-        logger.info(
+        logger.warning(
             "%s declares %d experts but has no stacked experts module: its experts are packed and "
             "streamed with their block (block granularity)",
             type(model).__name__,
