@@ -12,6 +12,7 @@ from offload_runtime.errors import (
     CodecUnavailableError,
     CorruptCheckpointError,
     DeviceMemoryError,
+    ExpertRoutingError,
     OffloadError,
     PlanError,
 )
@@ -28,6 +29,7 @@ from offload_runtime.errors import (
         (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
         (CodecCallError, (OffloadError, RuntimeError)),
         (PlanError, (OffloadError, RuntimeError)),
+        (ExpertRoutingError, (OffloadError,)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -109,6 +111,7 @@ def test_all_is_complete():
         "CodecUnavailableError",
         "CodecCallError",
         "PlanError",
+        "ExpertRoutingError",
     }
 
 
