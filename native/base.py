@@ -184,6 +184,17 @@ class GroupCodec(ABC):
         for codecs without per-group device state; nvCOMP's temp size is a host-only library query)."""
         return DecoderSizes()
 
+    def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes | None:
+        """Device memory of :meth:`batch_decoder` (a pure query), or ``None`` when the codec has none."""
+        return None
+
+    def batch_decoder(
+        self, max_chunks: int, max_chunk_bytes: int, device: torch.device, allocate: Allocate | None = None
+    ) -> Any:
+        """A :class:`~offload_runtime.native.batch_decode.BatchDecoder` decoding many groups' chunks per
+        call, each chunk to its own address (expert runtimes), or ``None`` when the codec has none."""
+        return None
+
     def encode_tensor(
         self,
         layout: GroupLayout,

@@ -325,6 +325,11 @@ def dispatch_synthetic(
     host_budget_gb: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    experts: str = "auto",
+    expert_cache: str = "auto",
+    expert_policy: str = "lru",
+    speculate: bool = False,
+    source: Any = None,
 ) -> nn.Module:
     """A synthetic model of shape ``name_or_config``, dispatched in ``budget_gb`` without materialising it.
 
@@ -334,14 +339,18 @@ def dispatch_synthetic(
     payload checked against the first encoding's CRC-32s. Nothing is written to disk.
 
     Args:
-        name_or_config (`str` or config): a key of :data:`SYNTHETIC_SHAPES` or a config. A mixture of
-            experts runs at block granularity for now: each block with its experts reassembled.
+        name_or_config (`str` or config): a key of :data:`SYNTHETIC_SHAPES` or a config.
         budget_gb (`float`): see :func:`~offload_runtime.dispatch_compressed`.
         codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``.
         device (`torch.device` or `str`, *optional*): CUDA when available, else CPU.
         prefetch (`int`, defaults to 1), host_budget_gb (`float`, *optional*): see ``dispatch_compressed``.
         seed (`int`, defaults to 0): base seed of the weights.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): dtype of the weights.
+        experts, expert_cache, expert_policy, speculate: a mixture of experts' granularity and expert cache,
+            see :func:`~offload_runtime.dispatch_compressed` (at block granularity each block is streamed
+            with its experts reassembled).
+        source (*optional*): a :func:`synthetic_source` of the same config, seed, codec, device and dtype,
+            already encoded (several dispatches of one shape then encode it once).
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
@@ -350,18 +359,26 @@ def dispatch_synthetic(
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
     from offload_runtime.api import _attach, _refuse_early, _resolve_device
+    from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
 
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     device = _resolve_device(device)
+    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)
-    _refuse_early(model, budget_gb, prefetch)  # decoded sizes are known on meta: fail before generating
-    source = synthetic_source(model, seed=seed, codec=codec, device=device, dtype=dtype)
-    if any(g.expert is not None for g in source.groups):  # the block runtime streams whole blocks
-        source = ReassembledSource(source)
+    _refuse_early(model, budget_gb, prefetch, options)  # decoded sizes are known on meta: fail early
+    owned = source is None
+    if source is None:
+        source = synthetic_source(model, seed=seed, codec=codec, device=device, dtype=dtype)
+    stored = source
+    if any(g.expert is not None for g in source.groups) and not expert_granularity(
+        source.groups, device, options
+    ):
+        source = ReassembledSource(source)  # the block runtime streams each block with its experts
     try:
-        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None)
+        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None, options)
     except BaseException:
-        source.close()
+        if owned:
+            stored.close()
         raise
-    source.trim()  # the pinned D2H buffer is only needed while groups are placed
+    stored.trim()  # the pinned D2H buffer is only needed while groups are placed
     return model
