@@ -1,0 +1,176 @@
+"""Triton building blocks shared by the ``fused12`` kernels: the word-level decode and the epilogue.
+
+The decode works on whole 32-bit words (see :mod:`offload_runtime.native.fused12_format` for the bit
+layout): a sign/mantissa word ``s`` and a code word give two weights (a bf16 pair) with a shift and two
+three-input logic operations, so a 16-byte load of each plane feeds 16 weights without extracting a byte.
+
+* :func:`scaled_pair` builds what a matmul multiplies, ``w' = w * 2**(127 - top)`` (exponent ``127 - n``),
+  as two fp32 values: ``(p << 16)`` and ``(p & 0xFFFF0000)`` reinterpreted, where ``p`` is the pair;
+* :func:`exact_pair` builds the exact bf16 pair (exponent ``top - n``), for the decode kernel.
+
+The epilogue (:func:`finish`) turns the fp32 sums of ``x . w'`` of a block of row pairs into ``y``:
+scale per row by ``2**(top - 127)``, add ``x[c] * (v - 2**(top - 142))`` for each escape ``(c, v)`` of the
+rows (the main loop multiplied an escape as ``w' = 2**-15``, its ``sm`` being 0), add the bias, store.
+With split-K, :func:`reduce_splits` first makes the last program of each row block sum the partial sums
+of all splits in a fixed order (deterministic) and re-arm the block's counter (protocol in its docstring).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rotl8(v):
+    """Rotate uint32 words left by 8 bits (one funnel shift on the GPU)."""
+    return (v << 8) | (v >> 24)
+
+
+@triton.jit
+def rotr8(v):
+    return (v >> 8) | (v << 24)
+
+
+@triton.jit
+def scaled_pair(s, c):
+    """fp32 ``w'`` of the two weights of bf16-pair lanes 0 and 1: sign/mantissa word ``s`` (``sm`` word, or
+    ``rotr8`` of it for columns 4j+2, 4j+3) and code word ``c`` (codes at bits 7-10 and 23-26)."""
+    # exponent field 127 - n = 0b0111_(~n): the masked codes XOR 0x3F803F80 (mask | 0x70 << 7 per lane)
+    p = (s & 0x807F807F) | ((c & 0x07800780) ^ 0x3F803F80)
+    return (p << 16).to(tl.float32, bitcast=True), (p & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exact_pair(s, c, top2):
+    """The exact bf16 pair (uint32, lane 0 = low 16 bits): exponent ``top - n`` per lane (``top2`` holds
+    ``top << 7 | top << 23``; ``top >= 15 >= n``, so the subtraction never borrows across lanes)."""
+    return (s & 0x807F807F) | (top2 - (c & 0x07800780))
+
+
+@triton.jit
+def decode_scaled(sa, sb, c):
+    """The 8 fp32 ``w'`` tiles of a block: rows A (``sa``) and B (``sb``) of each row pair, columns
+    ``4j + 0..3`` of each word ``j``, from uint32 words ``sa``, ``sb`` and the pair's code words ``c``."""
+    a0, a1 = scaled_pair(sa, c)
+    a2, a3 = scaled_pair(rotr8(sa), c << 4)
+    b0, b1 = scaled_pair(sb, c >> 4)
+    b2, b3 = scaled_pair(rotr8(sb), rotl8(c))
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def row_scale(top_ptr, rows, row_mask):
+    """``2**(top - 127)`` per row (fp32, built from the exponent bits; 1 for masked rows)."""
+    top = tl.load(top_ptr + rows, mask=row_mask, other=127).to(tl.uint32)
+    return (top << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def escape_terms(y, rows, row_mask, idx, emask, diff, xe, esc_ptr_ptr):
+    """Add ``xe[m, e] * diff[e, r]`` to ``y[m, r]`` for each escape ``e`` (entry ``idx``) of row ``r``."""
+    lo = tl.load(esc_ptr_ptr + rows, mask=row_mask, other=0)
+    hi = tl.load(esc_ptr_ptr + rows + 1, mask=row_mask, other=0)
+    mine = (idx[:, None] >= lo[None, :]) & (idx[:, None] < hi[None, :]) & emask[:, None]  # [EC, R]
+    # where() after the product: an inf in x at another row's escape column must not make NaN here
+    terms = tl.where(mine[None, :, :], xe[:, :, None] * diff[None, :, :], 0.0)  # [MB, EC, R]
+    return y + tl.sum(terms, axis=1)
+
+
+@triton.jit
+def add_escapes(
+    ya, yb, rows_a, rows_b, mask_a, mask_b, scale_a, scale_b, first_row, end_row,
+    esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, m_mask, EC: tl.constexpr,
+):  # fmt: skip
+    """Add the escapes of rows ``[first_row, end_row)`` to the scaled row sums ``ya``/``yb`` ``[MB, R]``."""
+    begin = tl.load(esc_ptr_ptr + first_row)
+    end = tl.load(esc_ptr_ptr + end_row)
+    garbage_a = scale_a * 3.0517578125e-05  # what the main loop multiplied: w' = 2**-15, times the scale
+    garbage_b = scale_b * 3.0517578125e-05
+    e = begin
+    while e < end:  # a while loop: its bounds are data
+        idx = e + tl.arange(0, EC)
+        emask = idx < end
+        entry = tl.load(esc_ptr + idx, mask=emask, other=0).to(tl.uint32)
+        col = (entry & 0xFFFF).to(tl.int32)
+        value = (entry & 0xFFFF0000).to(tl.float32, bitcast=True)
+        xe = tl.load(
+            x_ptr + m_idx[:, None] * stride_xm + col[None, :],
+            mask=m_mask[:, None] & emask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        ya = escape_terms(
+            ya, rows_a, mask_a, idx, emask, value[:, None] - garbage_a[None, :], xe, esc_ptr_ptr
+        )
+        yb = escape_terms(
+            yb, rows_b, mask_b, idx, emask, value[:, None] - garbage_b[None, :], xe, esc_ptr_ptr
+        )
+        e += EC
+    return ya, yb
+
+
+@triton.jit
+def finish(
+    ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr, stride_ym,
+    m_idx, BP: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Scale, add escapes and bias, store ``y`` for rows A (``2p``) and B (``2p + 1``) of pairs
+    ``pair0 + [0, BP)``; ``ya``/``yb`` are ``[MB, BP]`` fp32 sums of ``x . w'``."""
+    pairs = pair0 + tl.arange(0, BP)
+    rows_a = 2 * pairs
+    rows_b = rows_a + 1
+    mask_a = rows_a < N
+    mask_b = rows_b < N
+    m_mask = m_idx < M
+    scale_a = row_scale(top_ptr, rows_a, mask_a)
+    scale_b = row_scale(top_ptr, rows_b, mask_b)
+    ya = ya * scale_a[None, :]
+    yb = yb * scale_b[None, :]
+    first_row = 2 * pair0
+    end_row = tl.minimum(first_row + 2 * BP, N)
+    ya, yb = add_escapes(
+        ya, yb, rows_a, rows_b, mask_a, mask_b, scale_a, scale_b, first_row, end_row,
+        esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, m_mask, EC,
+    )  # fmt: skip
+    if HAS_BIAS:
+        ya += tl.load(bias_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
+        yb += tl.load(bias_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    out_a = y_ptr + m_idx[:, None] * stride_ym + rows_a[None, :]
+    out_b = y_ptr + m_idx[:, None] * stride_ym + rows_b[None, :]
+    tl.store(out_a, ya.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & mask_a[None, :])
+    tl.store(out_b, yb.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & mask_b[None, :])
+
+
+@triton.jit
+def reduce_splits(
+    ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, m_idx, BP: tl.constexpr, SPLIT: tl.constexpr
+):
+    """Split-K: store this split's partial sums, count the block in; the last one sums all splits.
+
+    Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]``, waits
+    at a CTA barrier (all its threads' stores issued), then one thread adds 1 to ``cnt[counter]`` with
+    acquire-release semantics at GPU scope (publishing the stores). The program that reads ``SPLIT - 1``
+    is the last: it reads every split's partials (``.cg``: from L2, not a stale L1 line), sums them in
+    split order, stores 0 to the counter (ready for the next launch, no memset) and returns
+    ``(ya, yb, True)``; the others return ``(.., False)`` and end.
+    """
+    pairs = pair0 + tl.arange(0, BP)
+    rows_a = 2 * pairs
+    rows_b = rows_a + 1
+    mask = (m_idx < M)[:, None]
+    mask_a = mask & (rows_a < N)[None, :]
+    mask_b = mask & (rows_b < N)[None, :]
+    base = ws_ptr + m_idx[:, None] * N
+    tl.store(base + split * M * N + rows_a[None, :], ya, mask=mask_a)
+    tl.store(base + split * M * N + rows_b[None, :], yb, mask=mask_b)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + counter, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT - 1
+    if last:
+        ya = tl.zeros_like(ya)
+        yb = tl.zeros_like(yb)
+        for s in range(SPLIT):
+            ya += tl.load(base + s * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
+            yb += tl.load(base + s * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
+        tl.store(cnt_ptr + counter, 0)
+    return ya, yb, last

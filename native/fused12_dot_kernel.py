@@ -1,0 +1,194 @@
+"""``y = x W^T (+ b)`` on tensor cores straight from ``fused12`` planes (skinny GEMM and prefill).
+
+Each program owns ``BM`` rows of ``x`` and ``BP`` row pairs of ``W``; per step it decodes a ``[2 BP,
+4 BW]`` weight tile in registers exactly like the GEMV (:func:`~offload_runtime.native.fused12_bits.
+decode_scaled`), converts ``w'`` to bf16 (exact: ``w'`` has 8 significant bits), puts the columns in
+natural order (``tl.join``) and multiplies it with the ``[BM, 4 BW]`` tile of ``x`` by ``tl.dot``
+(fp32 accumulation), once for the A rows and once for the B rows of the pairs. So each weight is read
+and decoded once per ``BM`` rows of ``x``: with ``BM = 16`` the batch 2..16 case pays one decode for up
+to 16 rows; for prefill ``BM`` of 64-128 makes the decode a small part of the tile's work.
+
+Split-K (grid axis 2) and the epilogue are those of the GEMV (``reduce_splits`` and ``finish`` of
+:mod:`~offload_runtime.native.fused12_bits`).
+``x`` must be bf16 (tensor cores multiply bf16 by bf16).
+
+:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from offload_runtime.native import fused12_format
+from offload_runtime.native.fused12_bits import decode_scaled, finish, reduce_splits
+from offload_runtime.native.fused12_format import Planes
+
+ESCAPE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    """Tile and launch parameters of :func:`dot`.
+
+    Attributes:
+        block_m: rows of ``x`` per program (``BM``, >= 16).
+        block_pairs: row pairs of ``W`` per program (``BP``, >= 16).
+        block_words: words per step (``BW``; ``4 BW`` columns, >= 4).
+        split: programs sharing one output tile along K.
+        num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_m: int = 16
+    block_pairs: int = 32
+    block_words: int = 16
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_json(self) -> dict:
+        return {
+            "block_m": self.block_m,
+            "block_pairs": self.block_pairs,
+            "block_words": self.block_words,
+            "split": self.split,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
+
+@triton.jit
+def _natural(c0, c1, c2, c3, BW: tl.constexpr):
+    """bf16 ``[R, 4 BW]`` tile with columns in natural order from the four column classes ``[R, BW]``."""
+    # join stacks on a new last axis: (c0, c2) x (c1, c3) flattens to c0, c1, c2, c3
+    joined = tl.join(
+        tl.join(c0.to(tl.bfloat16), c2.to(tl.bfloat16)), tl.join(c1.to(tl.bfloat16), c3.to(tl.bfloat16))
+    )
+    return tl.reshape(joined, [c0.shape[0], 4 * BW])
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, pitch, nwords, words_per_split, stride_xm, stride_ym,
+    BM: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    pair0 = pid_n * BP
+    pairs = pair0 + tl.arange(0, BP)
+    rows_a = 2 * pairs
+    mask_a = rows_a < N
+    mask_b = rows_a + 1 < N
+    off_c = pairs.to(tl.int64)[:, None] * pitch
+    off_a = rows_a.to(tl.int64)[:, None] * pitch
+    off_b = off_a + pitch
+    m_idx = pid_m * BM + tl.arange(0, BM)
+    m_mask = m_idx < M
+    x_rows = x_ptr + m_idx.to(tl.int64)[:, None] * stride_xm
+    acc_a = tl.zeros([BM, BP], dtype=tl.float32)
+    acc_b = tl.zeros([BM, BP], dtype=tl.float32)
+    w_begin = split * words_per_split
+    w_end = tl.minimum(w_begin + words_per_split, nwords)
+    w0 = w_begin
+    while w0 < w_end:
+        words = w0 + tl.arange(0, BW)
+        word_mask = words < w_end
+        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
+        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
+        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_b[:, None] & word_mask[None, :], other=0)
+        cols = 4 * w0 + tl.arange(0, 4 * BW)
+        xt = tl.load(
+            x_rows + cols[None, :],
+            mask=m_mask[:, None] & (cols < 4 * w_end)[None, :] & (cols < K)[None, :],
+            other=0.0,
+        )
+        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
+            sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
+        )
+        acc_a = tl.dot(xt, tl.trans(_natural(a0, a1, a2, a3, BW)), acc_a)
+        acc_b = tl.dot(xt, tl.trans(_natural(b0, b1, b2, b3, BW)), acc_b)
+        w0 += BW
+    if SPLIT == 1:
+        finish(
+            acc_a, acc_b, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
+            stride_ym, m_idx, BP, EC, HAS_BIAS,
+        )  # fmt: skip
+    else:
+        counter = pid_m * tl.num_programs(1) + pid_n
+        ya, yb, last = reduce_splits(
+            acc_a, acc_b, pair0, N, M, ws_ptr, cnt_ptr, counter, split, m_idx, BP, SPLIT
+        )
+        if last:
+            finish(
+                ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
+                stride_ym, m_idx, BP, EC, HAS_BIAS,
+            )  # fmt: skip
+
+
+def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int, int]:
+    """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
+    if config.split == 1:
+        return 0, 0
+    blocks = triton.cdiv(rows_x, config.block_m) * triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    return config.split * rows_x * planes.rows, blocks
+
+
+def dot(
+    x: torch.Tensor,
+    planes: Planes,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: DotConfig = DotConfig(),
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Enqueue ``out = x @ W^T (+ bias)`` on the current stream (tensor cores, fp32 accumulation).
+
+    Args:
+        x (`torch.Tensor`): ``[M, K]`` bf16, rows contiguous.
+        planes (`Planes`): the weight ``[N, K]``.
+        out (`torch.Tensor`): ``[M, N]``, rows contiguous.
+        bias (`torch.Tensor`, *optional*): ``[N]``.
+        config (`DotConfig`): tiles, split-K, warps, stages.
+        workspace (`tuple`, *optional*): as for :func:`offload_runtime.native.fused12_gemv_kernel.gemv`.
+    """
+    rows_x, cols = x.shape
+    if x.dtype != torch.bfloat16 or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError(f"dot takes bf16 x [M, {planes.cols}] and out with contiguous rows")
+    nwords = -(-cols // 4)
+    words_per_split = triton.cdiv(triton.cdiv(nwords, config.split), config.block_words) * config.block_words
+    split = max(triton.cdiv(nwords, words_per_split), 1)
+    if split != config.split:
+        config = DotConfig(
+            config.block_m, config.block_pairs, config.block_words, split, config.num_warps, config.num_stages
+        )
+    partials, counters = workspace if workspace is not None else (out, out)
+    if config.split > 1:
+        need = workspace_needs(rows_x, planes, config)
+        if workspace is None or partials.numel() < need[0] or counters.numel() < need[1]:
+            raise ValueError(f"split-K needs a workspace of {need} (fp32 partials, int32 counters)")
+    grid = (
+        triton.cdiv(rows_x, config.block_m),
+        triton.cdiv((planes.rows + 1) // 2, config.block_pairs),
+        config.split,
+    )
+    _dot_kernel[grid](
+        x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
+        bias if bias is not None else out, out, partials, counters,
+        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split, x.stride(0), out.stride(0),
+        BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT=config.split,
+        EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
+    y = x.float() @ fused12_format.decode(planes).float().T
+    return y + bias.float() if bias is not None else y

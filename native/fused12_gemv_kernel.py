@@ -1,0 +1,208 @@
+"""``y = x W^T (+ b)`` for 1 to 8 rows of ``x`` straight from ``fused12`` planes (decode-phase GEMV).
+
+Each program owns ``BP`` row pairs (``2 BP`` output features) and one K-split; per step it loads ``BW``
+words of the pair's code plane and of both rows' ``sm`` plane (16-byte loads), decodes them to ``w'`` in
+registers (:func:`~offload_runtime.native.fused12_bits.decode_scaled`, about 3 integer operations per
+weight) and accumulates ``x . w'`` with fp32 FMAs into a ``[MB, BP, BW]`` register tile per row class, so
+the reduction across the tile happens once, after the loop. ``x`` is loaded per step in the same column
+order as the words (``x[4j + i]``), either as four strided loads or, when it is bf16 with rows of a
+multiple of 4 elements (``X_WORDS``), as one 8-byte word per 4 columns split with the same shift/mask as
+the weights.
+
+Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM; the splits' partial sums
+meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
+each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_bits.finish`).
+
+:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from offload_runtime.native import fused12_format
+from offload_runtime.native.fused12_bits import decode_scaled, finish, reduce_splits
+from offload_runtime.native.fused12_format import Planes
+
+MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
+ESCAPE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile and launch parameters of :func:`gemv` (what the benchmark tunes per shape).
+
+    Attributes:
+        block_pairs: row pairs per program (``BP``; ``2 BP`` output features).
+        block_words: words per step (``BW``; ``4 BW`` columns).
+        split: programs sharing one row block along K (1: no split-K).
+        num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_pairs: int = 16
+    block_words: int = 32
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_json(self) -> dict:
+        return {
+            "block_pairs": self.block_pairs,
+            "block_words": self.block_words,
+            "split": self.split,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
+
+@triton.jit
+def _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_WORDS: tl.constexpr):
+    """fp32 ``x[m, 4j + i]`` for i = 0..3, each ``[MB, BW]``."""
+    if X_WORDS:  # bf16 x: one 8-byte word holds columns 4j..4j+3, split like a weight pair
+        xw = tl.load(
+            x64_ptr + m_idx[:, None] * (stride_xm // 4) + words[None, :],
+            mask=m_mask[:, None] & word_mask[None, :],
+            other=0,
+        )
+        lo = xw.to(tl.uint32)
+        hi = (xw >> 32).to(tl.uint32)
+        x0 = (lo << 16).to(tl.float32, bitcast=True)
+        x1 = (lo & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x2 = (hi << 16).to(tl.float32, bitcast=True)
+        x3 = (hi & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        base = x_ptr + m_idx[:, None] * stride_xm + 4 * words[None, :]
+        cols = 4 * words[None, :]
+        row_ok = m_mask[:, None]
+        x0 = tl.load(base, mask=row_ok & (cols < K), other=0.0).to(tl.float32)
+        x1 = tl.load(base + 1, mask=row_ok & (cols + 1 < K), other=0.0).to(tl.float32)
+        x2 = tl.load(base + 2, mask=row_ok & (cols + 2 < K), other=0.0).to(tl.float32)
+        x3 = tl.load(base + 3, mask=row_ok & (cols + 3 < K), other=0.0).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, x64_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, pitch, nwords, words_per_split, stride_xm, stride_ym,
+    MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pair0 = pid_n * BP
+    pairs = pair0 + tl.arange(0, BP)
+    rows_a = 2 * pairs
+    mask_a = rows_a < N
+    mask_b = rows_a + 1 < N
+    off_c = pairs.to(tl.int64)[:, None] * pitch
+    off_a = rows_a.to(tl.int64)[:, None] * pitch
+    off_b = off_a + pitch
+    m_idx = tl.arange(0, MB)
+    m_mask = m_idx < M
+    acc_a = tl.zeros([MB, BP, BW], dtype=tl.float32)
+    acc_b = tl.zeros([MB, BP, BW], dtype=tl.float32)
+    w_begin = split * words_per_split
+    w_end = tl.minimum(w_begin + words_per_split, nwords)
+    w0 = w_begin
+    while w0 < w_end:
+        words = w0 + tl.arange(0, BW)
+        word_mask = words < w_end
+        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
+        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
+        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_b[:, None] & word_mask[None, :], other=0)
+        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
+            sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
+        )
+        x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_WORDS)
+        x0 = x0[:, None, :]
+        x1 = x1[:, None, :]
+        x2 = x2[:, None, :]
+        x3 = x3[:, None, :]
+        acc_a += a0[None, :, :] * x0 + a1[None, :, :] * x1 + a2[None, :, :] * x2 + a3[None, :, :] * x3
+        acc_b += b0[None, :, :] * x0 + b1[None, :, :] * x1 + b2[None, :, :] * x2 + b3[None, :, :] * x3
+        w0 += BW
+    ya = tl.sum(acc_a, axis=2)
+    yb = tl.sum(acc_b, axis=2)
+    if SPLIT == 1:
+        finish(
+            ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr, stride_ym,
+            m_idx, BP, EC, HAS_BIAS,
+        )  # fmt: skip
+    else:
+        ya, yb, last = reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, m_idx, BP, SPLIT)
+        if last:
+            finish(
+                ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
+                stride_ym, m_idx, BP, EC, HAS_BIAS,
+            )  # fmt: skip
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[int, int]:
+    """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
+    if config.split == 1:
+        return 0, 0
+    return config.split * rows_x * planes.rows, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+
+
+def gemv(
+    x: torch.Tensor,
+    planes: Planes,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig = GemvConfig(),
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Enqueue ``out = x @ W^T (+ bias)`` on the current stream.
+
+    Args:
+        x (`torch.Tensor`): ``[M, K]`` with ``M <= 8``, rows contiguous (any float dtype).
+        planes (`Planes`): the weight ``[N, K]``.
+        out (`torch.Tensor`): ``[M, N]``, rows contiguous; gets ``x``'s dtype values.
+        bias (`torch.Tensor`, *optional*): ``[N]``.
+        config (`GemvConfig`): tiles, split-K, warps, stages.
+        workspace (`tuple`, *optional*): ``(fp32 partials, int32 counters, all 0)`` of at least
+            :func:`workspace_needs`; required when ``config.split > 1``. The counters are 0 again when
+            the kernel ends, so one workspace serves every call in stream order.
+    """
+    rows_x, cols = x.shape
+    if rows_x > MAX_ROWS or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError(f"gemv takes x [<= {MAX_ROWS}, {planes.cols}] and out with contiguous rows")
+    nwords = -(-cols // 4)
+    words_per_split = triton.cdiv(triton.cdiv(nwords, config.split), config.block_words) * config.block_words
+    split = max(triton.cdiv(nwords, words_per_split), 1)
+    if split != config.split:  # a split past the end would have no words: fewer, fuller splits
+        config = GemvConfig(
+            config.block_pairs, config.block_words, split, config.num_warps, config.num_stages
+        )
+    partials, counters = workspace if workspace is not None else (out, out)
+    if config.split > 1:
+        need = workspace_needs(rows_x, planes, config)
+        if workspace is None or partials.numel() < need[0] or counters.numel() < need[1]:
+            raise ValueError(f"split-K needs a workspace of {need} (fp32 partials, int32 counters)")
+    x_words = x.dtype == torch.bfloat16 and cols % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
+    x64 = x.view(torch.int64) if x_words else x
+    grid = (triton.cdiv((planes.rows + 1) // 2, config.block_pairs), config.split)
+    _gemv_kernel[grid](
+        x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
+        bias if bias is not None else out, out, partials, counters,
+        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split, x.stride(0), out.stride(0),
+        MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT=config.split,
+        EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x_words,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
+    y = x.float() @ fused12_format.decode(planes).float().T
+    return y + bias.float() if bias is not None else y
