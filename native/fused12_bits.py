@@ -142,16 +142,14 @@ def finish(
 
 
 @triton.jit
-def reduce_splits(
-    ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, m_idx, BP: tl.constexpr, SPLIT: tl.constexpr
-):
+def reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP: tl.constexpr):
     """Split-K: store this split's partial sums, count the block in; the last one sums all splits.
 
     Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]``, waits
     at a CTA barrier (all its threads' stores issued), then one thread adds 1 to ``cnt[counter]`` with
-    acquire-release semantics at GPU scope (publishing the stores). The program that reads ``SPLIT - 1``
-    is the last: it reads every split's partials (``.cg``: from L2, not a stale L1 line), sums them in
-    split order, stores 0 to the counter (ready for the next launch, no memset) and returns
+    acquire-release semantics at GPU scope (publishing the stores). The program that reads
+    ``n_splits - 1`` is the last: it reads every split's partials (``.cg``: from L2, not a stale L1 line),
+    sums them in split order, stores 0 to the counter (ready for the next launch, no memset) and returns
     ``(ya, yb, True)``; the others return ``(.., False)`` and end.
     """
     pairs = pair0 + tl.arange(0, BP)
@@ -165,11 +163,11 @@ def reduce_splits(
     tl.store(base + split * M * N + rows_b[None, :], yb, mask=mask_b)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + counter, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT - 1
+    last = arrived == n_splits - 1
     if last:
         ya = tl.zeros_like(ya)
         yb = tl.zeros_like(yb)
-        for s in range(SPLIT):
+        for s in range(n_splits):
             ya += tl.load(base + s * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
             yb += tl.load(base + s * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
         tl.store(cnt_ptr + counter, 0)

@@ -73,9 +73,9 @@ def _natural(c0, c1, c2, c3, BW: tl.constexpr):
 @triton.jit
 def _dot_kernel(
     x_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, pitch, nwords, words_per_split, stride_xm, stride_ym,
-    BM: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EC: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym,
+    BM: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    EC: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -95,26 +95,29 @@ def _dot_kernel(
     acc_b = tl.zeros([BM, BP], dtype=tl.float32)
     w_begin = split * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, nwords)
-    w0 = w_begin
-    while w0 < w_end:
+    for i in range(iters):  # counted: see the GEMV kernel
+        w0 = tl.multiple_of(w_begin + i * BW, BW)
         words = w0 + tl.arange(0, BW)
-        word_mask = words < w_end
-        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
-        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
-        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_b[:, None] & word_mask[None, :], other=0)
         cols = 4 * w0 + tl.arange(0, 4 * BW)
-        xt = tl.load(
-            x_rows + cols[None, :],
-            mask=m_mask[:, None] & (cols < 4 * w_end)[None, :] & (cols < K)[None, :],
-            other=0.0,
-        )
+        if EVEN_K:  # every split full and K a multiple of 4: no column mask
+            mask_ca = mask_a[:, None]
+            mask_cb = mask_b[:, None]
+            mask_x = m_mask[:, None]
+        else:
+            word_mask = words < w_end
+            mask_ca = mask_a[:, None] & word_mask[None, :]
+            mask_cb = mask_b[:, None] & word_mask[None, :]
+            mask_x = m_mask[:, None] & (cols < 4 * w_end)[None, :] & (cols < K)[None, :]
+        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
+        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
+        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
+        xt = tl.load(x_rows + cols[None, :], mask=mask_x, other=0.0)
         a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
             sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
         )
         acc_a = tl.dot(xt, tl.trans(_natural(a0, a1, a2, a3, BW)), acc_a)
         acc_b = tl.dot(xt, tl.trans(_natural(b0, b1, b2, b3, BW)), acc_b)
-        w0 += BW
-    if SPLIT == 1:
+    if not SPLIT_K:
         finish(
             acc_a, acc_b, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
             stride_ym, m_idx, BP, EC, HAS_BIAS,
@@ -122,7 +125,7 @@ def _dot_kernel(
     else:
         counter = pid_m * tl.num_programs(1) + pid_n
         ya, yb, last = reduce_splits(
-            acc_a, acc_b, pair0, N, M, ws_ptr, cnt_ptr, counter, split, m_idx, BP, SPLIT
+            acc_a, acc_b, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP
         )
         if last:
             finish(
@@ -180,9 +183,10 @@ def dot(
     _dot_kernel[grid](
         x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
-        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split, x.stride(0), out.stride(0),
-        BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT=config.split,
-        EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None,
+        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
+        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
+        BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
+        EVEN_K=nwords % words_per_split == 0 and cols % 4 == 0, EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

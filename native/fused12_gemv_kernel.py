@@ -61,13 +61,9 @@ class GemvConfig:
 
 @triton.jit
 def _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_WORDS: tl.constexpr):
-    """fp32 ``x[m, 4j + i]`` for i = 0..3, each ``[MB, BW]``."""
+    """fp32 ``x[m, 4j + i]`` for i = 0..3, each ``[MB, BW]`` (``word_mask``: ``[MB, BW]`` or ``[MB, 1]``)."""
     if X_WORDS:  # bf16 x: one 8-byte word holds columns 4j..4j+3, split like a weight pair
-        xw = tl.load(
-            x64_ptr + m_idx[:, None] * (stride_xm // 4) + words[None, :],
-            mask=m_mask[:, None] & word_mask[None, :],
-            other=0,
-        )
+        xw = tl.load(x64_ptr + m_idx[:, None] * (stride_xm // 4) + words[None, :], mask=word_mask, other=0)
         lo = xw.to(tl.uint32)
         hi = (xw >> 32).to(tl.uint32)
         x0 = (lo << 16).to(tl.float32, bitcast=True)
@@ -88,9 +84,9 @@ def _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_
 @triton.jit
 def _gemv_kernel(
     x_ptr, x64_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, pitch, nwords, words_per_split, stride_xm, stride_ym,
-    MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
+    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym,
+    MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    EC: tl.constexpr, HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,33 +104,42 @@ def _gemv_kernel(
     acc_b = tl.zeros([MB, BP, BW], dtype=tl.float32)
     w_begin = split * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, nwords)
-    w0 = w_begin
-    while w0 < w_end:
+    # a counted loop (iters is an argument): the compiler sees w0's alignment (16-byte loads) and can
+    # pipeline it (num_stages); EVEN_K (every split full) drops the column mask
+    for i in range(iters):
+        w0 = tl.multiple_of(w_begin + i * BW, BW)
         words = w0 + tl.arange(0, BW)
-        word_mask = words < w_end
-        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
-        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_a[:, None] & word_mask[None, :], other=0)
-        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_b[:, None] & word_mask[None, :], other=0)
+        if EVEN_K:
+            mask_ca = mask_a[:, None]
+            mask_cb = mask_b[:, None]
+            mask_x = m_mask[:, None]
+        else:
+            word_mask = words < w_end
+            mask_ca = mask_a[:, None] & word_mask[None, :]
+            mask_cb = mask_b[:, None] & word_mask[None, :]
+            mask_x = m_mask[:, None] & word_mask[None, :]
+        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
+        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
+        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
         a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
             sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
         )
-        x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_WORDS)
+        x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, mask_x, K, X_WORDS)
         x0 = x0[:, None, :]
         x1 = x1[:, None, :]
         x2 = x2[:, None, :]
         x3 = x3[:, None, :]
         acc_a += a0[None, :, :] * x0 + a1[None, :, :] * x1 + a2[None, :, :] * x2 + a3[None, :, :] * x3
         acc_b += b0[None, :, :] * x0 + b1[None, :, :] * x1 + b2[None, :, :] * x2 + b3[None, :, :] * x3
-        w0 += BW
     ya = tl.sum(acc_a, axis=2)
     yb = tl.sum(acc_b, axis=2)
-    if SPLIT == 1:
+    if not SPLIT_K:
         finish(
             ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr, stride_ym,
             m_idx, BP, EC, HAS_BIAS,
         )  # fmt: skip
     else:
-        ya, yb, last = reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, m_idx, BP, SPLIT)
+        ya, yb, last = reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, n_splits, m_idx, BP)
         if last:
             finish(
                 ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
@@ -194,9 +199,10 @@ def gemv(
     _gemv_kernel[grid](
         x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
-        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split, x.stride(0), out.stride(0),
-        MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT=config.split,
-        EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x_words,
+        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
+        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
+        MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
+        EVEN_K=nwords % words_per_split == 0, EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x_words,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -89,6 +89,7 @@ def test_gemv_matches_the_reference(rows, cols, m, split, with_bias, dtype):
 
 DOT_CASES = [
     (1, 1, 1, 1, False),
+    (10, 64, 20, 2, True),  # every split full (EVEN_K: no column masks)
     (7, 5, 3, 1, True),
     (33, 130, 17, 2, True),
     (64, 200, 40, 1, False),

@@ -1,10 +1,15 @@
 """Run the Triton kernels on the CPU: Triton's interpreter, set up before any kernel module is imported.
 
 Import this module first in a kernel test (``import triton_cpu``): without CUDA it sets
-``TRITON_INTERPRET=1`` (``triton.jit`` reads it when a kernel is defined) and makes the interpreter's
-``tl.dot`` widen bf16 operands to fp32 first: the interpreter keeps bf16 as raw uint16 bits and would
-multiply the bits. Widening bf16 to fp32 is exact, so the product is the fp32-accumulated one the GPU
-computes (up to summation order). With CUDA it does nothing: the kernels compile for the GPU.
+``TRITON_INTERPRET=1`` (``triton.jit`` reads it when a kernel is defined) and mends two gaps of Triton
+3.6's interpreter:
+
+* its ``tl.dot`` keeps bf16 operands as raw uint16 bits and would multiply the bits: they are widened to
+  fp32 first (exact, so the product is the fp32-accumulated one the GPU computes, up to summation order);
+* it turns a scalar (a one-element array) into a loop bound with ``int(array)``, which numpy >= 2.4
+  refuses for arrays of one dimension: ``.item()`` instead.
+
+With CUDA it does nothing: the kernels compile for the GPU.
 """
 
 from __future__ import annotations
@@ -44,3 +49,11 @@ if AVAILABLE and INTERPRETED:
         return _create_dot(self, _widen(a), _widen(b), d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = _create_dot_widened
+
+    _patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_item(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor_item
