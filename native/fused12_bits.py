@@ -8,17 +8,27 @@ three-input logic operations, so a 16-byte load of each plane feeds 16 weights w
   as two fp32 values: ``(p << 16)`` and ``(p & 0xFFFF0000)`` reinterpreted, where ``p`` is the pair;
 * :func:`exact_pair` builds the exact bf16 pair (exponent ``top - n``), for the decode kernel.
 
-The epilogue (:func:`finish`) turns the fp32 sums of ``x . w'`` of a block of row pairs into ``y``:
-scale per row by ``2**(top - 127)``, add ``x[c] * (v - 2**(top - 142))`` for each escape ``(c, v)`` of the
-rows (the main loop multiplied an escape as ``w' = 2**-15``, its ``sm`` being 0), add the bias, store.
-With split-K, :func:`reduce_splits` first makes the last program of each row block sum the partial sums
-of all splits in a fixed order (deterministic) and re-arm the block's counter (protocol in its docstring).
+The escapes' terms ``x[c] * (v - 2**(top - 142))`` of a block of rows (the main loop multiplied an escape
+as ``w' = 2**-15``, its ``sm`` being 0) are summed before the main loop (:func:`escape_sums`). The
+epilogue (:func:`finish`) scales the fp32 sums of ``x . w'`` per row by ``2**(top - 127)``, adds the
+escape terms and the bias, and stores ``y``. With split-K, :func:`reduce_splits` first makes the last
+program of each row block sum the partial sums of all splits in a fixed order (deterministic) and re-arm
+the block's counter (protocol in its docstring).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def escape_chunk(rows_x_block: int, block_pairs: int) -> int:
+    """Escapes handled per step of :func:`~offload_runtime.native.fused12_bits.escape_sums`: its
+    ``[MB, EC, BP]`` temporaries stay near 4096 elements (a few registers per thread)."""
+    chunk = 64
+    while chunk > 8 and rows_x_block * chunk * block_pairs > 4096:
+        chunk //= 2
+    return chunk
 
 
 @triton.jit
@@ -78,16 +88,29 @@ def escape_terms(y, rows, row_mask, idx, emask, diff, xe, esc_ptr_ptr):
 
 
 @triton.jit
-def add_escapes(
-    ya, yb, rows_a, rows_b, mask_a, mask_b, scale_a, scale_b, first_row, end_row,
-    esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, m_mask, EC: tl.constexpr,
+def escape_sums(
+    pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx,
+    MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr,
 ):  # fmt: skip
-    """Add the escapes of rows ``[first_row, end_row)`` to the scaled row sums ``ya``/``yb`` ``[MB, R]``."""
-    begin = tl.load(esc_ptr_ptr + first_row)
-    end = tl.load(esc_ptr_ptr + end_row)
-    garbage_a = scale_a * 3.0517578125e-05  # what the main loop multiplied: w' = 2**-15, times the scale
-    garbage_b = scale_b * 3.0517578125e-05
-    e = begin
+    """What the escapes of rows A and B of pairs ``pair0 + [0, BP)`` add to ``y``, ``[MB, BP]`` each:
+    ``x[m, c] * (v - 2**(top - 142))`` per escape ``(c, v)`` (the main loop multiplied it as ``w' = 2**-15``).
+
+    A kernel calls this before its main loop: these few dependent loads then wait while the SM streams
+    other programs' weights, instead of lengthening the kernel's tail.
+    """
+    pairs = pair0 + tl.arange(0, BP)
+    rows_a = 2 * pairs
+    rows_b = rows_a + 1
+    mask_a = rows_a < N
+    mask_b = rows_b < N
+    m_mask = m_idx < M
+    garbage_a = row_scale(top_ptr, rows_a, mask_a) * 3.0517578125e-05  # 2**-15 times the row's scale
+    garbage_b = row_scale(top_ptr, rows_b, mask_b) * 3.0517578125e-05
+    ya = tl.zeros([MB, BP], dtype=tl.float32)
+    yb = tl.zeros([MB, BP], dtype=tl.float32)
+    first_row = 2 * pair0
+    e = tl.load(esc_ptr_ptr + first_row)
+    end = tl.load(esc_ptr_ptr + tl.minimum(first_row + 2 * BP, N))
     while e < end:  # a while loop: its bounds are data
         idx = e + tl.arange(0, EC)
         emask = idx < end
@@ -111,27 +134,20 @@ def add_escapes(
 
 @triton.jit
 def finish(
-    ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr, stride_ym,
-    m_idx, BP: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx,
+    BP: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Scale, add escapes and bias, store ``y`` for rows A (``2p``) and B (``2p + 1``) of pairs
-    ``pair0 + [0, BP)``; ``ya``/``yb`` are ``[MB, BP]`` fp32 sums of ``x . w'``."""
+    """Store ``y`` for rows A (``2p``) and B (``2p + 1``) of pairs ``pair0 + [0, BP)``: the sums of
+    ``x . w'`` (``ya``, ``yb``, ``[MB, BP]``) scaled per row, plus the escapes' terms (``ca``, ``cb``, from
+    :func:`escape_sums`) and the bias."""
     pairs = pair0 + tl.arange(0, BP)
     rows_a = 2 * pairs
     rows_b = rows_a + 1
     mask_a = rows_a < N
     mask_b = rows_b < N
     m_mask = m_idx < M
-    scale_a = row_scale(top_ptr, rows_a, mask_a)
-    scale_b = row_scale(top_ptr, rows_b, mask_b)
-    ya = ya * scale_a[None, :]
-    yb = yb * scale_b[None, :]
-    first_row = 2 * pair0
-    end_row = tl.minimum(first_row + 2 * BP, N)
-    ya, yb = add_escapes(
-        ya, yb, rows_a, rows_b, mask_a, mask_b, scale_a, scale_b, first_row, end_row,
-        esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, m_mask, EC,
-    )  # fmt: skip
+    ya = ya * row_scale(top_ptr, rows_a, mask_a)[None, :] + ca
+    yb = yb * row_scale(top_ptr, rows_b, mask_b)[None, :] + cb
     if HAS_BIAS:
         ya += tl.load(bias_ptr + rows_a, mask=mask_a, other=0.0).to(tl.float32)[None, :]
         yb += tl.load(bias_ptr + rows_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
@@ -142,15 +158,18 @@ def finish(
 
 
 @triton.jit
-def reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP: tl.constexpr):
+def reduce_splits(
+    ya, yb, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP: tl.constexpr
+):
     """Split-K: store this split's partial sums, count the block in; the last one sums all splits.
 
-    Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]``, waits
-    at a CTA barrier (all its threads' stores issued), then one thread adds 1 to ``cnt[counter]`` with
-    acquire-release semantics at GPU scope (publishing the stores). The program that reads
-    ``n_splits - 1`` is the last: it reads every split's partials (``.cg``: from L2, not a stale L1 line),
-    sums them in split order, stores 0 to the counter (ready for the next launch, no memset) and returns
-    ``(ya, yb, True)``; the others return ``(.., False)`` and end.
+    Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]`` (split
+    0 also its escape terms, to ``ws[n_splits, m, row]``), waits at a CTA barrier (all its threads' stores
+    issued), then one thread adds 1 to ``cnt[counter]`` with acquire-release semantics at GPU scope
+    (publishing the stores). The program that reads ``n_splits - 1`` is the last: it reads every split's
+    partials (``.cg``: from L2, not a stale L1 line), sums them in split order (deterministic), reads the
+    escape terms, stores 0 to the counter (ready for the next launch, no memset) and returns
+    ``(ya, yb, ca, cb, True)``; the others return ``(..., False)`` and end.
     """
     pairs = pair0 + tl.arange(0, BP)
     rows_a = 2 * pairs
@@ -161,6 +180,9 @@ def reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits
     base = ws_ptr + m_idx[:, None] * N
     tl.store(base + split * M * N + rows_a[None, :], ya, mask=mask_a)
     tl.store(base + split * M * N + rows_b[None, :], yb, mask=mask_b)
+    if split == 0:
+        tl.store(base + n_splits * M * N + rows_a[None, :], ca, mask=mask_a)
+        tl.store(base + n_splits * M * N + rows_b[None, :], cb, mask=mask_b)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + counter, 1, sem="acq_rel", scope="gpu")
     last = arrived == n_splits - 1
@@ -170,5 +192,7 @@ def reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits
         for s in range(n_splits):
             ya += tl.load(base + s * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
             yb += tl.load(base + s * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
+        ca = tl.load(base + n_splits * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
+        cb = tl.load(base + n_splits * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
         tl.store(cnt_ptr + counter, 0)
-    return ya, yb, last
+    return ya, yb, ca, cb, last

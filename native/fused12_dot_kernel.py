@@ -24,10 +24,14 @@ import triton
 import triton.language as tl
 
 from offload_runtime.native import fused12_format
-from offload_runtime.native.fused12_bits import decode_scaled, finish, reduce_splits
+from offload_runtime.native.fused12_bits import (
+    decode_scaled,
+    escape_chunk,
+    escape_sums,
+    finish,
+    reduce_splits,
+)
 from offload_runtime.native.fused12_format import Planes
-
-ESCAPE_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,15 @@ def _dot_kernel(
     m_idx = pid_m * BM + tl.arange(0, BM)
     m_mask = m_idx < M
     x_rows = x_ptr + m_idx.to(tl.int64)[:, None] * stride_xm
+    if SPLIT_K:  # escapes first (split 0 only): see the GEMV kernel
+        ca = tl.zeros([BM, BP], dtype=tl.float32)
+        cb = tl.zeros([BM, BP], dtype=tl.float32)
+        if split == 0:
+            ca, cb = escape_sums(
+                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC
+            )
+    else:
+        ca, cb = escape_sums(pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC)
     acc_a = tl.zeros([BM, BP], dtype=tl.float32)
     acc_b = tl.zeros([BM, BP], dtype=tl.float32)
     w_begin = split * words_per_split
@@ -118,20 +131,14 @@ def _dot_kernel(
         acc_a = tl.dot(xt, tl.trans(_natural(a0, a1, a2, a3, BW)), acc_a)
         acc_b = tl.dot(xt, tl.trans(_natural(b0, b1, b2, b3, BW)), acc_b)
     if not SPLIT_K:
-        finish(
-            acc_a, acc_b, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
-            stride_ym, m_idx, BP, EC, HAS_BIAS,
-        )  # fmt: skip
+        finish(acc_a, acc_b, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
     else:
         counter = pid_m * tl.num_programs(1) + pid_n
-        ya, yb, last = reduce_splits(
-            acc_a, acc_b, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP
+        ya, yb, ca, cb, last = reduce_splits(
+            acc_a, acc_b, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP
         )
         if last:
-            finish(
-                ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
-                stride_ym, m_idx, BP, EC, HAS_BIAS,
-            )  # fmt: skip
+            finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
 
 
 def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int, int]:
@@ -139,7 +146,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int
     if config.split == 1:
         return 0, 0
     blocks = triton.cdiv(rows_x, config.block_m) * triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
-    return config.split * rows_x * planes.rows, blocks
+    return (config.split + 1) * rows_x * planes.rows, blocks  # a slot per split + the escape terms
 
 
 def dot(
@@ -186,7 +193,8 @@ def dot(
         rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
         words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
         BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
-        EVEN_K=nwords % words_per_split == 0 and cols % 4 == 0, EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None,
+        EVEN_K=nwords % words_per_split == 0 and cols % 4 == 0,
+        EC=escape_chunk(config.block_m, config.block_pairs), HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -25,11 +25,16 @@ import triton
 import triton.language as tl
 
 from offload_runtime.native import fused12_format
-from offload_runtime.native.fused12_bits import decode_scaled, finish, reduce_splits
+from offload_runtime.native.fused12_bits import (
+    decode_scaled,
+    escape_chunk,
+    escape_sums,
+    finish,
+    reduce_splits,
+)
 from offload_runtime.native.fused12_format import Planes
 
 MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
-ESCAPE_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,22 @@ def _gemv_kernel(
     off_b = off_a + pitch
     m_idx = tl.arange(0, MB)
     m_mask = m_idx < M
-    acc_a = tl.zeros([MB, BP, BW], dtype=tl.float32)
-    acc_b = tl.zeros([MB, BP, BW], dtype=tl.float32)
+    # escapes first (split 0 only): their dependent loads overlap other programs' streaming
+    if SPLIT_K:
+        ca = tl.zeros([MB, BP], dtype=tl.float32)
+        cb = tl.zeros([MB, BP], dtype=tl.float32)
+        if split == 0:
+            ca, cb = escape_sums(
+                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC
+            )
+    else:
+        ca, cb = escape_sums(pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC)
+    if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
+        acc_a = tl.zeros([BP, BW], dtype=tl.float32)
+        acc_b = tl.zeros([BP, BW], dtype=tl.float32)
+    else:
+        acc_a = tl.zeros([MB, BP, BW], dtype=tl.float32)
+        acc_b = tl.zeros([MB, BP, BW], dtype=tl.float32)
     w_begin = split * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, nwords)
     # a counted loop (iters is an argument): the compiler sees w0's alignment (16-byte loads) and can
@@ -121,30 +140,34 @@ def _gemv_kernel(
         c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
         sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
         sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
+        x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, mask_x, K, X_WORDS)
         a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
             sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
         )
-        x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, mask_x, K, X_WORDS)
-        x0 = x0[:, None, :]
-        x1 = x1[:, None, :]
-        x2 = x2[:, None, :]
-        x3 = x3[:, None, :]
-        acc_a += a0[None, :, :] * x0 + a1[None, :, :] * x1 + a2[None, :, :] * x2 + a3[None, :, :] * x3
-        acc_b += b0[None, :, :] * x0 + b1[None, :, :] * x1 + b2[None, :, :] * x2 + b3[None, :, :] * x3
-    ya = tl.sum(acc_a, axis=2)
-    yb = tl.sum(acc_b, axis=2)
-    if not SPLIT_K:
-        finish(
-            ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr, stride_ym,
-            m_idx, BP, EC, HAS_BIAS,
-        )  # fmt: skip
+        if MB == 1:
+            acc_a += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+            acc_b += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+        else:
+            x0 = x0[:, None, :]
+            x1 = x1[:, None, :]
+            x2 = x2[:, None, :]
+            x3 = x3[:, None, :]
+            acc_a += a0[None, :, :] * x0 + a1[None, :, :] * x1 + a2[None, :, :] * x2 + a3[None, :, :] * x3
+            acc_b += b0[None, :, :] * x0 + b1[None, :, :] * x1 + b2[None, :, :] * x2 + b3[None, :, :] * x3
+    if MB == 1:
+        ya = tl.sum(acc_a, axis=1)[None, :]
+        yb = tl.sum(acc_b, axis=1)[None, :]
     else:
-        ya, yb, last = reduce_splits(ya, yb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, n_splits, m_idx, BP)
+        ya = tl.sum(acc_a, axis=2)
+        yb = tl.sum(acc_b, axis=2)
+    if not SPLIT_K:
+        finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
+    else:
+        ya, yb, ca, cb, last = reduce_splits(
+            ya, yb, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, n_splits, m_idx, BP
+        )
         if last:
-            finish(
-                ya, yb, pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, bias_ptr, y_ptr,
-                stride_ym, m_idx, BP, EC, HAS_BIAS,
-            )  # fmt: skip
+            finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
 
 
 def _next_pow2(n: int) -> int:
@@ -155,7 +178,8 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    return config.split * rows_x * planes.rows, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    partials = (config.split + 1) * rows_x * planes.rows  # a slot per split + the escape terms
+    return partials, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
 
 
 def gemv(
@@ -202,7 +226,8 @@ def gemv(
         rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
         words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
         MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
-        EVEN_K=nwords % words_per_split == 0, EC=ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x_words,
+        EVEN_K=nwords % words_per_split == 0, EC=escape_chunk(_next_pow2(rows_x), config.block_pairs),
+        HAS_BIAS=bias is not None, X_WORDS=x_words,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
