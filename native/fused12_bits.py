@@ -42,12 +42,18 @@ def rotr8(v):
     return (v >> 8) | (v << 24)
 
 
+# XOR of the masked codes that makes the exponent field 127 - n = 0b0111_(~n) (mask | 0x70 << 7 per lane).
+# Kernels take it as an argument: as a literal, LLVM rewrites (s & K) | ((c & M) ^ X) into
+# ((s & K) | (c & M)) ^ X, which ptxas cannot fit in two three-input LOP3s (it takes three).
+SCALED_EXP_XOR = 0x3F803F80
+
+
 @triton.jit
-def scaled_pair(s, c):
+def scaled_pair(s, c, exp_xor):
     """fp32 ``w'`` of the two weights of bf16-pair lanes 0 and 1: sign/mantissa word ``s`` (``sm`` word, or
-    ``rotr8`` of it for columns 4j+2, 4j+3) and code word ``c`` (codes at bits 7-10 and 23-26)."""
-    # exponent field 127 - n = 0b0111_(~n): the masked codes XOR 0x3F803F80 (mask | 0x70 << 7 per lane)
-    p = (s & 0x807F807F) | ((c & 0x07800780) ^ 0x3F803F80)
+    ``rotr8`` of it for columns 4j+2, 4j+3), code word ``c`` (codes at bits 7-10 and 23-26) and
+    ``exp_xor`` = :data:`SCALED_EXP_XOR`: two LOP3s, then a shift and a mask."""
+    p = (s & 0x807F807F) | ((c & 0x07800780) ^ exp_xor)
     return (p << 16).to(tl.float32, bitcast=True), (p & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
@@ -59,13 +65,13 @@ def exact_pair(s, c, top2):
 
 
 @triton.jit
-def decode_scaled(sa, sb, c):
+def decode_scaled(sa, sb, c, exp_xor):
     """The 8 fp32 ``w'`` tiles of a block: rows A (``sa``) and B (``sb``) of each row pair, columns
     ``4j + 0..3`` of each word ``j``, from uint32 words ``sa``, ``sb`` and the pair's code words ``c``."""
-    a0, a1 = scaled_pair(sa, c)
-    a2, a3 = scaled_pair(rotr8(sa), c << 4)
-    b0, b1 = scaled_pair(sb, c >> 4)
-    b2, b3 = scaled_pair(rotr8(sb), rotl8(c))
+    a0, a1 = scaled_pair(sa, c, exp_xor)
+    a2, a3 = scaled_pair(rotr8(sa), c << 4, exp_xor)
+    b0, b1 = scaled_pair(sb, c >> 4, exp_xor)
+    b2, b3 = scaled_pair(rotr8(sb), rotl8(c), exp_xor)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -77,26 +83,30 @@ def row_scale(top_ptr, rows, row_mask):
 
 
 @triton.jit
-def escape_terms(y, rows, row_mask, idx, emask, diff, xe, esc_ptr_ptr):
-    """Add ``xe[m, e] * diff[e, r]`` to ``y[m, r]`` for each escape ``e`` (entry ``idx``) of row ``r``."""
+def _mine(rows, row_mask, idx, emask, esc_ptr_ptr):
+    """``[EC, R]``: entry ``idx[e]`` is an escape of row ``rows[r]``."""
     lo = tl.load(esc_ptr_ptr + rows, mask=row_mask, other=0)
     hi = tl.load(esc_ptr_ptr + rows + 1, mask=row_mask, other=0)
-    mine = (idx[:, None] >= lo[None, :]) & (idx[:, None] < hi[None, :]) & emask[:, None]  # [EC, R]
-    # where() after the product: an inf in x at another row's escape column must not make NaN here
-    terms = tl.where(mine[None, :, :], xe[:, :, None] * diff[None, :, :], 0.0)  # [MB, EC, R]
-    return y + tl.sum(terms, axis=1)
+    return (idx[:, None] >= lo[None, :]) & (idx[:, None] < hi[None, :]) & emask[:, None]
 
 
 @triton.jit
 def escape_sums(
     pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx,
-    MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr,
+    MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """What the escapes of rows A and B of pairs ``pair0 + [0, BP)`` add to ``y``, ``[MB, BP]`` each:
-    ``x[m, c] * (v - 2**(top - 142))`` per escape ``(c, v)`` (the main loop multiplied it as ``w' = 2**-15``).
+    ``x[m, c] * (v - g_r)`` per escape ``(c, v)`` of row ``r``, ``g_r = 2**(top_r - 142)`` being what the
+    main loop multiplied it by (``w' = 2**-15``, its ``sm`` being 0, times the row's scale).
 
     A kernel calls this before its main loop: these few dependent loads then wait while the SM streams
-    other programs' weights, instead of lengthening the kernel's tail.
+    other programs' weights, instead of lengthening the kernel's tail. Two ways to scatter the terms:
+
+    * ``DOT`` (the tile kernel, ``MB, EC, BP >= 16``, bf16 ``x``): two bf16 tensor-core products with fp32
+      accumulation, ``x_e @ onehot * v`` and ``x_e @ onehot`` (then times ``g_r``), both exact per
+      term since bf16 x bf16 fits fp32; registers stay ``O(MB EC + EC BP)`` for any ``MB``;
+    * else broadcast products ``[MB, EC, BP]`` summed over ``EC`` (``MB <= 8``), selected after the
+      product so that an inf in ``x`` at another row's escape column does not turn this row into NaN.
     """
     pairs = pair0 + tl.arange(0, BP)
     rows_a = 2 * pairs
@@ -104,10 +114,12 @@ def escape_sums(
     mask_a = rows_a < N
     mask_b = rows_b < N
     m_mask = m_idx < M
-    garbage_a = row_scale(top_ptr, rows_a, mask_a) * 3.0517578125e-05  # 2**-15 times the row's scale
+    garbage_a = row_scale(top_ptr, rows_a, mask_a) * 3.0517578125e-05
     garbage_b = row_scale(top_ptr, rows_b, mask_b) * 3.0517578125e-05
     ya = tl.zeros([MB, BP], dtype=tl.float32)
     yb = tl.zeros([MB, BP], dtype=tl.float32)
+    xa = tl.zeros([MB, BP], dtype=tl.float32)  # DOT: sum of x over the row's escape columns
+    xb = tl.zeros([MB, BP], dtype=tl.float32)
     first_row = 2 * pair0
     e = tl.load(esc_ptr_ptr + first_row)
     end = tl.load(esc_ptr_ptr + tl.minimum(first_row + 2 * BP, N))
@@ -116,19 +128,31 @@ def escape_sums(
         emask = idx < end
         entry = tl.load(esc_ptr + idx, mask=emask, other=0).to(tl.uint32)
         col = (entry & 0xFFFF).to(tl.int32)
-        value = (entry & 0xFFFF0000).to(tl.float32, bitcast=True)
         xe = tl.load(
             x_ptr + m_idx[:, None] * stride_xm + col[None, :],
             mask=m_mask[:, None] & emask[None, :],
             other=0.0,
-        ).to(tl.float32)
-        ya = escape_terms(
-            ya, rows_a, mask_a, idx, emask, value[:, None] - garbage_a[None, :], xe, esc_ptr_ptr
         )
-        yb = escape_terms(
-            yb, rows_b, mask_b, idx, emask, value[:, None] - garbage_b[None, :], xe, esc_ptr_ptr
-        )
+        mine_a = _mine(rows_a, mask_a, idx, emask, esc_ptr_ptr)
+        mine_b = _mine(rows_b, mask_b, idx, emask, esc_ptr_ptr)
+        if DOT:
+            value = (entry >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)[:, None]
+            ya = tl.dot(xe, tl.where(mine_a, value, 0.0).to(tl.bfloat16), ya)
+            yb = tl.dot(xe, tl.where(mine_b, value, 0.0).to(tl.bfloat16), yb)
+            # via fp32: Triton's interpreter would turn True into the bf16 with bits 1, not 1.0
+            xa = tl.dot(xe, mine_a.to(tl.float32).to(tl.bfloat16), xa)
+            xb = tl.dot(xe, mine_b.to(tl.float32).to(tl.bfloat16), xb)
+        else:
+            value = (entry & 0xFFFF0000).to(tl.float32, bitcast=True)[:, None]
+            xe = xe.to(tl.float32)[:, :, None]
+            terms_a = tl.where(mine_a[None, :, :], xe * (value - garbage_a[None, :])[None, :, :], 0.0)
+            terms_b = tl.where(mine_b[None, :, :], xe * (value - garbage_b[None, :])[None, :, :], 0.0)
+            ya += tl.sum(terms_a, axis=1)
+            yb += tl.sum(terms_b, axis=1)
         e += EC
+    if DOT:
+        ya -= xa * garbage_a[None, :]
+        yb -= xb * garbage_b[None, :]
     return ya, yb
 
 

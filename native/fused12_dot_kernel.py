@@ -25,13 +25,15 @@ import triton.language as tl
 
 from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
+    SCALED_EXP_XOR,
     decode_scaled,
-    escape_chunk,
     escape_sums,
     finish,
     reduce_splits,
 )
 from offload_runtime.native.fused12_format import Planes
+
+DOT_ESCAPE_CHUNK = 32  # escapes per step of the escape terms' fp32 dot (>= 16 for tl.dot)
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ def _natural(c0, c1, c2, c3, BW: tl.constexpr):
 @triton.jit
 def _dot_kernel(
     x_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym,
-    BM: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    EC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym, exp_xor,
+    BM: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,10 +102,12 @@ def _dot_kernel(
         cb = tl.zeros([BM, BP], dtype=tl.float32)
         if split == 0:
             ca, cb = escape_sums(
-                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC
+                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC, True
             )
     else:
-        ca, cb = escape_sums(pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC)
+        ca, cb = escape_sums(
+            pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC, True
+        )
     acc_a = tl.zeros([BM, BP], dtype=tl.float32)
     acc_b = tl.zeros([BM, BP], dtype=tl.float32)
     w_begin = split * words_per_split
@@ -121,12 +125,20 @@ def _dot_kernel(
             mask_ca = mask_a[:, None] & word_mask[None, :]
             mask_cb = mask_b[:, None] & word_mask[None, :]
             mask_x = m_mask[:, None] & (cols < 4 * w_end)[None, :] & (cols < K)[None, :]
-        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
-        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
-        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
+        if EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
+            c = tl.load(codes_ptr + off_c + words[None, :])
+            sa = tl.load(sm_ptr + off_a + words[None, :])
+            sb = tl.load(sm_ptr + off_b + words[None, :])
+        else:
+            c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
+            sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
+            sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
         xt = tl.load(x_rows + cols[None, :], mask=mask_x, other=0.0)
         a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
-            sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
+            sa.to(tl.uint32, bitcast=True),
+            sb.to(tl.uint32, bitcast=True),
+            c.to(tl.uint32, bitcast=True),
+            exp_xor,
         )
         acc_a = tl.dot(xt, tl.trans(_natural(a0, a1, a2, a3, BW)), acc_a)
         acc_b = tl.dot(xt, tl.trans(_natural(b0, b1, b2, b3, BW)), acc_b)
@@ -170,6 +182,8 @@ def dot(
     rows_x, cols = x.shape
     if x.dtype != torch.bfloat16 or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"dot takes bf16 x [M, {planes.cols}] and out with contiguous rows")
+    if config.block_m < 16 or config.block_pairs < 16 or config.block_words < 4:
+        raise ValueError(f"tl.dot needs block_m, block_pairs >= 16 and block_words >= 4, got {config}")
     nwords = -(-cols // 4)
     words_per_split = triton.cdiv(triton.cdiv(nwords, config.split), config.block_words) * config.block_words
     split = max(triton.cdiv(nwords, words_per_split), 1)
@@ -191,10 +205,11 @@ def dot(
         x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
         rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
-        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
+        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0), SCALED_EXP_XOR,
         BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
+        EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
         EVEN_K=nwords % words_per_split == 0 and cols % 4 == 0,
-        EC=escape_chunk(config.block_m, config.block_pairs), HAS_BIAS=bias is not None,
+        EC=DOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

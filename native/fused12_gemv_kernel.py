@@ -26,6 +26,7 @@ import triton.language as tl
 
 from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
+    SCALED_EXP_XOR,
     decode_scaled,
     escape_chunk,
     escape_sums,
@@ -87,11 +88,20 @@ def _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, word_mask, K, X_
 
 
 @triton.jit
+def _fma4(acc, w0, w1, w2, w3, x0, x1, x2, x3):
+    acc = tl.fma(w0, x0, acc)
+    acc = tl.fma(w1, x1, acc)
+    acc = tl.fma(w2, x2, acc)
+    return tl.fma(w3, x3, acc)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, x64_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym,
-    MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    EC: tl.constexpr, HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
+    M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym, exp_xor,
+    MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X_WORDS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -111,10 +121,12 @@ def _gemv_kernel(
         cb = tl.zeros([MB, BP], dtype=tl.float32)
         if split == 0:
             ca, cb = escape_sums(
-                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC
+                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC, False
             )
     else:
-        ca, cb = escape_sums(pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC)
+        ca, cb = escape_sums(
+            pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC, False
+        )
     if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
         acc_a = tl.zeros([BP, BW], dtype=tl.float32)
         acc_b = tl.zeros([BP, BW], dtype=tl.float32)
@@ -137,23 +149,36 @@ def _gemv_kernel(
             mask_ca = mask_a[:, None] & word_mask[None, :]
             mask_cb = mask_b[:, None] & word_mask[None, :]
             mask_x = m_mask[:, None] & word_mask[None, :]
-        c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
-        sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
-        sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
+        if EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
+            c = tl.load(codes_ptr + off_c + words[None, :])
+            sa = tl.load(sm_ptr + off_a + words[None, :])
+            sb = tl.load(sm_ptr + off_b + words[None, :])
+        else:
+            c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
+            sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
+            sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
         x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, mask_x, K, X_WORDS)
         a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
-            sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True), c.to(tl.uint32, bitcast=True)
+            sa.to(tl.uint32, bitcast=True),
+            sb.to(tl.uint32, bitcast=True),
+            c.to(tl.uint32, bitcast=True),
+            exp_xor,
         )
+        # one FMA per weight into the accumulator (a sum of four products first would cost a mul and an add)
         if MB == 1:
-            acc_a += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-            acc_b += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
+            acc_a = _fma4(acc_a, a0, a1, a2, a3, x0, x1, x2, x3)
+            acc_b = _fma4(acc_b, b0, b1, b2, b3, x0, x1, x2, x3)
         else:
             x0 = x0[:, None, :]
             x1 = x1[:, None, :]
             x2 = x2[:, None, :]
             x3 = x3[:, None, :]
-            acc_a += a0[None, :, :] * x0 + a1[None, :, :] * x1 + a2[None, :, :] * x2 + a3[None, :, :] * x3
-            acc_b += b0[None, :, :] * x0 + b1[None, :, :] * x1 + b2[None, :, :] * x2 + b3[None, :, :] * x3
+            acc_a = _fma4(
+                acc_a, a0[None, :, :], a1[None, :, :], a2[None, :, :], a3[None, :, :], x0, x1, x2, x3
+            )
+            acc_b = _fma4(
+                acc_b, b0[None, :, :], b1[None, :, :], b2[None, :, :], b3[None, :, :], x0, x1, x2, x3
+            )
     if MB == 1:
         ya = tl.sum(acc_a, axis=1)[None, :]
         yb = tl.sum(acc_b, axis=1)[None, :]
@@ -224,9 +249,10 @@ def gemv(
         x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
         rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
-        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0),
+        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0), SCALED_EXP_XOR,
         MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
-        EVEN_K=nwords % words_per_split == 0, EC=escape_chunk(_next_pow2(rows_x), config.block_pairs),
+        EVEN_N=planes.rows % (2 * config.block_pairs) == 0, EVEN_K=nwords % words_per_split == 0,
+        EC=escape_chunk(_next_pow2(rows_x), config.block_pairs),
         HAS_BIAS=bias is not None, X_WORDS=x_words,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
