@@ -149,7 +149,11 @@ def _gemv_kernel(
             mask_ca = mask_a[:, None] & word_mask[None, :]
             mask_cb = mask_b[:, None] & word_mask[None, :]
             mask_x = m_mask[:, None] & word_mask[None, :]
-        if EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
+        if MB > 1:  # load straight into the [MB, BP, BW] accumulators' 3-D layout (fewer shared-memory trips)
+            c = tl.load((codes_ptr + off_c + words[None, :])[None, :, :], mask=mask_ca[None, :, :], other=0)
+            sa = tl.load((sm_ptr + off_a + words[None, :])[None, :, :], mask=mask_ca[None, :, :], other=0)
+            sb = tl.load((sm_ptr + off_b + words[None, :])[None, :, :], mask=mask_cb[None, :, :], other=0)
+        elif EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
             c = tl.load(codes_ptr + off_c + words[None, :])
             sa = tl.load(sm_ptr + off_a + words[None, :])
             sb = tl.load(sm_ptr + off_b + words[None, :])
@@ -173,12 +177,8 @@ def _gemv_kernel(
             x1 = x1[:, None, :]
             x2 = x2[:, None, :]
             x3 = x3[:, None, :]
-            acc_a = _fma4(
-                acc_a, a0[None, :, :], a1[None, :, :], a2[None, :, :], a3[None, :, :], x0, x1, x2, x3
-            )
-            acc_b = _fma4(
-                acc_b, b0[None, :, :], b1[None, :, :], b2[None, :, :], b3[None, :, :], x0, x1, x2, x3
-            )
+            acc_a = _fma4(acc_a, a0, a1, a2, a3, x0, x1, x2, x3)
+            acc_b = _fma4(acc_b, b0, b1, b2, b3, x0, x1, x2, x3)
     if MB == 1:
         ya = tl.sum(acc_a, axis=1)[None, :]
         yb = tl.sum(acc_b, axis=1)[None, :]
