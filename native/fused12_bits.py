@@ -92,12 +92,13 @@ def _mine(rows, row_mask, idx, emask, esc_ptr_ptr):
 
 @triton.jit
 def escape_sums(
-    pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx,
+    pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
     MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """What the escapes of rows A and B of pairs ``pair0 + [0, BP)`` add to ``y``, ``[MB, BP]`` each:
     ``x[m, c] * (v - g_r)`` per escape ``(c, v)`` of row ``r``, ``g_r = 2**(top_r - 142)`` being what the
-    main loop multiplied it by (``w' = 2**-15``, its ``sm`` being 0, times the row's scale).
+    main loop multiplied it by (``w' = 2**-15``, its ``sm`` being 0, times the row's scale). Only chunks
+    ``chunk0, chunk0 + chunk_step, ...`` of ``EC`` escapes: split-K programs share a block's chunks.
 
     A kernel calls this before its main loop: these few dependent loads then wait while the SM streams
     other programs' weights, instead of lengthening the kernel's tail. Two ways to scatter the terms:
@@ -121,7 +122,7 @@ def escape_sums(
     xa = tl.zeros([MB, BP], dtype=tl.float32)  # DOT: sum of x over the row's escape columns
     xb = tl.zeros([MB, BP], dtype=tl.float32)
     first_row = 2 * pair0
-    e = tl.load(esc_ptr_ptr + first_row)
+    e = tl.load(esc_ptr_ptr + first_row) + chunk0 * EC
     end = tl.load(esc_ptr_ptr + tl.minimum(first_row + 2 * BP, N))
     while e < end:  # a while loop: its bounds are data
         idx = e + tl.arange(0, EC)
@@ -149,7 +150,7 @@ def escape_sums(
             terms_b = tl.where(mine_b[None, :, :], xe * (value - garbage_b[None, :])[None, :, :], 0.0)
             ya += tl.sum(terms_a, axis=1)
             yb += tl.sum(terms_b, axis=1)
-        e += EC
+        e += chunk_step * EC
     if DOT:
         ya -= xa * garbage_a[None, :]
         yb -= xb * garbage_b[None, :]
@@ -187,12 +188,12 @@ def reduce_splits(
 ):
     """Split-K: store this split's partial sums, count the block in; the last one sums all splits.
 
-    Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]`` (split
-    0 also its escape terms, to ``ws[n_splits, m, row]``), waits at a CTA barrier (all its threads' stores
-    issued), then one thread adds 1 to ``cnt[counter]`` with acquire-release semantics at GPU scope
-    (publishing the stores). The program that reads ``n_splits - 1`` is the last: it reads every split's
-    partials (``.cg``: from L2, not a stale L1 line), sums them in split order (deterministic), reads the
-    escape terms, stores 0 to the counter (ready for the next launch, no memset) and returns
+    Protocol: every program of a block stores its ``[MB, 2 BP]`` partials to ``ws[split, m, row]`` and its
+    share of the escape terms to ``ws[n_splits + split, m, row]``, waits at a CTA barrier (all its
+    threads' stores issued), then one thread adds 1 to ``cnt[counter]`` with acquire-release semantics at
+    GPU scope (publishing the stores). The program that reads ``n_splits - 1`` is the last: it reads every
+    split's partials and escape terms (``.cg``: from L2, not a stale L1 line), sums each in split order
+    (deterministic), stores 0 to the counter (ready for the next launch, no memset) and returns
     ``(ya, yb, ca, cb, True)``; the others return ``(..., False)`` and end.
     """
     pairs = pair0 + tl.arange(0, BP)
@@ -204,19 +205,22 @@ def reduce_splits(
     base = ws_ptr + m_idx[:, None] * N
     tl.store(base + split * M * N + rows_a[None, :], ya, mask=mask_a)
     tl.store(base + split * M * N + rows_b[None, :], yb, mask=mask_b)
-    if split == 0:
-        tl.store(base + n_splits * M * N + rows_a[None, :], ca, mask=mask_a)
-        tl.store(base + n_splits * M * N + rows_b[None, :], cb, mask=mask_b)
+    tl.store(base + (n_splits + split) * M * N + rows_a[None, :], ca, mask=mask_a)
+    tl.store(base + (n_splits + split) * M * N + rows_b[None, :], cb, mask=mask_b)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + counter, 1, sem="acq_rel", scope="gpu")
     last = arrived == n_splits - 1
     if last:
         ya = tl.zeros_like(ya)
         yb = tl.zeros_like(yb)
+        ca = tl.zeros_like(ca)
+        cb = tl.zeros_like(cb)
         for s in range(n_splits):
-            ya += tl.load(base + s * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
-            yb += tl.load(base + s * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
-        ca = tl.load(base + n_splits * M * N + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
-        cb = tl.load(base + n_splits * M * N + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
+            at = base + s * M * N
+            ya += tl.load(at + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
+            yb += tl.load(at + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
+            at = base + (n_splits + s) * M * N
+            ca += tl.load(at + rows_a[None, :], mask=mask_a, other=0.0, cache_modifier=".cg")
+            cb += tl.load(at + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
         tl.store(cnt_ptr + counter, 0)
     return ya, yb, ca, cb, last

@@ -97,17 +97,16 @@ def _dot_kernel(
     m_idx = pid_m * BM + tl.arange(0, BM)
     m_mask = m_idx < M
     x_rows = x_ptr + m_idx.to(tl.int64)[:, None] * stride_xm
-    if SPLIT_K:  # escapes first (split 0 only): see the GEMV kernel
-        ca = tl.zeros([BM, BP], dtype=tl.float32)
-        cb = tl.zeros([BM, BP], dtype=tl.float32)
-        if split == 0:
-            ca, cb = escape_sums(
-                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC, True
-            )
+    # escapes first: their dependent loads overlap other programs' streaming (split-K: split s takes chunks
+    # s, s + n_splits, ... of the block's escapes, so no one program waits through them all)
+    if SPLIT_K:
+        chunk0, chunk_step = split, n_splits
     else:
-        ca, cb = escape_sums(
-            pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, BM, BP, EC, True
-        )
+        chunk0, chunk_step = 0, 1
+    ca, cb = escape_sums(
+        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
+        BM, BP, EC, True,
+    )  # fmt: skip
     acc_a = tl.zeros([BM, BP], dtype=tl.float32)
     acc_b = tl.zeros([BM, BP], dtype=tl.float32)
     w_begin = split * words_per_split
@@ -158,7 +157,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int
     if config.split == 1:
         return 0, 0
     blocks = triton.cdiv(rows_x, config.block_m) * triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
-    return (config.split + 1) * rows_x * planes.rows, blocks  # a slot per split + the escape terms
+    return 2 * config.split * rows_x * planes.rows, blocks  # per split: partial sums and escape terms
 
 
 def dot(

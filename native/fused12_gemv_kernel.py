@@ -115,18 +115,16 @@ def _gemv_kernel(
     off_b = off_a + pitch
     m_idx = tl.arange(0, MB)
     m_mask = m_idx < M
-    # escapes first (split 0 only): their dependent loads overlap other programs' streaming
+    # escapes first: their dependent loads overlap other programs' streaming (split-K: split s takes chunks
+    # s, s + n_splits, ... of the block's escapes, so no one program waits through them all)
     if SPLIT_K:
-        ca = tl.zeros([MB, BP], dtype=tl.float32)
-        cb = tl.zeros([MB, BP], dtype=tl.float32)
-        if split == 0:
-            ca, cb = escape_sums(
-                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC, False
-            )
+        chunk0, chunk_step = split, n_splits
     else:
-        ca, cb = escape_sums(
-            pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, MB, BP, EC, False
-        )
+        chunk0, chunk_step = 0, 1
+    ca, cb = escape_sums(
+        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
+        MB, BP, EC, False,
+    )  # fmt: skip
     if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
         acc_a = tl.zeros([BP, BW], dtype=tl.float32)
         acc_b = tl.zeros([BP, BW], dtype=tl.float32)
@@ -203,7 +201,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    partials = (config.split + 1) * rows_x * planes.rows  # a slot per split + the escape terms
+    partials = 2 * config.split * rows_x * planes.rows  # per split: partial sums and escape terms
     return partials, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
 
 

@@ -152,3 +152,23 @@ def test_split_k_without_a_workspace_is_refused():
             None,
             GemvConfig(block_pairs=4, block_words=4, split=2),
         )
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_many_escapes_are_shared_by_the_splits(kernel, split):
+    """Blocks with several chunks of escapes: each split takes every n-th chunk, the reducer adds them all."""
+    weight = _weight(40, 130, seed=7, specials=False)
+    generator = torch.Generator().manual_seed(8)
+    weight[torch.rand(40, 130, generator=generator).to(weight.device) < 0.12] = 0.0  # ~12 % escapes
+    planes = fmt.encode(weight)
+    assert planes.escapes > 500
+    x = torch.randn(2, 130, device=DEVICE).bfloat16()
+    out = torch.empty(2, 40, device=DEVICE)
+    if kernel == "gemv":
+        config = GemvConfig(block_pairs=4, block_words=8, split=split)  # 8 rows: ~125 escapes, 2 chunks
+        gemv(x, planes, out, None, config, _workspace(gemv_needs(2, planes, config)))
+    else:
+        config = DotConfig(block_m=16, block_pairs=16, block_words=8, split=split)  # 32 rows: ~16 chunks
+        dot(x, planes, out, None, config, _workspace(dot_needs(2, planes, config)))
+    _assert_matmul_close(out, x, weight, None)
