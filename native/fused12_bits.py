@@ -18,6 +18,10 @@ the block's counter (protocol in its docstring).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
@@ -29,6 +33,65 @@ def escape_chunk(rows_x_block: int, block_pairs: int) -> int:
     while chunk > 8 and rows_x_block * chunk * block_pairs > 4096:
         chunk //= 2
     return chunk
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile and launch parameters shared by the matmul kernels (what the benchmark tunes per shape).
+
+    Attributes:
+        block_pairs: row pairs of ``W`` per program (``BP``; ``2 BP`` output features).
+        block_words: words per step (``BW``; ``4 BW`` columns).
+        split: programs sharing one output tile along K (1: no split-K).
+        num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_pairs: int = 16
+    block_words: int = 32
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class KRange:
+    """How a launch cuts K: ``nwords`` words in ``split`` ranges of ``words_per_split`` (``iters`` steps
+    of ``block_words``); ``even`` when every range is full (no column masks)."""
+
+    nwords: int
+    words_per_split: int
+    iters: int
+    split: int
+    even: bool
+
+
+def k_range(cols: int, block_words: int, split: int) -> KRange:
+    """Split ``cols`` columns into at most ``split`` ranges of whole steps (fewer when steps run out)."""
+    nwords = _cdiv(cols, 4)
+    per_split = max(_cdiv(_cdiv(nwords, split), block_words), 1) * block_words
+    splits = max(_cdiv(nwords, per_split), 1)
+    return KRange(nwords, per_split, per_split // block_words, splits, nwords % per_split == 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_workspace(
+    need: tuple[int, int],
+    workspace: tuple[torch.Tensor, torch.Tensor] | None,
+    split: int,
+    fallback: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(partials, counters)`` to pass a kernel: the workspace, checked to hold ``need`` when split."""
+    if split == 1:
+        return fallback, fallback  # never read or written
+    if workspace is None or workspace[0].numel() < need[0] or workspace[1].numel() < need[1]:
+        raise ValueError(f"split-K needs a workspace of {need} (fp32 partials, int32 counters)")
+    return workspace
 
 
 @triton.jit
@@ -76,6 +139,47 @@ def decode_scaled(sa, sb, c, exp_xor):
 
 
 @triton.jit
+def pair_rows(pair0, N, BP: tl.constexpr):
+    """Rows A (``2p``) and B (``2p + 1``) of pairs ``pair0 + [0, BP)``, and which exist."""
+    rows_a = 2 * (pair0 + tl.arange(0, BP))
+    return rows_a, rows_a + 1, rows_a < N, rows_a + 1 < N
+
+
+@triton.jit
+def load_words(
+    codes_ptr, sm_ptr, pair0, N, pitch, words, w_end,
+    BP: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, THREE_D: tl.constexpr,
+):  # fmt: skip
+    """uint32 ``[BP, BW]`` (``THREE_D``: ``[1, BP, BW]``) code words of pairs ``pair0 + [0, BP)`` and the
+    ``sm`` words of their rows A and B, words ``words``. Unmasked when the shape divides the tiles
+    (``EVEN_K and EVEN_N``: a masked load zeroes its registers first); ``THREE_D`` loads straight into the
+    layout of a ``[MB, BP, BW]`` accumulator (fewer trips through shared memory)."""
+    rows_a, _, mask_a, mask_b = pair_rows(pair0, N, BP)
+    off_c = (pair0 + tl.arange(0, BP)).to(tl.int64)[:, None] * pitch + words[None, :]
+    off_a = rows_a.to(tl.int64)[:, None] * pitch + words[None, :]
+    off_b = off_a + pitch
+    if EVEN_K:
+        mask_ca = mask_a[:, None]
+        mask_cb = mask_b[:, None]
+    else:
+        mask_ca = mask_a[:, None] & (words < w_end)[None, :]
+        mask_cb = mask_b[:, None] & (words < w_end)[None, :]
+    if THREE_D:
+        c = tl.load((codes_ptr + off_c)[None, :, :], mask=mask_ca[None, :, :], other=0)
+        sa = tl.load((sm_ptr + off_a)[None, :, :], mask=mask_ca[None, :, :], other=0)
+        sb = tl.load((sm_ptr + off_b)[None, :, :], mask=mask_cb[None, :, :], other=0)
+    elif EVEN_K and EVEN_N:
+        c = tl.load(codes_ptr + off_c)
+        sa = tl.load(sm_ptr + off_a)
+        sb = tl.load(sm_ptr + off_b)
+    else:
+        c = tl.load(codes_ptr + off_c, mask=mask_ca, other=0)
+        sa = tl.load(sm_ptr + off_a, mask=mask_ca, other=0)
+        sb = tl.load(sm_ptr + off_b, mask=mask_cb, other=0)
+    return c.to(tl.uint32, bitcast=True), sa.to(tl.uint32, bitcast=True), sb.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def row_scale(top_ptr, rows, row_mask):
     """``2**(top - 127)`` per row (fp32, built from the exponent bits; 1 for masked rows)."""
     top = tl.load(top_ptr + rows, mask=row_mask, other=127).to(tl.uint32)
@@ -92,13 +196,14 @@ def _mine(rows, row_mask, idx, emask, esc_ptr_ptr):
 
 @triton.jit
 def escape_sums(
-    pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
-    MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr, DOT: tl.constexpr,
+    pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
+    MB: tl.constexpr, BP: tl.constexpr, EC: tl.constexpr, DOT: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """What the escapes of rows A and B of pairs ``pair0 + [0, BP)`` add to ``y``, ``[MB, BP]`` each:
     ``x[m, c] * (v - g_r)`` per escape ``(c, v)`` of row ``r``, ``g_r = 2**(top_r - 142)`` being what the
-    main loop multiplied it by (``w' = 2**-15``, its ``sm`` being 0, times the row's scale). Only chunks
-    ``chunk0, chunk0 + chunk_step, ...`` of ``EC`` escapes: split-K programs share a block's chunks.
+    main loop multiplied it by (``w' = 2**-15``, its ``sm`` being 0, times the row's scale). With
+    ``SPLIT_K``, only chunks ``split, split + n_splits, ...`` of ``EC`` escapes: the splits of a block share
+    its chunks, so no one program waits through them all.
 
     A kernel calls this before its main loop: these few dependent loads then wait while the SM streams
     other programs' weights, instead of lengthening the kernel's tail. Two ways to scatter the terms:
@@ -109,11 +214,7 @@ def escape_sums(
     * else broadcast products ``[MB, EC, BP]`` summed over ``EC`` (``MB <= 8``), selected after the
       product so that an inf in ``x`` at another row's escape column does not turn this row into NaN.
     """
-    pairs = pair0 + tl.arange(0, BP)
-    rows_a = 2 * pairs
-    rows_b = rows_a + 1
-    mask_a = rows_a < N
-    mask_b = rows_b < N
+    rows_a, rows_b, mask_a, mask_b = pair_rows(pair0, N, BP)
     m_mask = m_idx < M
     garbage_a = row_scale(top_ptr, rows_a, mask_a) * 3.0517578125e-05
     garbage_b = row_scale(top_ptr, rows_b, mask_b) * 3.0517578125e-05
@@ -121,6 +222,10 @@ def escape_sums(
     yb = tl.zeros([MB, BP], dtype=tl.float32)
     xa = tl.zeros([MB, BP], dtype=tl.float32)  # DOT: sum of x over the row's escape columns
     xb = tl.zeros([MB, BP], dtype=tl.float32)
+    if SPLIT_K:
+        chunk0, chunk_step = split, n_splits
+    else:
+        chunk0, chunk_step = 0, 1
     first_row = 2 * pair0
     e = tl.load(esc_ptr_ptr + first_row) + chunk0 * EC
     end = tl.load(esc_ptr_ptr + tl.minimum(first_row + 2 * BP, N))
@@ -165,11 +270,7 @@ def finish(
     """Store ``y`` for rows A (``2p``) and B (``2p + 1``) of pairs ``pair0 + [0, BP)``: the sums of
     ``x . w'`` (``ya``, ``yb``, ``[MB, BP]``) scaled per row, plus the escapes' terms (``ca``, ``cb``, from
     :func:`escape_sums`) and the bias."""
-    pairs = pair0 + tl.arange(0, BP)
-    rows_a = 2 * pairs
-    rows_b = rows_a + 1
-    mask_a = rows_a < N
-    mask_b = rows_b < N
+    rows_a, rows_b, mask_a, mask_b = pair_rows(pair0, N, BP)
     m_mask = m_idx < M
     ya = ya * row_scale(top_ptr, rows_a, mask_a)[None, :] + ca
     yb = yb * row_scale(top_ptr, rows_b, mask_b)[None, :] + cb
@@ -196,12 +297,10 @@ def reduce_splits(
     (deterministic), stores 0 to the counter (ready for the next launch, no memset) and returns
     ``(ya, yb, ca, cb, True)``; the others return ``(..., False)`` and end.
     """
-    pairs = pair0 + tl.arange(0, BP)
-    rows_a = 2 * pairs
-    rows_b = rows_a + 1
+    rows_a, rows_b, exists_a, exists_b = pair_rows(pair0, N, BP)
     mask = (m_idx < M)[:, None]
-    mask_a = mask & (rows_a < N)[None, :]
-    mask_b = mask & (rows_b < N)[None, :]
+    mask_a = mask & exists_a[None, :]
+    mask_b = mask & exists_b[None, :]
     base = ws_ptr + m_idx[:, None] * N
     tl.store(base + split * M * N + rows_a[None, :], ya, mask=mask_a)
     tl.store(base + split * M * N + rows_b[None, :], yb, mask=mask_b)
@@ -224,3 +323,20 @@ def reduce_splits(
             cb += tl.load(at + rows_b[None, :], mask=mask_b, other=0.0, cache_modifier=".cg")
         tl.store(cnt_ptr + counter, 0)
     return ya, yb, ca, cb, last
+
+
+@triton.jit
+def store_result(
+    ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, counter, split,
+    n_splits, m_idx, BP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """A program's end: :func:`finish` directly, or with split-K through :func:`reduce_splits` (by the
+    last program of the block only)."""
+    if not SPLIT_K:
+        finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
+    else:
+        ya, yb, ca, cb, last = reduce_splits(
+            ya, yb, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP
+        )
+        if last:
+            finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)

@@ -17,6 +17,7 @@ Split-K (grid axis 2) and the epilogue are those of the GEMV (``reduce_splits`` 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,13 @@ import triton.language as tl
 from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
+    TileConfig,
     decode_scaled,
     escape_sums,
-    finish,
-    reduce_splits,
+    k_range,
+    load_words,
+    split_workspace,
+    store_result,
 )
 from offload_runtime.native.fused12_format import Planes
 
@@ -37,33 +41,16 @@ DOT_ESCAPE_CHUNK = 32  # escapes per step of the escape terms' fp32 dot (>= 16 f
 
 
 @dataclass(frozen=True)
-class DotConfig:
-    """Tile and launch parameters of :func:`dot`.
+class DotConfig(TileConfig):
+    """Tile and launch parameters of :func:`dot`: :class:`TileConfig`'s (``block_pairs >= 16``) and
 
     Attributes:
         block_m: rows of ``x`` per program (``BM``, >= 16).
-        block_pairs: row pairs of ``W`` per program (``BP``, >= 16).
-        block_words: words per step (``BW``; ``4 BW`` columns, >= 4).
-        split: programs sharing one output tile along K.
-        num_warps, num_stages: Triton launch parameters.
     """
 
-    block_m: int = 16
     block_pairs: int = 32
     block_words: int = 16
-    split: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def to_json(self) -> dict:
-        return {
-            "block_m": self.block_m,
-            "block_pairs": self.block_pairs,
-            "block_words": self.block_words,
-            "split": self.split,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-        }
+    block_m: int = 16
 
 
 @triton.jit
@@ -87,25 +74,13 @@ def _dot_kernel(
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
     pair0 = pid_n * BP
-    pairs = pair0 + tl.arange(0, BP)
-    rows_a = 2 * pairs
-    mask_a = rows_a < N
-    mask_b = rows_a + 1 < N
-    off_c = pairs.to(tl.int64)[:, None] * pitch
-    off_a = rows_a.to(tl.int64)[:, None] * pitch
-    off_b = off_a + pitch
     m_idx = pid_m * BM + tl.arange(0, BM)
     m_mask = m_idx < M
     x_rows = x_ptr + m_idx.to(tl.int64)[:, None] * stride_xm
-    # escapes first: their dependent loads overlap other programs' streaming (split-K: split s takes chunks
-    # s, s + n_splits, ... of the block's escapes, so no one program waits through them all)
-    if SPLIT_K:
-        chunk0, chunk_step = split, n_splits
-    else:
-        chunk0, chunk_step = 0, 1
+    # escapes first: their dependent loads overlap other programs' streaming
     ca, cb = escape_sums(
-        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
-        BM, BP, EC, True,
+        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
+        BM, BP, EC, True, SPLIT_K,
     )  # fmt: skip
     acc_a = tl.zeros([BM, BP], dtype=tl.float32)
     acc_b = tl.zeros([BM, BP], dtype=tl.float32)
@@ -115,41 +90,19 @@ def _dot_kernel(
         w0 = tl.multiple_of(w_begin + i * BW, BW)
         words = w0 + tl.arange(0, BW)
         cols = 4 * w0 + tl.arange(0, 4 * BW)
+        c, sa, sb = load_words(codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, False)
         if EVEN_K:  # every split full and K a multiple of 4: no column mask
-            mask_ca = mask_a[:, None]
-            mask_cb = mask_b[:, None]
-            mask_x = m_mask[:, None]
+            xt = tl.load(x_rows + cols[None, :], mask=m_mask[:, None], other=0.0)
         else:
-            word_mask = words < w_end
-            mask_ca = mask_a[:, None] & word_mask[None, :]
-            mask_cb = mask_b[:, None] & word_mask[None, :]
             mask_x = m_mask[:, None] & (cols < 4 * w_end)[None, :] & (cols < K)[None, :]
-        if EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
-            c = tl.load(codes_ptr + off_c + words[None, :])
-            sa = tl.load(sm_ptr + off_a + words[None, :])
-            sb = tl.load(sm_ptr + off_b + words[None, :])
-        else:
-            c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
-            sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
-            sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
-        xt = tl.load(x_rows + cols[None, :], mask=mask_x, other=0.0)
-        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
-            sa.to(tl.uint32, bitcast=True),
-            sb.to(tl.uint32, bitcast=True),
-            c.to(tl.uint32, bitcast=True),
-            exp_xor,
-        )
+            xt = tl.load(x_rows + cols[None, :], mask=mask_x, other=0.0)
+        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(sa, sb, c, exp_xor)
         acc_a = tl.dot(xt, tl.trans(_natural(a0, a1, a2, a3, BW)), acc_a)
         acc_b = tl.dot(xt, tl.trans(_natural(b0, b1, b2, b3, BW)), acc_b)
-    if not SPLIT_K:
-        finish(acc_a, acc_b, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
-    else:
-        counter = pid_m * tl.num_programs(1) + pid_n
-        ya, yb, ca, cb, last = reduce_splits(
-            acc_a, acc_b, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, counter, split, n_splits, m_idx, BP
-        )
-        if last:
-            finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
+    store_result(
+        acc_a, acc_b, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr,
+        pid_m * tl.num_programs(1) + pid_n, split, n_splits, m_idx, BP, HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int, int]:
@@ -183,31 +136,21 @@ def dot(
         raise ValueError(f"dot takes bf16 x [M, {planes.cols}] and out with contiguous rows")
     if config.block_m < 16 or config.block_pairs < 16 or config.block_words < 4:
         raise ValueError(f"tl.dot needs block_m, block_pairs >= 16 and block_words >= 4, got {config}")
-    nwords = -(-cols // 4)
-    words_per_split = triton.cdiv(triton.cdiv(nwords, config.split), config.block_words) * config.block_words
-    split = max(triton.cdiv(nwords, words_per_split), 1)
-    if split != config.split:
-        config = DotConfig(
-            config.block_m, config.block_pairs, config.block_words, split, config.num_warps, config.num_stages
-        )
-    partials, counters = workspace if workspace is not None else (out, out)
-    if config.split > 1:
-        need = workspace_needs(rows_x, planes, config)
-        if workspace is None or partials.numel() < need[0] or counters.numel() < need[1]:
-            raise ValueError(f"split-K needs a workspace of {need} (fp32 partials, int32 counters)")
+    k = k_range(cols, config.block_words, config.split)
+    config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
+    partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     grid = (
         triton.cdiv(rows_x, config.block_m),
         triton.cdiv((planes.rows + 1) // 2, config.block_pairs),
-        config.split,
+        k.split,
     )
     _dot_kernel[grid](
         x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
-        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
-        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0), SCALED_EXP_XOR,
-        BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
-        EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
-        EVEN_K=nwords % words_per_split == 0 and cols % 4 == 0,
+        rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
+        x.stride(0), out.stride(0), SCALED_EXP_XOR,
+        BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
+        EVEN_K=k.even and cols % 4 == 0, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
         EC=DOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

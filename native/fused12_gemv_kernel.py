@@ -18,6 +18,7 @@ each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,14 @@ import triton.language as tl
 from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
+    TileConfig,
     decode_scaled,
     escape_chunk,
     escape_sums,
-    finish,
-    reduce_splits,
+    k_range,
+    load_words,
+    split_workspace,
+    store_result,
 )
 from offload_runtime.native.fused12_format import Planes
 
@@ -39,30 +43,8 @@ MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
 
 
 @dataclass(frozen=True)
-class GemvConfig:
-    """Tile and launch parameters of :func:`gemv` (what the benchmark tunes per shape).
-
-    Attributes:
-        block_pairs: row pairs per program (``BP``; ``2 BP`` output features).
-        block_words: words per step (``BW``; ``4 BW`` columns).
-        split: programs sharing one row block along K (1: no split-K).
-        num_warps, num_stages: Triton launch parameters.
-    """
-
-    block_pairs: int = 16
-    block_words: int = 32
-    split: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def to_json(self) -> dict:
-        return {
-            "block_pairs": self.block_pairs,
-            "block_words": self.block_words,
-            "split": self.split,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-        }
+class GemvConfig(TileConfig):
+    """Tile and launch parameters of :func:`gemv` (fields of :class:`TileConfig`)."""
 
 
 @triton.jit
@@ -106,24 +88,12 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pair0 = pid_n * BP
-    pairs = pair0 + tl.arange(0, BP)
-    rows_a = 2 * pairs
-    mask_a = rows_a < N
-    mask_b = rows_a + 1 < N
-    off_c = pairs.to(tl.int64)[:, None] * pitch
-    off_a = rows_a.to(tl.int64)[:, None] * pitch
-    off_b = off_a + pitch
     m_idx = tl.arange(0, MB)
     m_mask = m_idx < M
-    # escapes first: their dependent loads overlap other programs' streaming (split-K: split s takes chunks
-    # s, s + n_splits, ... of the block's escapes, so no one program waits through them all)
-    if SPLIT_K:
-        chunk0, chunk_step = split, n_splits
-    else:
-        chunk0, chunk_step = 0, 1
+    # escapes first: their dependent loads overlap other programs' streaming
     ca, cb = escape_sums(
-        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, chunk0, chunk_step,
-        MB, BP, EC, False,
+        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
+        MB, BP, EC, False, SPLIT_K,
     )  # fmt: skip
     if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
         acc_a = tl.zeros([BP, BW], dtype=tl.float32)
@@ -133,64 +103,32 @@ def _gemv_kernel(
         acc_b = tl.zeros([MB, BP, BW], dtype=tl.float32)
     w_begin = split * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, nwords)
-    # a counted loop (iters is an argument): the compiler sees w0's alignment (16-byte loads) and can
-    # pipeline it (num_stages); EVEN_K (every split full) drops the column mask
+    # a counted loop (iters is an argument): the compiler sees w0's alignment (16-byte loads)
     for i in range(iters):
         w0 = tl.multiple_of(w_begin + i * BW, BW)
         words = w0 + tl.arange(0, BW)
-        if EVEN_K:
-            mask_ca = mask_a[:, None]
-            mask_cb = mask_b[:, None]
-            mask_x = m_mask[:, None]
-        else:
-            word_mask = words < w_end
-            mask_ca = mask_a[:, None] & word_mask[None, :]
-            mask_cb = mask_b[:, None] & word_mask[None, :]
-            mask_x = m_mask[:, None] & word_mask[None, :]
-        if MB > 1:  # load straight into the [MB, BP, BW] accumulators' 3-D layout (fewer shared-memory trips)
-            c = tl.load((codes_ptr + off_c + words[None, :])[None, :, :], mask=mask_ca[None, :, :], other=0)
-            sa = tl.load((sm_ptr + off_a + words[None, :])[None, :, :], mask=mask_ca[None, :, :], other=0)
-            sb = tl.load((sm_ptr + off_b + words[None, :])[None, :, :], mask=mask_cb[None, :, :], other=0)
-        elif EVEN_K and EVEN_N:  # no masks at all: loads need not zero their registers first
-            c = tl.load(codes_ptr + off_c + words[None, :])
-            sa = tl.load(sm_ptr + off_a + words[None, :])
-            sb = tl.load(sm_ptr + off_b + words[None, :])
-        else:
-            c = tl.load(codes_ptr + off_c + words[None, :], mask=mask_ca, other=0)
-            sa = tl.load(sm_ptr + off_a + words[None, :], mask=mask_ca, other=0)
-            sb = tl.load(sm_ptr + off_b + words[None, :], mask=mask_cb, other=0)
+        c, sa, sb = load_words(codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, MB > 1)
+        mask_x = m_mask[:, None] if EVEN_K else m_mask[:, None] & (words < w_end)[None, :]
         x0, x1, x2, x3 = _x_columns(x_ptr, x64_ptr, m_idx, m_mask, stride_xm, words, mask_x, K, X_WORDS)
-        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(
-            sa.to(tl.uint32, bitcast=True),
-            sb.to(tl.uint32, bitcast=True),
-            c.to(tl.uint32, bitcast=True),
-            exp_xor,
-        )
+        a0, a1, a2, a3, b0, b1, b2, b3 = decode_scaled(sa, sb, c, exp_xor)
         # one FMA per weight into the accumulator (a sum of four products first would cost a mul and an add)
-        if MB == 1:
-            acc_a = _fma4(acc_a, a0, a1, a2, a3, x0, x1, x2, x3)
-            acc_b = _fma4(acc_b, b0, b1, b2, b3, x0, x1, x2, x3)
-        else:
+        if MB > 1:
             x0 = x0[:, None, :]
             x1 = x1[:, None, :]
             x2 = x2[:, None, :]
             x3 = x3[:, None, :]
-            acc_a = _fma4(acc_a, a0, a1, a2, a3, x0, x1, x2, x3)
-            acc_b = _fma4(acc_b, b0, b1, b2, b3, x0, x1, x2, x3)
+        acc_a = _fma4(acc_a, a0, a1, a2, a3, x0, x1, x2, x3)
+        acc_b = _fma4(acc_b, b0, b1, b2, b3, x0, x1, x2, x3)
     if MB == 1:
         ya = tl.sum(acc_a, axis=1)[None, :]
         yb = tl.sum(acc_b, axis=1)[None, :]
     else:
         ya = tl.sum(acc_a, axis=2)
         yb = tl.sum(acc_b, axis=2)
-    if not SPLIT_K:
-        finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
-    else:
-        ya, yb, ca, cb, last = reduce_splits(
-            ya, yb, ca, cb, pair0, N, M, ws_ptr, cnt_ptr, pid_n, split, n_splits, m_idx, BP
-        )
-        if last:
-            finish(ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, m_idx, BP, HAS_BIAS)
+    store_result(
+        ya, yb, ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, split,
+        n_splits, m_idx, BP, HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 def _next_pow2(n: int) -> int:
@@ -228,30 +166,19 @@ def gemv(
     rows_x, cols = x.shape
     if rows_x > MAX_ROWS or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, {planes.cols}] and out with contiguous rows")
-    nwords = -(-cols // 4)
-    words_per_split = triton.cdiv(triton.cdiv(nwords, config.split), config.block_words) * config.block_words
-    split = max(triton.cdiv(nwords, words_per_split), 1)
-    if split != config.split:  # a split past the end would have no words: fewer, fuller splits
-        config = GemvConfig(
-            config.block_pairs, config.block_words, split, config.num_warps, config.num_stages
-        )
-    partials, counters = workspace if workspace is not None else (out, out)
-    if config.split > 1:
-        need = workspace_needs(rows_x, planes, config)
-        if workspace is None or partials.numel() < need[0] or counters.numel() < need[1]:
-            raise ValueError(f"split-K needs a workspace of {need} (fp32 partials, int32 counters)")
+    k = k_range(cols, config.block_words, config.split)
+    config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
+    partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     x_words = x.dtype == torch.bfloat16 and cols % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
-    x64 = x.view(torch.int64) if x_words else x
-    grid = (triton.cdiv((planes.rows + 1) // 2, config.block_pairs), config.split)
+    grid = (triton.cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
     _gemv_kernel[grid](
-        x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
-        bias if bias is not None else out, out, partials, counters,
-        rows_x, planes.rows, cols, planes.pitch, nwords, words_per_split,
-        words_per_split // config.block_words, config.split, x.stride(0), out.stride(0), SCALED_EXP_XOR,
-        MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=config.split > 1,
-        EVEN_N=planes.rows % (2 * config.block_pairs) == 0, EVEN_K=nwords % words_per_split == 0,
-        EC=escape_chunk(_next_pow2(rows_x), config.block_pairs),
-        HAS_BIAS=bias is not None, X_WORDS=x_words,
+        x, x.view(torch.int64) if x_words else x, planes.sm, planes.codes, planes.top, planes.esc_ptr,
+        planes.esc, bias if bias is not None else out, out, partials, counters,
+        rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
+        x.stride(0), out.stride(0), SCALED_EXP_XOR,
+        MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
+        EVEN_K=k.even, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
+        EC=escape_chunk(_next_pow2(rows_x), config.block_pairs), HAS_BIAS=bias is not None, X_WORDS=x_words,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
