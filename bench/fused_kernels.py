@@ -269,12 +269,16 @@ def run_shape(model, layers, n, k, rows, device, timer, smoke, deadline, log) ->
         )
         row.cublas_us = timer(_cublas_calls(case))
         kinds = (["gemv"] if m <= 8 else []) + (["dot"] if m >= 4 else [])
+        essential = []  # the first config of each kind runs even past the deadline: every row gets a number
         for kind in kinds:
-            row.variants += [Variant(kind, config) for config in _configs(kind, m, n, k, device, smoke)]
+            configs = _configs(kind, m, n, k, device, smoke)
+            row.variants += [Variant(kind, config) for config in configs]
+            essential.append(row.variants[-len(configs)])
         if m > 8:
             row.variants.append(Variant("decode", None))
+            essential.append(row.variants[-1])
         for variant in row.variants:
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline and variant not in essential:
                 variant.error = "skipped: time budget spent"
             else:
                 measure(case, variant, timer)
