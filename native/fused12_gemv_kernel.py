@@ -2,12 +2,14 @@
 
 Each program owns ``BP`` row pairs (``2 BP`` output features) and one K-split; per step it loads ``BW``
 words of the pair's code plane and of both rows' ``sm`` plane (16-byte loads), decodes them to ``w'`` in
-registers (:func:`~offload_runtime.native.fused12_bits.decode_scaled`, about 3 integer operations per
-weight) and accumulates ``x . w'`` with fp32 FMAs into a ``[MB, BP, BW]`` register tile per row class, so
-the reduction across the tile happens once, after the loop. ``x`` is loaded per step in the same column
-order as the words (``x[4j + i]``), either as four strided loads or, when it is bf16 with rows of a
-multiple of 4 elements (``X_WORDS``), as one 8-byte word per 4 columns split with the same shift/mask as
-the weights.
+registers (:func:`~offload_runtime.native.fused12_bits.decode_scaled`: on sm_90, 2.1 integer and 1.8
+FMA-pipe instructions per weight, FMA with x included, ``bench/fused_kernels_NOTES.md``) and accumulates
+``x . w'`` with one fp32 FMA per weight into a ``[BP, BW]`` (``[MB, BP, BW]`` for several rows of x)
+register tile per row class, so the reduction across the tile happens once, after the loop. Triton does
+not pipeline these loads (they feed no ``tl.dot``): the other programs resident on the SM hide latency.
+``x`` is loaded per step in the same column order as the words (``x[4j + i]``), either as four strided
+loads or, when it is bf16 with rows of a multiple of 4 elements (``X_WORDS``), as one 8-byte word per 4
+columns split with the same shift/mask as the weights.
 
 Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM; the splits' partial sums
 meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
