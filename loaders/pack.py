@@ -79,8 +79,8 @@ def pack(
             ``model.safetensors`` or a sharded ``model.safetensors.index.json``) or one ``.safetensors``
             file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes).
         out (`str` or `os.PathLike`): the container to write.
-        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``; ``auto``
-            picks per group (``offload_runtime.native.resolve_codec``).
+        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans``, ``int8`` or
+            ``fused12``; ``auto`` picks per group (``offload_runtime.native.resolve_codec``).
         progress (`bool`, defaults to `True`): show a tqdm bar (groups, bytes, ratio so far).
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.

@@ -351,6 +351,7 @@ def _parse_group(row: Any, path: str, position: int, version: int = FORMAT_VERSI
         ) from None
     _check_codec(entry, path)
     entry.chunks = _chunks(chunk_rows, entry, path)
+    _check_codec_params(entry, path)
     has_record = "expert" in row
     if has_record and version == DENSE_FORMAT_VERSION:
         raise CorruptCheckpointError(
@@ -473,6 +474,26 @@ def _check_codec(entry: GroupEntry, path: str) -> None:
             group=entry.name,
             alternative="upgrade offload-runtime or re-pack with --codec raw",
         )
+
+
+def _check_codec_params(entry: GroupEntry, path: str) -> None:
+    """The codec's own checks of its params (offsets and sizes it will read), with file and group named."""
+    from offload_runtime.native import get_codec
+
+    try:
+        get_codec(entry.codec).check_params(
+            entry.params, entry.stored_layout or entry.layout, entry.chunks, entry.stored_size
+        )
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(
+            exc.summary,
+            file=path,
+            group=entry.name,
+            chunk=exc.chunk,
+            expected=exc.expected,
+            actual=exc.actual,
+            hint=exc.hint or "the container is damaged or forged; re-pack it",
+        ) from None
 
 
 def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:

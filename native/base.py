@@ -227,6 +227,19 @@ class GroupCodec(ABC):
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         """Encode ``data`` (uint8, ``layout.size`` bytes, as made by :meth:`GroupLayout.pack`)."""
 
+    def check_params(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk], stored_size: int
+    ) -> None:
+        """Validate a container's (untrusted) ``params`` against the group's layout and chunk table.
+
+        Called by the container validator when a container is opened, before any payload byte is read;
+        the default accepts anything (codecs whose params hold no offsets or sizes).
+
+        Raises:
+            CorruptCheckpointError: naming the chunk and what is wrong (the validator adds file and group).
+        """
+        return None
+
     @abstractmethod
     def decode_cpu(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-CODEC_CHOICES = ("auto", "raw", "zstd", "ans", "int8")
+CODEC_CHOICES = ("auto", "raw", "zstd", "ans", "int8", "fused12")
 
 
 def register_pack(parser: argparse.ArgumentParser) -> None:
