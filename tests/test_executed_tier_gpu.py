@@ -1,5 +1,6 @@
 """The executed_compressed tier on CUDA: the Triton kernels compute every linear layer of the streamed blocks
-from their planes; weights exact, summation order not cuBLAS's: close logits, same greedy tokens."""
+from their planes; weights exact, summation order not cuBLAS's: close logits, the same top-1 almost
+everywhere (random weights have near ties)."""
 
 from __future__ import annotations
 
