@@ -120,8 +120,12 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
     plan, stats = model.offload_plan, model.offload_stats
     with torch.inference_mode():
         generate(model, ids, 2)  # warm-up: execution order, allocator, first-use checks
-        before_bytes, before_experts = pcie_bytes(stats), _expert_counts(stats)
         sync(device)
+        start = time.perf_counter()
+        generate(model, ids, 1)  # the prefill alone, for a decode rate without it (a prompt hits most experts)
+        sync(device)
+        prefill = time.perf_counter() - start
+        before_bytes, before_experts = pcie_bytes(stats), _expert_counts(stats)
         start = time.perf_counter()
         tokens = generate(model, ids, args.tokens)
         sync(device)
@@ -132,6 +136,8 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
         "row": row,
         "dispatch_s": built,
         "tok_s": args.tokens / seconds,
+        "prefill_s": prefill,
+        "decode_tok_s": (args.tokens - 1) / (seconds - prefill) if seconds > prefill else None,
         "pcie_bytes_per_token": per_token,
         "plan": plan.summary(),
         "device_bytes": plan.device_bytes,
@@ -167,6 +173,8 @@ def gates(results: dict) -> dict:
     need = GATE_SPEEDUP.get(results["shape"])
     if need and "block" in rows and "expert" in rows:
         out[f"expert>={need}x_block"] = rows["expert"]["tok_s"] >= need * rows["block"]["tok_s"]
+        if rows["expert"].get("decode_tok_s") and rows["block"].get("decode_tok_s"):
+            results["decode_speedup"] = rows["expert"]["decode_tok_s"] / rows["block"]["decode_tok_s"]
     h2d = results.get("h2d_pinned_GBps")
     if h2d and "expert" in rows and rows["expert"]["pcie_bytes_per_token"]:
         bound = h2d * 1e9 / rows["expert"]["pcie_bytes_per_token"]
