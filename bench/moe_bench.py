@@ -122,7 +122,7 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
         generate(model, ids, 2)  # warm-up: execution order, allocator, first-use checks
         sync(device)
         start = time.perf_counter()
-        generate(model, ids, 1)  # the prefill alone, for a decode rate without it (a prompt hits most experts)
+        generate(model, ids, 1)  # the prefill alone: a decode rate without it (prompts hit most experts)
         sync(device)
         prefill = time.perf_counter() - start
         before_bytes, before_experts = pcie_bytes(stats), _expert_counts(stats)
