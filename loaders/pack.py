@@ -34,6 +34,7 @@ from offload_runtime.loaders.sources import (
     TensorSource,
     checkpoint_files,
 )
+from offload_runtime.loaders.tp import local_state_dict
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
@@ -203,7 +204,7 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def _plan_module(model: nn.Module) -> _Plan:
-    source = SlicedSource(ModuleSource(model.state_dict()))
+    source = SlicedSource(ModuleSource(local_state_dict(model)))  # a TP model packs this rank's shards
     return _Plan(find_groups(model, experts=True), source, **_model_info(model))
 
 

@@ -30,6 +30,13 @@ from offload_runtime.loaders import (
     pack,
 )
 from offload_runtime.loaders.source import GroupSource
+from offload_runtime.loaders.tp import (
+    ShardSpec,
+    as_model_tensor,
+    local_state_dict,
+    ranks_on_this_host,
+    shard_specs,
+)
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
@@ -51,6 +58,7 @@ class _Dispatch:
     reader: GroupSource
     tmpdir: str | None
     requires_grad: dict[str, bool]
+    shards: dict[str, ShardSpec] = field(default_factory=dict)
     finalizer: Any = None
     hooked: list[nn.Module] = field(default_factory=list)
 
@@ -75,7 +83,8 @@ def _host_budget(host_budget_gb: float | None) -> int:
         return int(host_budget_gb * GIB)
     import psutil
 
-    return int(psutil.virtual_memory().available * HOST_BUDGET_FRACTION)
+    # ranks started on one host (torchrun) share its RAM: each takes its part of the default
+    return int(psutil.virtual_memory().available * HOST_BUDGET_FRACTION / ranks_on_this_host())
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -111,8 +120,9 @@ def _nested_groups(model: nn.Module, groups: list) -> set[str]:
     return outer
 
 
-def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
-    """Point every stored tensor, and every tied alias, at its view (the same object for ties)."""
+def _bind(model: nn.Module, runtime: Runtime, groups: list, shards: dict[str, ShardSpec]) -> None:
+    """Point every stored tensor, and every tied alias, at its view (the same object for ties); a
+    tensor-parallel parameter becomes a DTensor of its placements around its view (``loaders/tp.py``)."""
     for entry in groups:
         bound: dict[str, torch.Tensor] = {}
         for name, view in runtime.views[entry.name].items():
@@ -120,7 +130,9 @@ def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
             if not isinstance(view, torch.Tensor):  # a weight kept in a compute format (executed compressed)
                 compressed_linear.bind(module, view, entry.layout.spec(name).torch_dtype)
                 continue
-            value = nn.Parameter(view, requires_grad=False) if attr in module._parameters else view
+            value = as_model_tensor(view, shards.get(name))
+            if attr in module._parameters:
+                value = nn.Parameter(value, requires_grad=False)
             _set_tensor(model, name, value)
             bound[name] = value
         for alias, canonical in entry.aliases.items():
@@ -149,6 +161,7 @@ def _attach(
 ) -> nn.Module:
     budget = round(budget_gb * GIB)  # to the nearest byte: budget_gb = minimum / GIB must pass
     host_budget = _host_budget(host_budget_gb)
+    shards = shard_specs(model)  # before anything is rebound
     experts = prepare_experts(model, reader, device, options or ExpertOptions())
     source = experts.block_source if experts is not None else reader
     reserved = experts.minimum_bytes if experts is not None else 0
@@ -184,11 +197,11 @@ def _attach(
             runtime.close()
             raise
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    _bind(model, runtime, groups)
+    _bind(model, runtime, groups, shards)
     stored = {n for g in groups for n in [*g.layout.names, *g.aliases]}
     _move_unstored(model, stored, device)
 
-    state = _Dispatch(runtime, reader, tmpdir, requires_grad)
+    state = _Dispatch(runtime, reader, tmpdir, requires_grad, shards)
     users: dict[str, list[str]] = {}
     for entry in groups:
         if entry.name in runtime.streamed:
@@ -220,7 +233,7 @@ def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int, options: Ex
     from offload_runtime.scheduler.expert_runtime import slot_layout
 
     modules = find_expert_modules(model) if options.experts != "block" else []
-    state = model.state_dict(keep_vars=True)
+    state = local_state_dict(model)  # a tensor-parallel model: this rank's shards
     specs = find_groups(model, experts=bool(modules))
 
     def tensor(name: str) -> torch.Tensor:  # an expert group's tensors are slices "param[e]"
@@ -448,7 +461,7 @@ def remove_offload(model: nn.Module) -> nn.Module:
         bound: dict[str, torch.Tensor] = {}
         for name, view in fresh.items():
             module, attr = _owner(model, name)
-            tensor = view.clone()
+            tensor = as_model_tensor(view.clone(), state.shards.get(name))
             if attr in module._parameters:
                 tensor = nn.Parameter(tensor, requires_grad=state.requires_grad.get(name, True))
             _set_tensor(model, name, tensor)
