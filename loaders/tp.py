@@ -25,6 +25,7 @@ Only ``torch.distributed`` is used: the default process group, one mesh dimensio
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +152,67 @@ def shard_empty_model(model: nn.Module) -> nn.Module:
     cls = type(model)
     config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=world[1]))
     return cls.maybe_distribute_model(model, config, mesh)
+
+
+def planned_shard_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Parameter name -> ``(dim, split)`` along which ``model``'s own tensor-parallel plan would shard it,
+    read from the plan's style names without applying it (``pack(..., tp_slices=S)`` works on a model that
+    is not distributed). Parameters the plan keeps whole are absent; so are styles this table does not
+    know (their tensors are stored whole, and a rank that needs a shard of one reads it whole).
+
+    The table is what ``shard_param`` of transformers' styles does (5.17 to 5.24): column-wise ``Shard(ndim
+    - 2)`` (a bias: dim 0; an embedding: dim 1), row-wise ``Shard(-1)`` (a bias whole; an embedding: dim 0),
+    packed ones ``_StridedShard`` with the style's ``split_factor``, vocabulary-parallel embeddings dim 0. At
+    load time the placements of the model actually sharded are what counts (``tp_slices.RankShards``); a
+    disagreement is refused there, never silently re-cut.
+    """
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan:
+        return {}
+    out = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{attr}" if module_name else attr
+            style = _style_of(name, plan)
+            if style is not None:
+                dim_split = _style_dim(style, module, attr, param.dim())
+                if dim_split is not None:
+                    out[name] = dim_split
+    return out
+
+
+def _style_of(name: str, plan: dict[str, str]) -> str | None:
+    """The plan's style for parameter ``name``: its own rule, else its module's (transformers' matching)."""
+    generic = re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name)
+    if generic in plan:
+        return plan[generic]
+    return plan.get(generic.rsplit(".", 1)[0]) if "." in generic else None
+
+
+def _style_dim(style: str, module: nn.Module, attr: str, ndim: int) -> tuple[int, int] | None:
+    embedding = isinstance(module, nn.Embedding)
+    if style == "embedding_rowwise":
+        return 0, 1
+    if style == "embedding_colwise":
+        return 1, 1
+    if style in ("packed_colwise", "packed_rowwise"):
+        split = _split_factor(style)
+        if ndim == 1:
+            return (0, 1) if style == "packed_colwise" else None
+        return (ndim - 2, split) if style == "packed_colwise" else (ndim - 1, split)
+    if style.startswith("colwise"):
+        return (1, 1) if embedding else (max(ndim - 2, 0), 1)
+    if style.startswith("rowwise"):
+        if embedding:
+            return 0, 1
+        return None if attr == "bias" or ndim == 1 else (ndim - 1, 1)
+    return None
+
+
+def _split_factor(style: str) -> int:
+    try:
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+        return int(getattr(ALL_PARALLEL_STYLES[style], "split_factor", 2))
+    except (ImportError, KeyError):
+        return 2
