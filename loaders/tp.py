@@ -56,10 +56,10 @@ class ShardSpec:
         if len(self.placements) != 1:
             raise ValueError(f"only one-dimensional tensor parallel meshes are supported: {self.placements}")
         placement = self.placements[0]
-        if not placement.is_shard():
+        split = getattr(placement, "split_factor", None)  # _StridedShard is no Shard in torch 2.13
+        if not (placement.is_shard() or split is not None):
             return None
-        dim = placement.dim % len(self.shape)
-        return dim, int(getattr(placement, "split_factor", 1))
+        return placement.dim % len(self.shape), int(split or 1)
 
 
 def is_dtensor(tensor: Any) -> bool:

@@ -6,6 +6,7 @@ given), ``load_compressed`` builds the model from a container, ``remove_offload`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -35,8 +36,11 @@ from offload_runtime.loaders.tp import (
     as_model_tensor,
     local_state_dict,
     ranks_on_this_host,
+    shard_empty_model,
     shard_specs,
+    tp_world,
 )
+from offload_runtime.loaders.tp_slices import RankShards
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
@@ -278,6 +282,33 @@ def _open(
     return ContainerReader(path, verify=verify, granularity="expert")
 
 
+def _tensor_parallel_options(options: ExpertOptions, execute_compressed: bool) -> ExpertOptions:
+    """What runs under tensor parallelism: experts stream with their blocks (the expert runtime binds
+    whole stacks, not shards), and weights are decoded before they are used (a compressed linear would
+    replace the TP forward that reduces across ranks)."""
+    if options.experts == "expert":
+        raise ValueError("experts='expert' is not supported under tensor parallelism; use 'auto' or 'block'")
+    if execute_compressed:
+        raise ValueError("execute_compressed is not supported under tensor parallelism")
+    return dataclasses.replace(options, experts="block")
+
+
+def _shard_reader(reader: ContainerReader, model: nn.Module) -> None:
+    """Make ``reader`` present this rank's local tensors when ``model`` is tensor parallel."""
+    specs = shard_specs(model)
+    world = tp_world()
+    if not specs or world is None:
+        return
+    if not any(g.tp is not None for g in reader.index.groups):
+        logger.warning(
+            "offload_runtime: %s has no tensor-parallel slices: every rank reads every weight "
+            "(pack it with tp_slices=%d to read only each rank's part)",
+            reader.path,
+            world[1],
+        )
+    reader.shard(RankShards.from_specs(world[0], world[1], specs))
+
+
 def _release(runtime: Runtime, reader: GroupSource, tmpdir: str | None) -> None:
     """Stop the engine, close the container, delete a temporary container (model removed or collected)."""
     runtime.close()
@@ -343,6 +374,8 @@ def dispatch_compressed(
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
+    if shard_specs(model):  # a tensor-parallel model: each rank its shards
+        options = _tensor_parallel_options(options, execute_compressed)
     tmpdir = None
     if checkpoint is None:
         _refuse_early(model, budget_gb, prefetch, options)
@@ -357,6 +390,7 @@ def dispatch_compressed(
     reader = _open(checkpoint, verify, device, options)
     try:
         if tmpdir is None:
+            _shard_reader(reader, model)
             check_compatible(reader, model)
         return _attach(
             model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir, options, execute_compressed
@@ -381,26 +415,45 @@ def load_compressed(
     expert_policy: str = "lru",
     speculate: bool = False,
     execute_compressed: bool = False,
+    tensor_parallel: bool | None = None,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
 
     The model is built on ``meta`` from the stored config; streamed groups are read through the container's
     mmap, so a model larger than host RAM runs.
 
+    Under tensor parallelism (``torchrun``, a ``torch.distributed`` process group of several ranks), every
+    rank calls this: the model is sharded on ``meta`` with its own TP plan (as ``from_pretrained(...,
+    tp_plan="auto")`` shards it) and each rank plans, reads and streams only its shards, within its own
+    ``budget_gb``. A container packed with ``tp_slices`` (a multiple of the number of ranks) is read slice
+    by slice: no rank reads another's; any other container is read whole by every rank, which keeps its
+    part of each tensor.
+
     Args:
         path (`str` or `os.PathLike`): a container made by ``pack``.
-        budget_gb (`float`): see :func:`dispatch_compressed`.
+        budget_gb (`float`): see :func:`dispatch_compressed` (per rank under tensor parallelism).
         device, prefetch, host_budget_gb, verify, experts, expert_cache, expert_policy, speculate,
             execute_compressed: see :func:`dispatch_compressed`.
+        tensor_parallel (`bool`, *optional*): shard the model over the default process group; by default
+            when one is initialised with more than one rank.
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
     """
-    device = _resolve_device(device)
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
-    reader = _open(path, verify, device, options)
+    tp = tensor_parallel or (tensor_parallel is None and tp_world() is not None)
+    if tp:
+        options = _tensor_parallel_options(options, execute_compressed)
+        reader = ContainerReader(path, verify=verify)  # the device is bound once the model is sharded
+    else:
+        device = _resolve_device(device)
+        reader = _open(path, verify, device, options)
     try:
         model = build_empty_model(reader)
+        if tp:
+            model = shard_empty_model(model)  # binds this rank's CUDA device, as from_pretrained does
+            _shard_reader(reader, model)
+            device = _resolve_device(device)
         check_compatible(reader, model)
         return _attach(
             model, reader, budget_gb, device, prefetch, host_budget_gb, None, options, execute_compressed

@@ -13,10 +13,14 @@ import socket
 import pytest
 import torch
 
+from offload_runtime.loaders import pack
 from offload_runtime.tiny import tiny_model
 
 WORLD = 2
-ARCHS = ("llama", "qwen3_moe")
+# architecture -> tensor-parallel slices its container is packed with: 2 (one slice per rank, decoded in
+# place) and 4 (two per rank, copied into place)
+SLICES = {"llama": 4, "qwen3_moe": 2}
+ARCHS = tuple(SLICES)
 
 
 def _free_port() -> int:
@@ -30,9 +34,10 @@ def ranks(tmp_path_factory) -> list[dict]:
     import tp_worker
 
     work = tmp_path_factory.mktemp("tp")
-    for arch in ARCHS:
+    for arch, slices in SLICES.items():
         tiny_model(arch, num_layers=3, dtype=torch.bfloat16).save_pretrained(work / arch)
-    (work / "archs.json").write_text(json.dumps(ARCHS))
+        pack(work / arch, work / f"{arch}.ort", codec="zstd", progress=False, tp_slices=slices)
+    (work / "plan.json").write_text(json.dumps(SLICES))
     torch.multiprocessing.spawn(tp_worker.main, args=(WORLD, str(work), _free_port()), nprocs=WORLD)
     return [json.loads((work / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -44,6 +49,8 @@ def test_dispatch_of_tp_model_is_bit_identical(ranks, arch):
         assert row["sharded_params"], f"rank {rank}: the reference has no DTensor parameters"
         assert all(row["dispatch"].values()), f"rank {rank}: {row['dispatch']}"
         assert all(row["removed"].values()), f"rank {rank}: after remove_offload {row['removed']}"
+        assert all(row["dispatch_checkpoint"].values()), f"rank {rank}: {row['dispatch_checkpoint']}"
+        assert row["dispatch_checkpoint_reads"]["only_own_groups"], f"rank {rank}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -55,3 +62,25 @@ def test_dispatch_budget_is_per_rank(ranks, arch):
             f"rank {rank}: {facts}"
         )
         assert facts["streamed"] > 0, f"rank {rank}: nothing streamed at the minimum budget"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_compressed_shards_on_load_bit_identical(ranks, arch):
+    for rank, results in enumerate(ranks):
+        row = results[arch]
+        assert all(row["load"].values()), f"rank {rank}: {row['load']}"
+        facts = row["load_budget"]
+        assert facts["plan_device_bytes"] <= facts["budget_bytes"], f"rank {rank}: {facts}"
+        assert facts["arena_bytes"] == facts["plan_arena_bytes"] == facts["arena_used"], f"rank {rank}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_rank_reads_another_ranks_slices(ranks, arch):
+    for rank, results in enumerate(ranks):
+        read = results[arch]["load_reads"]
+        assert read["sliced_groups"] > 0
+        assert read["only_own_groups"], f"rank {rank} read {read['others_slices_read']}"
+        # its slices are 1/WORLD of the sliced bytes; the unsliced norms and router are all that is extra
+        assert read["distinct_bytes_read"] < read["container_bytes"] * (1 / WORLD + 0.1), (
+            f"rank {rank}: {read}"
+        )

@@ -72,10 +72,11 @@ def run_checks(rank: int, world: int, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from offload_runtime import dispatch_compressed, remove_offload
+    from offload_runtime import dispatch_compressed, load_compressed, remove_offload
 
     results: dict = {}
-    for arch in json.loads((work / "archs.json").read_text()):
+    plan = json.loads((work / "plan.json").read_text())
+    for arch, slices in plan.items():
         model = AutoModelForCausalLM.from_pretrained(
             work / arch, distributed_config=DistributedConfig(tp_size=world), dtype=torch.bfloat16
         ).eval()
@@ -90,8 +91,35 @@ def run_checks(rank: int, world: int, work: Path) -> dict:
         }
         remove_offload(model)
         row["removed"] = same(observe(model), want)
+
+        # shard on load: a container of the unsharded model, tp_slices slices per sliced tensor
+        path = work / f"{arch}.ort"
+        dispatch_compressed(model, minimum, device="cpu", checkpoint=path)  # the TP model, its rank's slices
+        row["dispatch_checkpoint"] = same(observe(model), want)
+        row["dispatch_checkpoint_reads"] = reads(model._offload_runtime.reader, rank, world, slices)
+        del model
+        minimum = minimum_gb(lambda gb, p=path: load_compressed(p, gb, device="cpu"))
+        model = load_compressed(path, minimum, device="cpu")
+        row["load"] = same(observe(model), want)
+        row["load_budget"] = budget_facts(model, minimum)
+        row["load_reads"] = reads(model._offload_runtime.reader, rank, world, slices)
         results[arch] = row
     return results
+
+
+def reads(reader, rank: int, world: int, slices: int) -> dict:
+    """What the rank read of the container, against what it should: its groups' own payloads and its
+    slices [rank * slices / world, (rank + 1) * slices / world), nothing else."""
+    groups = reader.index.groups
+    own = {g.name for g in groups if g.tp_slice is None and g.stored_size}
+    own |= {g.name for g in groups if g.tp_slice is not None and g.tp_slice.index * world // slices == rank}
+    return {
+        "only_own_groups": reader.stored_read == own,
+        "others_slices_read": sorted(n for n in reader.stored_read - own),
+        "distinct_bytes_read": sum(g.stored_size for g in groups if g.name in reader.stored_read),
+        "container_bytes": sum(g.stored_size for g in groups),
+        "sliced_groups": sum(g.tp is not None for g in groups),
+    }
 
 
 def main(rank: int, world: int, work: str, port: int) -> None:
