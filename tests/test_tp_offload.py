@@ -84,3 +84,13 @@ def test_no_rank_reads_another_ranks_slices(ranks, arch):
         assert read["distinct_bytes_read"] < read["container_bytes"] * (1 / WORLD + 0.1), (
             f"rank {rank}: {read}"
         )
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3-moe"])
+def test_synthetic_models_generate_only_their_shards_bit_identical(ranks, shape):
+    for rank, results in enumerate(ranks):
+        row = results[f"synthetic-{shape}"]
+        assert all(row["dispatch"].values()), f"rank {rank}: {row['dispatch']}"
+        facts = row["dispatch_budget"]
+        assert facts["plan_device_bytes"] <= facts["budget_bytes"], f"rank {rank}: {facts}"
+        assert facts["arena_bytes"] == facts["plan_arena_bytes"] == facts["arena_used"], f"rank {rank}"

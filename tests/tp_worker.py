@@ -104,7 +104,33 @@ def run_checks(rank: int, world: int, work: Path) -> dict:
         row["load_budget"] = budget_facts(model, minimum)
         row["load_reads"] = reads(model._offload_runtime.reader, rank, world, slices)
         results[arch] = row
+    for shape in ("tiny", "tiny-qwen3-moe"):
+        results[f"synthetic-{shape}"] = synthetic_checks(shape)
     return results
+
+
+def synthetic_checks(shape: str) -> dict:
+    """A synthetic model generated rank by rank (each rank only its shards) against the same model
+    materialised and sharded (the unoffloaded TP reference)."""
+    from offload_runtime.loaders.tp import shard_empty_model
+    from offload_runtime.synthetic import (
+        dispatch_synthetic,
+        materialize,
+        synthetic_config,
+        synthetic_skeleton,
+    )
+
+    config = synthetic_config(shape)
+    reference = materialize(shard_empty_model(synthetic_skeleton(config, torch.float32)), seed=3)
+    want = observe(reference)
+    del reference
+
+    def dispatch(gb):
+        return dispatch_synthetic(config, gb, codec="zstd", device="cpu", seed=3, dtype=torch.float32)
+
+    minimum = minimum_gb(dispatch)
+    model = dispatch(minimum)
+    return {"dispatch": same(observe(model), want), "dispatch_budget": budget_facts(model, minimum)}
 
 
 def reads(reader, rank: int, world: int, slices: int) -> dict:
