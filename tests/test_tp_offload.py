@@ -80,10 +80,9 @@ def test_no_rank_reads_another_ranks_slices(ranks, arch):
         read = results[arch]["load_reads"]
         assert read["sliced_groups"] > 0
         assert read["only_own_groups"], f"rank {rank} read {read['others_slices_read']}"
-        # its slices are 1/WORLD of the sliced bytes; the unsliced norms and router are all that is extra
-        assert read["distinct_bytes_read"] < read["container_bytes"] * (1 / WORLD + 0.1), (
-            f"rank {rank}: {read}"
-        )
+        # its slices: 1/WORLD of the sliced bytes (give or take compression); never the whole container
+        assert read["slice_bytes_read"] <= read["slice_bytes"] / WORLD * 1.2, f"rank {rank}: {read}"
+        assert read["distinct_bytes_read"] < read["container_bytes"], f"rank {rank}: {read}"
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3-moe"])

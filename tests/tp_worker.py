@@ -144,6 +144,8 @@ def reads(reader, rank: int, world: int, slices: int) -> dict:
         "others_slices_read": sorted(n for n in reader.stored_read - own),
         "distinct_bytes_read": sum(g.stored_size for g in groups if g.name in reader.stored_read),
         "container_bytes": sum(g.stored_size for g in groups),
+        "slice_bytes_read": sum(g.stored_size for g in groups if g.tp_slice and g.name in reader.stored_read),
+        "slice_bytes": sum(g.stored_size for g in groups if g.tp_slice is not None),
         "sliced_groups": sum(g.tp is not None for g in groups),
     }
 
