@@ -49,7 +49,7 @@ for _key, _value in NO_MULTICAST.items():
     os.environ.setdefault(_key, _value)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: shared measurement helpers
-from synthetic_70b import compare_logits, plan_split, prompt_ids  # noqa: E402
+from synthetic_70b import compare_logits, generate, plan_split, prompt_ids  # noqa: E402
 
 GIB = 1 << 30
 ROWS = ("h2d", "8b", "70b-tp", "70b-1gpu-40", "70b-1gpu-80")
@@ -98,16 +98,8 @@ class Ctx:
 
 
 def greedy(model, ids: torch.Tensor, tokens: int) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, ids.shape[1] :].cpu()
+    with torch.no_grad():  # not inference_mode: DTensors are made in the TP forwards
+        return generate(model, ids, tokens)
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -89,15 +89,9 @@ def parse_tp(value: Any, entry: GroupEntry, path: str, parse_layout: ParseLayout
                 expected=f"dimension {t.dim} divisible by {t.split * info.slices}",
                 actual=list(spec.shape),
             )
-    base = expected_layouts(info).base
-    if entry.layout != base:
-        raise _fail(
-            "the group's layout is not the tp layout's unsliced tensors",
-            entry,
-            path,
-            expected=base.to_json(),
-            actual=entry.layout.to_json(),
-        )
+    _check_layout(
+        entry, expected_layouts(info).base, "the group's layout is not the tp layout's unsliced tensors", path
+    )
     return info
 
 
@@ -155,14 +149,12 @@ def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
             )
         if entry.users != base.users or entry.aliases or entry.expert is not None:
             raise _fail("a slice group has its group's users, no aliases and no expert record", entry, path)
-        if entry.layout != layout:
-            raise _fail(
-                "slice group's layout is not what its group's tp record implies",
-                entry,
-                path,
-                expected=layout.to_json(),
-                actual=entry.layout.to_json(),
-            )
+        _check_layout(entry, layout, "slice group's layout is not what its group's tp record implies", path)
+
+
+def _check_layout(entry: GroupEntry, want: GroupLayout, message: str, path: str) -> None:
+    if entry.layout != want:
+        raise _fail(message, entry, path, expected=want.to_json(), actual=entry.layout.to_json())
 
 
 def _typed(value: Any, kind: type) -> Any:
