@@ -93,3 +93,14 @@ def test_synthetic_models_generate_only_their_shards_bit_identical(ranks, shape)
         facts = row["dispatch_budget"]
         assert facts["plan_device_bytes"] <= facts["budget_bytes"], f"rank {rank}: {facts}"
         assert facts["arena_bytes"] == facts["plan_arena_bytes"] == facts["arena_used"], f"rank {rank}"
+
+
+def test_tensor_parallel_runs_experts_with_their_blocks_and_refuses_what_it_cannot_run():
+    from offload_runtime.api import _tensor_parallel_options
+    from offload_runtime.expert_dispatch import ExpertOptions
+
+    assert _tensor_parallel_options(ExpertOptions(), False).experts == "block"
+    with pytest.raises(ValueError, match="experts='expert'"):
+        _tensor_parallel_options(ExpertOptions(experts="expert"), False)
+    with pytest.raises(ValueError, match="execute_compressed"):
+        _tensor_parallel_options(ExpertOptions(), True)
