@@ -17,11 +17,17 @@ from offload_runtime.native.base import Chunk
 from offload_runtime.native.layout import GroupLayout, align_up
 
 FORMAT_NAME = "offload_runtime"
-# version 2 adds expert groups (kind "expert", with an "expert" record); a container without any is
-# written as version 1, byte for byte as before, so older readers still open every dense container
-FORMAT_VERSION = 2
+# version 2 adds expert groups (kind "expert", with an "expert" record); version 3 tensor-parallel slices
+# ("tp" records on groups whose tensors are stored in slices, groups of kind "tp_slice"). A container is
+# written as the oldest version that describes it, so a dense one stays version 1 byte for byte and older
+# readers still open every container without the newer records
+FORMAT_VERSION = 3
 DENSE_FORMAT_VERSION = 1
-FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, FORMAT_VERSION)
+EXPERT_FORMAT_VERSION = 2
+TP_FORMAT_VERSION = 3
+FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, EXPERT_FORMAT_VERSION, TP_FORMAT_VERSION)
+TP_SLICE_KIND = "tp_slice"
+TP_SLICE_MARK = "#tp"  # a slice group is "<group>#tp<s>", a slice of tensor T in it "T#tp<s>"
 INDEX_KEY = "offload_runtime.index"
 # CRC-32 (8 hex digits) of the index text: an edit that keeps the index self-consistent (a shape, a
 # dtype, a chunk's CRC) is still caught. Containers written before it existed have no such key.
@@ -86,6 +92,65 @@ class ExpertInfo:
         }
 
 
+def tp_slice_name(name: str, index: int) -> str:
+    """The stored name of slice ``index`` of group or tensor ``name`` (``"model.layers.3#tp1"``)."""
+    return f"{name}{TP_SLICE_MARK}{index}"
+
+
+@dataclass(frozen=True)
+class TpTensor:
+    """A tensor of a group stored in tensor-parallel slices.
+
+    Attributes:
+        name: its name in the group's logical layout.
+        dim: the dimension it is cut along (the one tensor parallelism shards).
+        split: how many packed parts that dimension holds (2 for a fused gate/up projection sharded part by
+            part, ``_StridedShard``; 1 otherwise): slice ``s`` holds the ``s``-th of ``slices`` pieces of
+            every part, parts one after another.
+    """
+
+    name: str
+    dim: int
+    split: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dim": self.dim, "split": self.split}
+
+
+@dataclass(frozen=True)
+class TpInfo:
+    """What the index says about a group whose tensors are partly stored in tensor-parallel slices.
+
+    Attributes:
+        slices: ``S``, the number of slice groups (``<group>#tp0`` ... ``#tp<S-1>``, right after it).
+        layout: the group's logical layout: every tensor whole, as a container without slices stores it.
+        sliced: the tensors stored in the slices, in logical layout order; the group's own ``layout`` holds
+            the others, in the same order.
+    """
+
+    slices: int
+    layout: GroupLayout
+    sliced: tuple[TpTensor, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "slices": self.slices,
+            "layout": self.layout.to_json(),
+            "sliced": [t.to_json() for t in self.sliced],
+        }
+
+
+@dataclass(frozen=True)
+class TpSlice:
+    """The record of a slice group: slice ``index`` of the tensors of group ``group``."""
+
+    group: str
+    index: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"group": self.group, "index": self.index}
+
+
 @dataclass
 class GroupEntry:
     """Everything the index says about one group.
@@ -103,6 +168,9 @@ class GroupEntry:
         stored_size: payload bytes, without the 4 KiB padding.
         chunks: the chunk table, in decode order.
         expert: for an expert group, which expert of which stacked parameters it holds; else None.
+        tp: for a group with tensors stored in tensor-parallel slices, its logical layout and which
+            tensors the slices hold; else None.
+        tp_slice: for a slice group (``kind == "tp_slice"``), whose slice it is; else None.
     """
 
     name: str
@@ -117,6 +185,13 @@ class GroupEntry:
     stored_size: int
     chunks: list[Chunk]
     expert: ExpertInfo | None = None
+    tp: TpInfo | None = None
+    tp_slice: TpSlice | None = None
+
+    @property
+    def logical_layout(self) -> GroupLayout:
+        """Every tensor of the group whole: ``tp.layout`` when some are stored in slices, else ``layout``."""
+        return self.tp.layout if self.tp is not None else self.layout
 
     @property
     def decoded_size(self) -> int:
@@ -142,8 +217,13 @@ class GroupEntry:
             "stored_size": self.stored_size,
             "chunks": [c.to_json() for c in self.chunks],
         }
-        if self.expert is not None:  # absent, not null, elsewhere: dense indexes stay as they were
+        # absent, not null, elsewhere: indexes without these records stay as they were
+        if self.expert is not None:
             row["expert"] = self.expert.to_json()
+        if self.tp is not None:
+            row["tp"] = self.tp.to_json()
+        if self.tp_slice is not None:
+            row["tp_slice"] = self.tp_slice.to_json()
         return row
 
 
@@ -152,8 +232,7 @@ class ContainerIndex:
     """The whole index of a container.
 
     Attributes:
-        format_version: :data:`FORMAT_VERSION` when the container has expert groups, else
-            :data:`DENSE_FORMAT_VERSION`.
+        format_version: the oldest version describing the groups (:func:`index_format_version`).
         groups: every group, in stored (= execution) order.
         model_class: transformers class name (``"LlamaForCausalLM"``) or None for a bare checkpoint.
         config: the HF ``config.to_dict()`` or None.
@@ -187,7 +266,11 @@ class ContainerIndex:
 
 def index_format_version(groups: list[GroupEntry]) -> int:
     """The version a container of ``groups`` is written as: the oldest that can describe it."""
-    return FORMAT_VERSION if any(g.expert is not None for g in groups) else DENSE_FORMAT_VERSION
+    if any(g.tp is not None or g.tp_slice is not None for g in groups):
+        return TP_FORMAT_VERSION
+    if any(g.expert is not None for g in groups):
+        return EXPERT_FORMAT_VERSION
+    return DENSE_FORMAT_VERSION
 
 
 def encode_header(index: ContainerIndex) -> bytes:

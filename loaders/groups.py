@@ -21,6 +21,7 @@ from torch import nn
 
 from offload_runtime.loaders.format import ExpertInfo, ExpertSlice
 from offload_runtime.loaders.moe import ExpertsModule, find_expert_modules, slice_name
+from offload_runtime.loaders.tp import local
 
 
 @dataclass
@@ -151,7 +152,8 @@ def _split_experts(model: nn.Module, specs: list[GroupSpec], block_names: set[st
 
 
 def _expert_specs(model: nn.Module, module: ExpertsModule) -> list[GroupSpec]:
-    shapes = {a: tuple(model.get_parameter(module.param_name(a)).shape) for a in module.params}
+    # local shapes: a tensor-parallel model's stacks are this rank's shards
+    shapes = {a: tuple(local(model.get_parameter(module.param_name(a))).shape) for a in module.params}
     specs = []
     for e in range(module.num_experts):
         slices = tuple(

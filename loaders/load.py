@@ -13,6 +13,7 @@ from torch import nn
 from offload_runtime.errors import CheckpointError, CheckpointMismatchError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.reader import ContainerReader
+from offload_runtime.loaders.tp import local_state_dict
 from offload_runtime.native.layout import torch_dtype
 
 
@@ -104,7 +105,8 @@ def check_compatible(reader: ContainerReader, model: nn.Module) -> None:
         for alias, canonical in group.aliases.items():
             if canonical in stored:
                 stored[alias] = stored[canonical]
-    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    # a tensor-parallel model's container holds this rank's shards: compare local shapes
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in local_state_dict(model).items()}
     problems = [
         f"missing from the container: {n} {expected[n][0]} {expected[n][1]}"
         for n in expected

@@ -7,6 +7,9 @@ A mixture of experts is stored one group per routed expert (``find_groups(model,
 expert group's tensors are slices ``param[e]`` of the stacked parameters, read one slice at a time from
 the module, from stacked tensors in the checkpoint, or from its per-expert tensors
 (``legacy_experts.py``).
+
+With ``tp_slices=S`` the tensors the model's tensor-parallel plan shards are stored in ``S`` slice groups
+per group (``tp_slices.py``), so that each rank of a tensor-parallel run reads only its part.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch
 from torch import nn
 
 from offload_runtime.errors import CheckpointMismatchError
-from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
+from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX, TP_SLICE_KIND, TpSlice, tp_slice_name
 from offload_runtime.loaders.groups import GroupSpec, find_groups
 from offload_runtime.loaders.legacy_experts import ConversionRules, StackedFromExperts
+from offload_runtime.loaders.moe import parse_slice_name
 from offload_runtime.loaders.sources import (
     ModuleSource,
     SafetensorsSource,
@@ -34,6 +38,8 @@ from offload_runtime.loaders.sources import (
     TensorSource,
     checkpoint_files,
 )
+from offload_runtime.loaders.tp import local_state_dict, planned_shard_dims, shard_specs
+from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, slice_group
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
@@ -61,6 +67,7 @@ class _Plan:
     generation_config: dict | None = None
     tokenizer: dict[str, str] | None = None
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    shard_dims: dict[str, tuple[int, int]] = field(default_factory=dict)  # the model's TP plan, per tensor
 
 
 def pack(
@@ -71,6 +78,7 @@ def pack(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    tp_slices: int | None = None,
 ) -> Path:
     """Pack a model into a container at ``out``, atomically.
 
@@ -88,6 +96,10 @@ def pack(
         device (`torch.device` or `str`, *optional*): where the container will be decoded; ``auto`` (and
             ``int8``'s inner codec) then pick codecs that decode there (``"cpu"``: never ``ans``). ``None``
             means the GPU when there is one.
+        tp_slices (`int`, *optional*): store every tensor the model's tensor-parallel plan shards in this
+            many slices (format version 3), so that ``load_compressed`` on each of ``N`` ranks of a
+            tensor-parallel run, ``N`` dividing ``tp_slices``, reads only its slices. ``src`` must be the
+            unsharded model (or its directory) and have a ``tp_plan``.
 
     Returns:
         `pathlib.Path`: ``out``.
@@ -95,14 +107,21 @@ def pack(
     Raises:
         FileNotFoundError: ``src`` does not exist. CodecUnavailableError: unknown codec.
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
+        ValueError: ``tp_slices`` out of range, or a source without a tensor-parallel plan.
     """
     if codec != "auto":
         _resolve_codec(codec, None, device)  # fail on an unknown or unusable codec before reading anything
+    if tp_slices is not None and not 2 <= tp_slices <= MAX_TP_SLICES:
+        raise ValueError(f"tp_slices must be between 2 and {MAX_TP_SLICES}, got {tp_slices}")
+    if tp_slices is not None and isinstance(src, nn.Module) and shard_specs(src):
+        raise ValueError("tp_slices slices an unsharded model; this one is already tensor parallel")
     plan = _plan(src)
     try:
+        if tp_slices is not None and not plan.shard_dims:
+            raise ValueError(f"tp_slices needs a model with a tensor-parallel plan (tp_plan); {src} has none")
         if tokenizer is not None:
             plan.tokenizer = tokenizer_files(tokenizer)
-        return _write(plan, Path(out), codec, progress, dtype, device)
+        return _write(plan, Path(out), codec, progress, dtype, device, tp_slices)
     finally:
         for fn in plan.cleanup:
             fn()
@@ -115,6 +134,7 @@ def _write(
     progress: bool,
     dtype: torch.dtype | None,
     device: torch.device | str | None = None,
+    tp_slices: int | None = None,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -138,14 +158,58 @@ def _write(
             data_tensor = torch.zeros(layout.size, dtype=torch.uint8)
             for name, view in layout.views(data_tensor).items():
                 plan.source.fill(name, view)
-            group_codec = _resolve_codec(codec, layout, device)
-            encoded = group_codec.encode(layout, data_tensor.numpy())
-            writer.add_group(spec, layout, encoded, group_codec.name)
+            sliced = slice_group(layout, _group_dims(spec, plan.shard_dims), tp_slices) if tp_slices else None
+            if sliced is None:
+                stored += _add(writer, spec, layout, data_tensor, codec, device)
+            else:  # the group's whole tensors, then each slice (tp_slices.py)
+                part = torch.zeros(sliced.base.size, dtype=torch.uint8)
+                sliced.fill_base(data_tensor, part)
+                base_codec = codec if sliced.base.size else "raw"  # every tensor sliced: nothing to compress
+                stored += _add(writer, spec, sliced.base, part, base_codec, device, tp=sliced.tp)
+                for s, slice_layout in enumerate(sliced.slices):
+                    part = torch.zeros(slice_layout.size, dtype=torch.uint8)
+                    sliced.fill_slice(s, data_tensor, part)
+                    name = tp_slice_name(spec.name, s)
+                    slice_spec = GroupSpec(name, TP_SLICE_KIND, [], list(spec.users))
+                    stored += _add(
+                        writer, slice_spec, slice_layout, part, codec, device, tp_slice=TpSlice(spec.name, s)
+                    )
+                del part
             decoded += layout.size
-            stored += int(encoded.payload.nbytes)
-            del data_tensor, encoded
+            del data_tensor
             bar.update(layout.size)
             bar.set_postfix(groups=f"{i + 1}/{len(layouts)}", ratio=f"{decoded / max(stored, 1):.3f}")
+    return out
+
+
+def _add(
+    writer: ContainerWriter,
+    spec: GroupSpec,
+    layout: GroupLayout,
+    data: torch.Tensor,
+    codec: str,
+    device: torch.device | str | None,
+    **records,
+) -> int:
+    """Encode one stored group and hand it to the writer; returns its payload bytes."""
+    group_codec = _resolve_codec(codec, layout, device)
+    encoded = group_codec.encode(layout, data.numpy())
+    writer.add_group(spec, layout, encoded, group_codec.name, **records)
+    return int(encoded.payload.nbytes)
+
+
+def _group_dims(spec: GroupSpec, dims: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``(dim, split)`` of the group's tensors the TP plan shards; an expert's slice ``param[e]`` is cut like
+    ``param``, one dimension lower (a plan cutting dimension 0 shards experts across ranks: left whole)."""
+    out = {}
+    for name in spec.tensors:
+        sliced = parse_slice_name(name)
+        if sliced is None:
+            if name in dims:
+                out[name] = dims[name]
+        elif dims.get(sliced[0], (0, 0))[0] > 0:
+            dim, split = dims[sliced[0]]
+            out[name] = (dim - 1, split)
     return out
 
 
@@ -203,8 +267,10 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def _plan_module(model: nn.Module) -> _Plan:
-    source = SlicedSource(ModuleSource(model.state_dict()))
-    return _Plan(find_groups(model, experts=True), source, **_model_info(model))
+    source = SlicedSource(ModuleSource(local_state_dict(model)))  # a TP model packs this rank's shards
+    plan = _Plan(find_groups(model, experts=True), source, **_model_info(model))
+    plan.shard_dims = planned_shard_dims(model)
+    return plan
 
 
 def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
@@ -246,6 +312,7 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
             "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
         )
     plan = _Plan(groups, SlicedSource(renamed), **_model_info(model), cleanup=[source.close])
+    plan.shard_dims = planned_shard_dims(model)
     found = [directory / f for f in TOKENIZER_FILES + BINARY_TOKENIZER_FILES if (directory / f).is_file()]
     if found:
         plan.tokenizer = dict(_tokenizer_entry(f) for f in found)

@@ -15,6 +15,10 @@ and its experts are one *reassembled* group whose stacked parameters are whole a
 ``"expert"``: the groups as stored (block groups without their experts, and one group per expert, with
 their ``expert`` records), for a runtime that streams experts on their own. Dense containers look the same
 at both.
+
+A container with tensor-parallel slices (``tp_slices.py``) is presented with every tensor whole, or, after
+:meth:`ContainerReader.shard`, with this rank's local tensors: then only the rank's slices (and the groups'
+unsliced tensors) are ever read. ``bytes_read`` and ``stored_read`` count what was read from the file.
 """
 
 from __future__ import annotations
@@ -89,12 +93,28 @@ class ContainerReader:
         self.index: ContainerIndex = parsed.index
         self._offsets = parsed.offsets
         self._stored = {g.name: g for g in self.index.groups}
-        if granularity == "block":
-            self._groups, self._parts = reassemble.block_view(self.index.groups)
-        else:
-            self._groups, self._parts = list(self.index.groups), {}
+        self.shards = None
+        self._groups, self._parts = reassemble.view(self.index.groups, granularity)
         self._by_name = {g.name: g for g in self._groups}
+        self.bytes_read = 0  # payload bytes read from the file (each read counted)
+        self.stored_read: set[str] = set()  # stored groups whose payload was read at least once
         self._closed = False
+
+    def shard(self, shards) -> None:
+        """Present this rank's local tensors of a tensor-parallel run from now on (before any read).
+
+        Args:
+            shards (`RankShards`): the rank, the number of ranks and the model's placements
+                (``tp_slices.RankShards``). Groups with tensor-parallel slices are then read from this
+                rank's slices only; a tensor stored whole is read whole and this rank's part of it kept.
+
+        Raises:
+            CheckpointMismatchError: a tensor is sliced along another dimension than the model shards it,
+                or the number of ranks does not divide the number of slices.
+        """
+        self.shards = shards
+        self._groups, self._parts = reassemble.view(self.index.groups, self.granularity, shards)
+        self._by_name = {g.name: g for g in self._groups}
 
     @property
     def groups(self) -> list[GroupEntry]:
@@ -156,6 +176,7 @@ class ContainerReader:
         dest = out[: entry.stored_size]
         buffer = memoryview(dest.numpy())
         start, done = self._offsets[name], 0
+        self._count(entry)
         while done < entry.stored_size:
             n = os.preadv(self._file.fileno(), [buffer[done:]], start + done)
             if n <= 0:
@@ -279,7 +300,12 @@ class ContainerReader:
         start = self._offsets[entry.name]
         if self._mmap is None or entry.stored_size == 0:
             return memoryview(b"")
+        self._count(entry)
         return memoryview(self._mmap)[start : start + entry.stored_size]
+
+    def _count(self, entry: GroupEntry) -> None:
+        self.bytes_read += entry.stored_size
+        self.stored_read.add(entry.name)
 
     def _check_unchanged(self, entry: GroupEntry) -> None:
         if self._closed:

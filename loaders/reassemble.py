@@ -1,34 +1,41 @@
-"""Block granularity over expert groups: a block and its experts read and decoded as one group.
+"""Reassembled groups: stored groups read and decoded as one group, each part's tensors copied into place.
 
-A container of a mixture of experts stores each routed expert as its own group (format version 2). The
-block runtime (``dispatch_compressed``, ``load_compressed``) streams whole blocks, so until an expert
-runtime streams experts on their own, a reader presents each block together with the expert groups of the
-experts modules inside it as **one** group, the *reassembled* group: its layout is the block's tensors
-followed by every stacked parameter made whole (``gate_up_proj [E, 2I, H]``, ...), exactly what the model's
-own parameters look like, so binding, planning and hooks work unchanged.
+Two things make the groups a runtime streams differ from the groups a container stores:
 
-How (the simplest correct option, chosen over re-encoding at load time, which would need a CPU decoder
-for every codec and a second copy of the model):
+* **experts** (format version 2): a mixture of experts stores each routed expert as its own group. The
+  block runtime (``dispatch_compressed``, ``load_compressed``) streams whole blocks, so until an expert
+  runtime streams experts on their own, a reader presents each block together with the expert groups of
+  the experts modules inside it as **one** group (*block granularity*): its layout is the block's tensors
+  followed by every stacked parameter made whole (``gate_up_proj [E, 2I, H]``, ...), exactly what the
+  model's own parameters look like, so binding, planning and hooks work unchanged;
+* **tensor-parallel slices** (format version 3, ``tp_slices.py``): a group may keep some tensors in slice
+  groups (``<group>#tp<s>``); a rank of a tensor-parallel run reads only its slices and sees its *local*
+  tensors, a run without tensor parallelism reads every slice and sees them whole.
 
-* its payload is the *parts'* payloads (the block's, then each expert's, in stored order) back to back,
-  each starting on a :data:`PAYLOAD_ALIGN` boundary; ``read_into`` reads each part with the reader's own
-  checked read;
+Both are described the same way: a :class:`LogicalGroup` says which bytes of which stored groups fill
+which tensor, and where (a :class:`Place`: rows of bytes, so a slice cut along any dimension is one strided
+copy). :func:`reassemble` turns one into a *reassembled* group:
+
+* its payload is the *parts'* payloads (the stored groups', in stored order) back to back, each starting on
+  a :data:`PAYLOAD_ALIGN` boundary; ``read_into`` reads each part with the reader's own checked read;
 * its codec is :data:`REASSEMBLED_CODEC`, an in-memory codec (never stored: the validator refuses it in a
   file) whose params hold the parts: each part is decoded by its own codec into a scratch buffer (on the
-  GPU: a shared-workspace buffer of the largest part, in stream order) and its tensors copied to their
-  places, a block tensor to its offset, expert ``e``'s slice of a stacked parameter to ``param[e]``. The
-  decoded CRC-32s of every part are checked under the same policy as any group's.
+  GPU: a shared-workspace buffer of the largest such part, in stream order) and its places copied. A part
+  whose bytes land unchanged in one region that no other part writes (a rank's own slice when it reads
+  one slice per tensor: the layout is built so) is **direct**: decoded straight into that region, no
+  scratch, no copy. The decoded CRC-32s of every part are checked under the same policy as any group's.
 
-The cost is one copy of the decoded bytes per load (on the GPU a device-to-device copy, far below the
-PCIe transfer it follows) and one part-sized scratch buffer. Dense containers are unaffected: a view of
-groups without experts is the stored groups themselves.
+The cost is one copy of the decoded bytes of each non-direct part per load (on the GPU a device-to-device
+copy, far below the PCIe transfer it follows) and one part-sized scratch buffer. A logical group that is
+one stored group, unchanged, is presented as that stored group: dense containers are unaffected.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,11 +44,86 @@ from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import PAYLOAD_ALIGN, GroupEntry
 from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
 from offload_runtime.native.chunking import check_decoded_crcs
-from offload_runtime.native.layout import GroupLayout, align_up
+from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, align_up
 from offload_runtime.native.workspace import Allocate
 
 REASSEMBLED_CODEC = "reassembled"
 PART_KIND = "reassembled-part"  # decode-workspace kind of the scratch a part decodes into
+
+
+class Place(NamedTuple):
+    """``rows`` runs of ``row_bytes`` bytes: run ``i`` from ``src + i * src_stride`` of a part's decoded
+    bytes to ``dst + i * dst_stride`` of the destination (``rows == 1``: one flat copy)."""
+
+    src: int
+    dst: int
+    rows: int
+    row_bytes: int
+    src_stride: int
+    dst_stride: int
+
+    @classmethod
+    def flat(cls, src: int, dst: int, nbytes: int) -> Place:
+        return cls(src, dst, 1, nbytes, nbytes, nbytes)
+
+    @property
+    def end(self) -> int:
+        """One past the last destination byte written."""
+        return self.dst + (self.rows - 1) * self.dst_stride + self.row_bytes if self.rows else self.dst
+
+    def moved(self, src: int, dst: int) -> Place:
+        """This copy with its source and destination shifted by ``src`` and ``dst`` bytes."""
+        return self._replace(src=self.src + src, dst=self.dst + dst)
+
+    def compact(self) -> Place:
+        """The same bytes as one flat copy when both sides are contiguous."""
+        if self.rows > 1 and self.src_stride == self.dst_stride == self.row_bytes:
+            return Place.flat(self.src, self.dst, self.rows * self.row_bytes)
+        return self
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Bytes of a stored group's decoded buffer copied into tensor ``tensor`` of a logical group; the
+    place's ``dst`` is relative to the tensor's first byte."""
+
+    tensor: str
+    place: Place
+
+
+@dataclass
+class LogicalGroup:
+    """A group as a runtime sees it, described by the stored groups that fill it (see the docstring).
+
+    Attributes:
+        entry: the stored group that names it (name, kind, users, aliases, expert record).
+        tensors: ``(name, dtype, shape)`` of its tensors, in layout order.
+        fills: for each stored group read, in stored order, what of it goes where.
+    """
+
+    entry: GroupEntry
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    fills: list[tuple[GroupEntry, list[Fill]]] = field(default_factory=list)
+
+    @classmethod
+    def stored(cls, entry: GroupEntry) -> LogicalGroup:
+        """A stored group as it is: each tensor one flat copy of its own bytes."""
+        specs = entry.layout.tensors
+        tensors = [(t.name, t.torch_dtype, tuple(t.shape)) for t in specs]
+        return cls(
+            entry, tensors, [(entry, [Fill(t.name, Place.flat(t.offset, 0, t.nbytes)) for t in specs])]
+        )
+
+    def is_stored_as_is(self) -> bool:
+        """One stored group whose tensors are exactly its own layout's (no copy needed)."""
+        if len(self.fills) != 1 or self.fills[0][0].name != self.entry.name:
+            return False
+        layout = self.entry.layout
+        mine = [(t.name, t.torch_dtype, tuple(t.shape)) for t in layout.tensors]
+        return mine == self.tensors and all(
+            f.place == Place.flat(layout.spec(f.tensor).offset, 0, layout.spec(f.tensor).nbytes)
+            for f in self.fills[0][1]
+        )
 
 
 @dataclass(frozen=True)
@@ -49,83 +131,125 @@ class Part:
     """One stored group inside a reassembled group.
 
     Attributes:
-        entry: the stored group (the block, or one expert).
+        entry: the stored group (a block, an expert, a tensor-parallel slice).
         offset: where its payload starts in the reassembled payload.
-        places: ``(source offset in the part's decoded bytes, destination offset in the reassembled
-            group, bytes)`` for each of its tensors.
+        places: its copies into the reassembled group's bytes (absolute destinations).
+        direct: where it decodes in place (its whole decoded buffer at ``[direct, direct + size)``), or
+            None when it decodes into scratch and its places are copied.
     """
 
     entry: GroupEntry
     offset: int
-    places: tuple[tuple[int, int, int], ...]
+    places: tuple[Place, ...]
+    direct: int | None = None
+
+
+def view(
+    groups: Sequence[GroupEntry], granularity: str = "block", shards: Any = None
+) -> tuple[list[GroupEntry], dict[str, tuple[Part, ...]]]:
+    """The groups a runtime reads from stored ``groups``, and the parts of each reassembled one.
+
+    Args:
+        groups: the stored groups, in stored order.
+        granularity: ``"block"`` (a block and its experts are one group) or ``"expert"``.
+        shards (`tp_slices.RankShards`, *optional*): this rank's tensor-parallel placements: slices are
+            read for the rank's local tensors only; ``None``: tensors whole.
+    """
+    from offload_runtime.loaders.tp_slices import logical_groups
+
+    logical = logical_groups(groups, shards)
+    if granularity == "block":
+        logical = block_groups(logical)
+    out, parts = [], {}
+    for group in logical:
+        if group.is_stored_as_is():
+            out.append(group.entry)
+        else:
+            entry, parts[group.entry.name] = reassemble(group)
+            out.append(entry)
+    return out, parts
 
 
 def block_view(groups: Sequence[GroupEntry]) -> tuple[list[GroupEntry], dict[str, tuple[Part, ...]]]:
-    """The block-granular view of stored ``groups``.
+    """The block-granular view of stored ``groups`` (tensors whole): see :func:`view`."""
+    return view(groups, "block")
 
-    Returns:
-        `tuple`: the view's groups in stored order (a block owning experts replaced by its reassembled
-        group, expert groups gone; every other group as stored), and the parts of each reassembled group.
-    """
-    experts: dict[str, list[GroupEntry]] = {}
+
+def block_groups(groups: Sequence[LogicalGroup]) -> list[LogicalGroup]:
+    """Each block owning experts merged with its expert groups (their stacked parameters whole); expert
+    groups gone; every other group as it is."""
+    experts: dict[str, list[LogicalGroup]] = {}
     for g in groups:
-        if g.expert is not None:
-            experts.setdefault(g.expert.module, []).append(g)
+        if g.entry.expert is not None:
+            experts.setdefault(g.entry.expert.module, []).append(g)
     if not experts:
-        return list(groups), {}
-    owners = [g for g in groups if g.expert is None]
+        return list(groups)
+    owners = [g for g in groups if g.entry.expert is None]
     owned: dict[str, list[str]] = {}
     for module in experts:  # the longest group name that prefixes the module's path (validated to exist)
-        owner = max((g.name for g in owners if module.startswith(g.name + ".")), key=len)
+        owner = max((g.entry.name for g in owners if module.startswith(g.entry.name + ".")), key=len)
         owned.setdefault(owner, []).append(module)
-    view, parts = [], {}
+    out = []
     for g in owners:
-        modules = owned.get(g.name)
-        if modules:
-            entry, parts[g.name] = _reassemble(g, [sorted(experts[m], key=_expert_index) for m in modules])
-            view.append(entry)
-        else:
-            view.append(g)
-    return view, parts
+        modules = owned.get(g.entry.name)
+        out.append(
+            _merge_experts(g, [sorted(experts[m], key=_expert_index) for m in modules]) if modules else g
+        )
+    return out
 
 
-def _expert_index(entry: GroupEntry) -> int:
-    return entry.expert.index
+def _expert_index(group: LogicalGroup) -> int:
+    return group.entry.expert.index
 
 
-def _reassemble(block: GroupEntry, modules: list[list[GroupEntry]]) -> tuple[GroupEntry, tuple[Part, ...]]:
-    metas = [(t.name, torch.empty(t.shape, dtype=t.torch_dtype, device="meta")) for t in block.layout.tensors]
+def _merge_experts(block: LogicalGroup, modules: list[list[LogicalGroup]]) -> LogicalGroup:
+    tensors = list(block.tensors)
+    fills = list(block.fills)
     for experts in modules:
         first = experts[0]
-        for s, t in zip(first.expert.slices, first.layout.tensors, strict=True):
-            metas.append((s.param, torch.empty(s.shape, dtype=t.torch_dtype, device="meta")))
-    layout = GroupLayout.from_tensors(metas)
-    places = [tuple((t.offset, layout.spec(t.name).offset, t.nbytes) for t in block.layout.tensors)]
-    stored = [block]
-    for experts in modules:
-        for entry in experts:
-            places.append(
-                tuple(
-                    (t.offset, layout.spec(s.param).offset + s.index * t.nbytes, t.nbytes)
-                    for s, t in zip(entry.expert.slices, entry.layout.tensors, strict=True)
-                )
-            )
-            stored.append(entry)
+        shapes = {name: (dtype, shape) for name, dtype, shape in first.tensors}
+        for s in first.entry.expert.slices:  # stacked: the experts' (local) slices, one after another
+            dtype, shape = shapes[s.tensor]
+            tensors.append((s.param, dtype, (s.shape[0], *shape)))
+        for expert in experts:
+            info = expert.entry.expert
+            local = {name: (dtype, shape) for name, dtype, shape in expert.tensors}
+            target = {}  # slice tensor -> (stacked parameter, byte offset of this expert in it)
+            for s in info.slices:
+                dtype, shape = local[s.tensor]
+                target[s.tensor] = (s.param, info.index * math.prod(shape) * dtype.itemsize)
+            for stored, pieces in expert.fills:
+                moved = [Fill(target[f.tensor][0], f.place.moved(0, target[f.tensor][1])) for f in pieces]
+                fills.append((stored, moved))
+    return LogicalGroup(block.entry, tensors, fills)
+
+
+def reassemble(group: LogicalGroup) -> tuple[GroupEntry, tuple[Part, ...]]:
+    """The reassembled entry of ``group`` (codec :data:`REASSEMBLED_CODEC`) and its parts."""
+    layout = GroupLayout.from_tensors(
+        (name, torch.empty(shape, dtype=dtype, device="meta")) for name, dtype, shape in group.tensors
+    )
+    resolved = [
+        (stored, tuple(f.place.moved(0, layout.spec(f.tensor).offset).compact() for f in pieces))
+        for stored, pieces in group.fills
+    ]
+    spans = [(min(p.dst for p in places), max(p.end for p in places)) for _, places in resolved if places]
     parts, chunks, offset = [], [], 0
-    for entry, where in zip(stored, places, strict=True):
+    for stored, places in resolved:
         offset = align_up(offset, PAYLOAD_ALIGN)
-        parts.append(Part(entry, offset, where))
+        parts.append(Part(stored, offset, places, _direct_offset(stored, places, spans)))
         chunks += [
-            Chunk(c.offset + offset, c.size, c.decoded_size, c.crc32, c.decoded_crc32) for c in entry.chunks
+            Chunk(c.offset + offset, c.size, c.decoded_size, c.crc32, c.decoded_crc32) for c in stored.chunks
         ]
-        offset += entry.stored_size
+        offset += stored.stored_size
     parts = tuple(parts)
+    entry = group.entry
     merged = GroupEntry(
-        name=block.name,
-        kind=block.kind,
-        users=list(block.users),
-        aliases=dict(block.aliases),
-        tensor=block.tensor,
+        name=entry.name,
+        kind=entry.kind,
+        users=list(entry.users),
+        aliases=dict(entry.aliases),
+        tensor=entry.tensor,
         codec=REASSEMBLED_CODEC,
         params={"parts": parts},  # in memory only: a reassembled group is never written
         layout=layout,
@@ -134,6 +258,28 @@ def _reassemble(block: GroupEntry, modules: list[list[GroupEntry]]) -> tuple[Gro
         chunks=chunks,
     )
     return merged, parts
+
+
+def _direct_offset(stored: GroupEntry, places: tuple[Place, ...], spans: list[tuple[int, int]]) -> int | None:
+    """Where ``stored`` decodes in place: every copy flat with one shift ``d`` (aligned), and no other
+    part writing into ``[d, d + size)``; else None."""
+    if not places or any(p.rows != 1 for p in places):
+        return None
+    shifts = {p.dst - p.src for p in places}
+    if len(shifts) != 1:
+        return None
+    shift = shifts.pop()
+    if (
+        shift < 0
+        or shift % TENSOR_ALIGN
+        or sum(p.row_bytes for p in places) != sum(t.nbytes for t in stored.layout.tensors)
+    ):
+        return None
+    lo, hi = shift, shift + stored.layout.size
+    mine = (min(p.dst for p in places), max(p.end for p in places))
+    if any(span != mine and span[0] < hi and lo < span[1] for span in spans):
+        return None
+    return shift
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -154,18 +300,36 @@ def read_parts_into(parts: Sequence[Part], read_into: ReadInto, out: torch.Tenso
 def decode_parts_cpu(
     parts: Sequence[Part], decode_cpu: DecodeCpu, out: torch.Tensor, staging: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Decode every part with ``decode_cpu`` (the stored reader's, with its checks) and place its tensors."""
-    scratch = torch.empty(max(p.entry.layout.size for p in parts), dtype=torch.uint8)
+    """Decode every part with ``decode_cpu`` (the stored reader's, with its checks) and place its tensors;
+    a direct part decodes straight into its region."""
+    scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
     for part in parts:
         n = part.entry.stored_size
-        decoded = decode_cpu(part.entry.name, scratch, staging[:n] if staging is not None else None)
-        _place(part, decoded, out)
+        into = scratch if part.direct is None else out[part.direct : part.direct + part.entry.layout.size]
+        decoded = decode_cpu(part.entry.name, into, staging[:n] if staging is not None else None)
+        if part.direct is None:
+            _place(part, decoded, out)
     return out
 
 
+def _scratch_bytes(parts: Sequence[Part]) -> int:
+    """The scratch the parts that do not decode in place need: the largest of them (0 when none)."""
+    return max((p.entry.layout.size for p in parts if p.direct is None), default=0)
+
+
+def _part_needs(parts: Sequence[Part]) -> dict[str, int]:
+    """The shared-workspace need of the part scratch (none when every part decodes in place)."""
+    scratch = _scratch_bytes(parts)
+    return {PART_KIND: scratch} if scratch else {}
+
+
 def _place(part: Part, decoded: torch.Tensor, out: torch.Tensor) -> None:
-    for src, dst, nbytes in part.places:
-        out[dst : dst + nbytes].copy_(decoded[src : src + nbytes])
+    for p in part.places:
+        if p.rows == 1:
+            out[p.dst : p.dst + p.row_bytes].copy_(decoded[p.src : p.src + p.row_bytes])
+        else:  # as_strided keeps each view's own storage offset
+            target = out[p.dst :].as_strided((p.rows, p.row_bytes), (p.dst_stride, 1))
+            target.copy_(decoded[p.src :].as_strided((p.rows, p.row_bytes), (p.src_stride, 1)))
 
 
 class ReassembledSource:
@@ -175,7 +339,7 @@ class ReassembledSource:
 
     def __init__(self, source: Any) -> None:
         self.source = source
-        self.groups, self._parts = block_view(source.groups)
+        self.groups, self._parts = view(source.groups, "block")
         self._by_name = {g.name: g for g in self.groups}
 
     def __getattr__(self, name: str) -> Any:  # path, verify, trim, close, generated, ...
@@ -224,12 +388,13 @@ class ReassembledCodec(GroupCodec):
         from offload_runtime.native import get_codec
 
         parts: tuple[Part, ...] = params["parts"]
-        scratch = torch.empty(max(p.entry.layout.size for p in parts), dtype=torch.uint8)
+        scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
         for part in parts:
             entry = part.entry
             codec = get_codec(entry.codec)
             sub = payload[part.offset : part.offset + entry.stored_size]
-            decoded = scratch[: entry.layout.size]
+            into = scratch if part.direct is None else out[part.direct :]
+            decoded = into[: entry.layout.size]
             try:
                 if entry.stored_layout is not None:  # lossy: the codec checks what its chunks decode to
                     codec.decode_cpu(
@@ -241,7 +406,8 @@ class ReassembledCodec(GroupCodec):
                         check_decoded_crcs(decoded.numpy(), entry.chunks)
             except OffloadError as exc:
                 raise _in_part(exc, entry.name) from exc
-            _place(part, decoded, out)
+            if part.direct is None:
+                _place(part, decoded, out)
 
     def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
         from offload_runtime.native import get_codec
@@ -255,7 +421,7 @@ class ReassembledCodec(GroupCodec):
 
         parts: tuple[Part, ...] = params["parts"]
         pieces: list[int] = []
-        needs: dict[str, int] = {PART_KIND: max(p.entry.layout.size for p in parts)}
+        needs = _part_needs(parts)
         for p in parts:
             sizes = get_codec(p.entry.codec).gpu_decoder_sizes(p.entry.chunks, p.entry.params, p.entry.layout)
             pieces += sizes.pieces
@@ -282,10 +448,12 @@ def _in_part(exc: OffloadError, group: str) -> OffloadError:
 
 
 class _ReassembledGpuDecoder(GpuDecoder):
-    """Each part decoded by its own decoder into a workspace buffer, then its tensors copied into place.
+    """Each part decoded by its own decoder into a workspace buffer, then its tensors copied into place
+    (a direct part: decoded into its region of the output, nothing copied).
 
     All on the one decode stream, so the part buffer (workspace kind :data:`PART_KIND`, as large as the
-    largest part) is reused in order; the parts' decoders share the same workspace for their own scratch.
+    largest non-direct part) is reused in order; the parts' decoders share the same workspace for their own
+    scratch.
     """
 
     def __init__(self, parts: Sequence[Part], device: torch.device, allocate: Allocate | None = None) -> None:
@@ -300,7 +468,7 @@ class _ReassembledGpuDecoder(GpuDecoder):
             for p in self.parts
         ]
         self.scratch_bytes = sum(d.scratch_bytes for d in self.decoders)
-        needs: dict[str, int] = {PART_KIND: max(p.entry.layout.size for p in self.parts)}
+        needs = _part_needs(self.parts)
         for decoder in self.decoders:
             for kind, nbytes in decoder.workspace_needs.items():
                 needs[kind] = max(needs.get(kind, 0), nbytes)
@@ -316,13 +484,18 @@ class _ReassembledGpuDecoder(GpuDecoder):
         reports = []
         for part, decoder in zip(self.parts, self.decoders, strict=True):
             entry = part.entry
-            buffer = self.workspace.acquire(PART_KIND, stream)
-            decoded = buffer[: entry.layout.size]
             payload = src[part.offset : part.offset + entry.stored_size]
-            report = decoder.decode(payload, decoded, stream, check)
-            with torch.cuda.stream(stream):
-                _place(part, decoded, out)
-            self.workspace.release(PART_KIND, stream)
+            if part.direct is not None:
+                report = decoder.decode(
+                    payload, out[part.direct : part.direct + entry.layout.size], stream, check
+                )
+            else:
+                buffer = self.workspace.acquire(PART_KIND, stream)
+                decoded = buffer[: entry.layout.size]
+                report = decoder.decode(payload, decoded, stream, check)
+                with torch.cuda.stream(stream):
+                    _place(part, decoded, out)
+                self.workspace.release(PART_KIND, stream)
             if report is not None:
                 reports.append((entry.name, report))
         return _PartReports(reports) if reports else None

@@ -27,11 +27,14 @@ from offload_runtime.loaders.format import (
     MAX_GROUP_DECODED_SIZE,
     MAX_HEADER_SIZE,
     PAYLOAD_ALIGN,
+    TP_FORMAT_VERSION,
+    TP_SLICE_KIND,
     ContainerIndex,
     GroupEntry,
     index_crc32,
 )
 from offload_runtime.loaders.validate_experts import check_expert_groups, parse_expert
+from offload_runtime.loaders.validate_tp import check_tp_groups, parse_tp, parse_tp_slice
 from offload_runtime.native.base import Chunk
 from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, TensorSpec, align_up, torch_dtype
 
@@ -262,6 +265,7 @@ def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
         seen.add(entry.name)
         entries.append(entry)
     _check_tensor_names(entries, path)
+    check_tp_groups(entries, path)
     check_expert_groups(entries, path)
     dtype, model_class = obj.get("dtype"), model.get("model_class")
     if dtype is not None and not _is_dtype_name(dtype):
@@ -296,10 +300,15 @@ def _is_dtype_name(value: Any) -> bool:
 
 
 def _check_tensor_names(entries: list[GroupEntry], path: str) -> None:
-    """Each tensor is stored once and every alias names a stored tensor (``load_state_dict`` relies on it)."""
+    """Each tensor is stored once and every alias names a stored tensor (``load_state_dict`` relies on it).
+
+    A group's tensors are those of its logical layout (its slices' tensors included: ``validate_tp``
+    checks that the slices hold exactly those)."""
     owner: dict[str, str] = {}
     for entry in entries:
-        for spec in entry.layout.tensors:
+        if entry.tp_slice is not None:
+            continue
+        for spec in entry.logical_layout.tensors:
             if spec.name in owner:
                 raise CorruptCheckpointError(
                     f"tensor {spec.name!r} is stored twice",
@@ -366,9 +375,33 @@ def _parse_group(row: Any, path: str, position: int, version: int = FORMAT_VERSI
             group=entry.name,
             actual=f"kind {entry.kind!r}, expert record {'present' if has_record else 'absent'}",
         )
+    _parse_tp_records(row, entry, path, version)
     if has_record:
         entry.expert = parse_expert(row["expert"], entry, path)
     return entry
+
+
+def _parse_tp_records(row: dict, entry: GroupEntry, path: str, version: int) -> None:
+    """The ``tp`` / ``tp_slice`` records of a group (format version 3), parsed into ``entry``."""
+    present = [key for key in ("tp", "tp_slice") if key in row]
+    if present and version < TP_FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"tensor-parallel record in a format version {version} index (which has none)",
+            file=path,
+            group=entry.name,
+            actual=present,
+        )
+    if ("tp_slice" in row) != (entry.kind == TP_SLICE_KIND):
+        raise CorruptCheckpointError(
+            f"a group is of kind {TP_SLICE_KIND!r} exactly when it has a tp_slice record",
+            file=path,
+            group=entry.name,
+            actual=f"kind {entry.kind!r}, tp_slice record {'present' if 'tp_slice' in row else 'absent'}",
+        )
+    if "tp" in row:
+        entry.tp = parse_tp(row["tp"], entry, path, _layout)
+    if "tp_slice" in row:
+        entry.tp_slice = parse_tp_slice(row["tp_slice"], entry, path)
 
 
 def _typed(value: Any, kind: type) -> Any:

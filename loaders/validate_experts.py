@@ -57,14 +57,15 @@ def parse_expert(value: Any, entry: GroupEntry, path: str) -> ExpertInfo:
         raise fail(
             "expert index out of range", expected=f"0 <= index < {info.num_experts}", actual=info.index
         )
-    names = [t.name for t in entry.layout.tensors]
+    layout = entry.logical_layout  # its tensors whole, wherever tensor-parallel slices store them
+    names = [t.name for t in layout.tensors]
     if [s.tensor for s in info.slices] != names:
         raise fail(
             "expert slices do not name the group's layout tensors, one each, in order",
             expected=names,
             actual=[s.tensor for s in info.slices],
         )
-    for s, spec in zip(info.slices, entry.layout.tensors, strict=True):
+    for s, spec in zip(info.slices, layout.tensors, strict=True):
         if s.index != info.index:
             raise fail(f"slice {s.tensor!r} is of another expert", expected=info.index, actual=s.index)
         if not s.param.startswith(info.module + "."):
@@ -92,7 +93,7 @@ def check_expert_groups(entries: list[GroupEntry], path: str) -> None:
             modules.setdefault(entry.expert.module, []).append(entry)
     if not modules:
         return
-    stored = {spec.name for e in entries for spec in e.layout.tensors}
+    stored = {spec.name for e in entries for spec in e.logical_layout.tensors}
     aliases = {name for e in entries for pair in e.aliases.items() for name in pair}
     owners = {e.name for e in entries if e.expert is None}
     for module, experts in modules.items():
@@ -149,7 +150,7 @@ def check_expert_groups(entries: list[GroupEntry], path: str) -> None:
 
 def _signature(entry: GroupEntry) -> list:
     info = entry.expert
-    dtypes = [t.dtype for t in entry.layout.tensors]
+    dtypes = [t.dtype for t in entry.logical_layout.tensors]
     stacked = [(s.param, list(s.shape), d) for s, d in zip(info.slices, dtypes, strict=True)]
     return [info.num_experts, *stacked]
 

@@ -22,6 +22,8 @@ from offload_runtime.loaders.format import (
     FORMAT_VERSION,
     ContainerIndex,
     GroupEntry,
+    TpInfo,
+    TpSlice,
     encode_header,
     index_format_version,
     tensor_name,
@@ -95,7 +97,14 @@ class ContainerWriter:
         self.index.dtype = dtype
 
     def add_group(
-        self, spec: GroupSpec, layout: GroupLayout, encoded: EncodedGroup, codec_name: str
+        self,
+        spec: GroupSpec,
+        layout: GroupLayout,
+        encoded: EncodedGroup,
+        codec_name: str,
+        *,
+        tp: TpInfo | None = None,
+        tp_slice: TpSlice | None = None,
     ) -> GroupEntry:
         """Append one encoded group; its payload goes to disk now.
 
@@ -104,6 +113,7 @@ class ContainerWriter:
             layout (`GroupLayout`): what the group decodes to.
             encoded (`EncodedGroup`): the codec's output for this group.
             codec_name (`str`): the codec that made ``encoded``.
+            tp, tp_slice: the tensor-parallel records of a sliced group and of its slice groups.
 
         Returns:
             `GroupEntry`: the index entry written for it.
@@ -124,6 +134,8 @@ class ContainerWriter:
             stored_size=int(payload.size),
             chunks=list(encoded.chunks),
             expert=getattr(spec, "expert", None),
+            tp=tp,
+            tp_slice=tp_slice,
         )
         self._data.write(memoryview(payload))
         self._data.write(bytes(entry.padded_size - entry.stored_size))

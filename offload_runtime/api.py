@@ -6,6 +6,7 @@ given), ``load_compressed`` builds the model from a container, ``remove_offload`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,6 +31,16 @@ from offload_runtime.loaders import (
     pack,
 )
 from offload_runtime.loaders.source import GroupSource
+from offload_runtime.loaders.tp import (
+    ShardSpec,
+    as_model_tensor,
+    local_state_dict,
+    ranks_on_this_host,
+    shard_empty_model,
+    shard_specs,
+    tp_world,
+)
+from offload_runtime.loaders.tp_slices import RankShards
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
@@ -51,6 +62,7 @@ class _Dispatch:
     reader: GroupSource
     tmpdir: str | None
     requires_grad: dict[str, bool]
+    shards: dict[str, ShardSpec] = field(default_factory=dict)
     finalizer: Any = None
     hooked: list[nn.Module] = field(default_factory=list)
 
@@ -75,7 +87,8 @@ def _host_budget(host_budget_gb: float | None) -> int:
         return int(host_budget_gb * GIB)
     import psutil
 
-    return int(psutil.virtual_memory().available * HOST_BUDGET_FRACTION)
+    # ranks started on one host (torchrun) share its RAM: each takes its part of the default
+    return int(psutil.virtual_memory().available * HOST_BUDGET_FRACTION / ranks_on_this_host())
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -111,8 +124,9 @@ def _nested_groups(model: nn.Module, groups: list) -> set[str]:
     return outer
 
 
-def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
-    """Point every stored tensor, and every tied alias, at its view (the same object for ties)."""
+def _bind(model: nn.Module, runtime: Runtime, groups: list, shards: dict[str, ShardSpec]) -> None:
+    """Point every stored tensor, and every tied alias, at its view (the same object for ties); a
+    tensor-parallel parameter becomes a DTensor of its placements around its view (``loaders/tp.py``)."""
     for entry in groups:
         bound: dict[str, torch.Tensor] = {}
         for name, view in runtime.views[entry.name].items():
@@ -120,7 +134,9 @@ def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
             if not isinstance(view, torch.Tensor):  # a weight kept in a compute format (executed compressed)
                 compressed_linear.bind(module, view, entry.layout.spec(name).torch_dtype)
                 continue
-            value = nn.Parameter(view, requires_grad=False) if attr in module._parameters else view
+            value = as_model_tensor(view, shards.get(name))
+            if attr in module._parameters:
+                value = nn.Parameter(value, requires_grad=False)
             _set_tensor(model, name, value)
             bound[name] = value
         for alias, canonical in entry.aliases.items():
@@ -149,6 +165,7 @@ def _attach(
 ) -> nn.Module:
     budget = round(budget_gb * GIB)  # to the nearest byte: budget_gb = minimum / GIB must pass
     host_budget = _host_budget(host_budget_gb)
+    shards = shard_specs(model)  # before anything is rebound
     experts = prepare_experts(model, reader, device, options or ExpertOptions())
     source = experts.block_source if experts is not None else reader
     reserved = experts.minimum_bytes if experts is not None else 0
@@ -184,11 +201,11 @@ def _attach(
             runtime.close()
             raise
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-    _bind(model, runtime, groups)
+    _bind(model, runtime, groups, shards)
     stored = {n for g in groups for n in [*g.layout.names, *g.aliases]}
     _move_unstored(model, stored, device)
 
-    state = _Dispatch(runtime, reader, tmpdir, requires_grad)
+    state = _Dispatch(runtime, reader, tmpdir, requires_grad, shards)
     users: dict[str, list[str]] = {}
     for entry in groups:
         if entry.name in runtime.streamed:
@@ -220,7 +237,7 @@ def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int, options: Ex
     from offload_runtime.scheduler.expert_runtime import slot_layout
 
     modules = find_expert_modules(model) if options.experts != "block" else []
-    state = model.state_dict(keep_vars=True)
+    state = local_state_dict(model)  # a tensor-parallel model: this rank's shards
     specs = find_groups(model, experts=bool(modules))
 
     def tensor(name: str) -> torch.Tensor:  # an expert group's tensors are slices "param[e]"
@@ -263,6 +280,33 @@ def _open(
         return reader
     reader.close()
     return ContainerReader(path, verify=verify, granularity="expert")
+
+
+def _tensor_parallel_options(options: ExpertOptions, execute_compressed: bool) -> ExpertOptions:
+    """What runs under tensor parallelism: experts stream with their blocks (the expert runtime binds
+    whole stacks, not shards), and weights are decoded before they are used (a compressed linear would
+    replace the TP forward that reduces across ranks)."""
+    if options.experts == "expert":
+        raise ValueError("experts='expert' is not supported under tensor parallelism; use 'auto' or 'block'")
+    if execute_compressed:
+        raise ValueError("execute_compressed is not supported under tensor parallelism")
+    return dataclasses.replace(options, experts="block")
+
+
+def _shard_reader(reader: ContainerReader, model: nn.Module) -> None:
+    """Make ``reader`` present this rank's local tensors when ``model`` is tensor parallel."""
+    specs = shard_specs(model)
+    world = tp_world()
+    if not specs or world is None:
+        return
+    if not any(g.tp is not None for g in reader.index.groups):
+        logger.warning(
+            "offload_runtime: %s has no tensor-parallel slices: every rank reads every weight "
+            "(pack it with tp_slices=%d to read only each rank's part)",
+            reader.path,
+            world[1],
+        )
+    reader.shard(RankShards.from_specs(world[0], world[1], specs))
 
 
 def _release(runtime: Runtime, reader: GroupSource, tmpdir: str | None) -> None:
@@ -330,6 +374,8 @@ def dispatch_compressed(
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
+    if shard_specs(model):  # a tensor-parallel model: each rank its shards
+        options = _tensor_parallel_options(options, execute_compressed)
     tmpdir = None
     if checkpoint is None:
         _refuse_early(model, budget_gb, prefetch, options)
@@ -344,6 +390,7 @@ def dispatch_compressed(
     reader = _open(checkpoint, verify, device, options)
     try:
         if tmpdir is None:
+            _shard_reader(reader, model)
             check_compatible(reader, model)
         return _attach(
             model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir, options, execute_compressed
@@ -368,26 +415,45 @@ def load_compressed(
     expert_policy: str = "lru",
     speculate: bool = False,
     execute_compressed: bool = False,
+    tensor_parallel: bool | None = None,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
 
     The model is built on ``meta`` from the stored config; streamed groups are read through the container's
     mmap, so a model larger than host RAM runs.
 
+    Under tensor parallelism (``torchrun``, a ``torch.distributed`` process group of several ranks), every
+    rank calls this: the model is sharded on ``meta`` with its own TP plan (as ``from_pretrained(...,
+    tp_plan="auto")`` shards it) and each rank plans, reads and streams only its shards, within its own
+    ``budget_gb``. A container packed with ``tp_slices`` (a multiple of the number of ranks) is read slice
+    by slice: no rank reads another's; any other container is read whole by every rank, which keeps its
+    part of each tensor.
+
     Args:
         path (`str` or `os.PathLike`): a container made by ``pack``.
-        budget_gb (`float`): see :func:`dispatch_compressed`.
+        budget_gb (`float`): see :func:`dispatch_compressed` (per rank under tensor parallelism).
         device, prefetch, host_budget_gb, verify, experts, expert_cache, expert_policy, speculate,
             execute_compressed: see :func:`dispatch_compressed`.
+        tensor_parallel (`bool`, *optional*): shard the model over the default process group; by default
+            when one is initialised with more than one rank.
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
     """
-    device = _resolve_device(device)
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
-    reader = _open(path, verify, device, options)
+    tp = tensor_parallel or (tensor_parallel is None and tp_world() is not None)
+    if tp:
+        options = _tensor_parallel_options(options, execute_compressed)
+        reader = ContainerReader(path, verify=verify)  # the device is bound once the model is sharded
+    else:
+        device = _resolve_device(device)
+        reader = _open(path, verify, device, options)
     try:
         model = build_empty_model(reader)
+        if tp:
+            model = shard_empty_model(model)  # binds this rank's CUDA device, as from_pretrained does
+            _shard_reader(reader, model)
+            device = _resolve_device(device)
         check_compatible(reader, model)
         return _attach(
             model, reader, budget_gb, device, prefetch, host_budget_gb, None, options, execute_compressed
@@ -448,7 +514,7 @@ def remove_offload(model: nn.Module) -> nn.Module:
         bound: dict[str, torch.Tensor] = {}
         for name, view in fresh.items():
             module, attr = _owner(model, name)
-            tensor = view.clone()
+            tensor = as_model_tensor(view.clone(), state.shards.get(name))
             if attr in module._parameters:
                 tensor = nn.Parameter(tensor, requires_grad=state.requires_grad.get(name, True))
             _set_tensor(model, name, tensor)

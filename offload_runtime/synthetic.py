@@ -14,6 +14,12 @@ hands the runtime their payloads when it places them in their tier; the whole mo
 :func:`materialize` fills a real (small) model with exactly the same tensors: packed with the ordinary
 ``pack`` and loaded with ``load_compressed`` it must give bit-identical outputs to
 :func:`dispatch_synthetic` (the tests check this).
+
+Tensor parallel (``dispatch_synthetic(..., tensor_parallel=True)`` on every rank of a process group): the
+skeleton is sharded with its TP plan (``loaders/tp.py``) and each rank generates only its shards. The
+model is then defined rank by rank: tensors every rank holds whole are drawn from the group's generator
+as above (the same on every rank), each rank's shards from a second generator seeded by the group and
+``(rank, world)``. A model without sharded tensors draws exactly what it drew before.
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ from torch import nn
 from offload_runtime.loaders.groups import GroupSpec, find_groups
 from offload_runtime.loaders.moe import parse_slice_name
 from offload_runtime.loaders.reassemble import ReassembledSource
+from offload_runtime.loaders.tp import (
+    as_model_tensor,
+    local,
+    local_state_dict,
+    shard_empty_model,
+    shard_specs,
+    tp_world,
+)
 from offload_runtime.native import GroupLayout
 
 __all__ = [
@@ -176,9 +190,9 @@ def group_layout(model: nn.Module, group: GroupSpec, dtype: torch.dtype | None =
     """The decoded layout of ``group``: its tensors' shapes, floating ones in ``dtype`` (default: as is).
 
     An expert group's tensors are slices ``param[e]`` of stacked parameters: the stack's shape less its
-    first dimension.
+    first dimension. A tensor-parallel model's tensors are this rank's shards.
     """
-    state = model.state_dict(keep_vars=True)
+    state = local_state_dict(model)
     metas = []
     for name in group.tensors:
         sliced = parse_slice_name(name)
@@ -201,23 +215,45 @@ def _norm_like(model: nn.Module, name: str) -> bool:
 
 
 def fill_group(
-    model: nn.Module, group: GroupSpec, layout: GroupLayout, seed: int, buffer: torch.Tensor
+    model: nn.Module,
+    group: GroupSpec,
+    layout: GroupLayout,
+    seed: int,
+    buffer: torch.Tensor,
+    sharded: frozenset[str] = frozenset(),
 ) -> None:
     """Write ``group``'s synthetic tensors into ``buffer`` (uint8, ``layout.size`` bytes, zeroed), in place.
 
     Floating tensors with 2+ dimensions (an expert's slices of stacked weights included) are drawn from
     normal(0, :data:`INIT_STD`) by one generator on the buffer's device, in layout order; 1-D floating
-    tensors are ones in norm modules, zeros elsewhere (biases); other tensors stay zero.
+    tensors are ones in norm modules, zeros elsewhere (biases); other tensors stay zero. Tensors named in
+    ``sharded`` (this rank's shards, :func:`sharded_tensors`) are drawn from a second generator seeded by the
+    group and this rank.
     """
     generator = torch.Generator(device=buffer.device)
     generator.manual_seed(group_seed(seed, group.name))
+    mine = None
+    if sharded:
+        rank, world = tp_world() or (0, 1)
+        mine = torch.Generator(device=buffer.device)
+        mine.manual_seed(group_seed(seed, f"{group.name}#tp{rank}/{world}"))
     for spec, view in zip(layout.tensors, layout.views(buffer).values(), strict=True):
         if not spec.torch_dtype.is_floating_point or spec.numel == 0:
             continue
         if len(spec.shape) >= 2:
-            view.normal_(0.0, INIT_STD, generator=generator)
+            view.normal_(0.0, INIT_STD, generator=mine if spec.name in sharded else generator)
         elif _norm_like(model, spec.name):
             view.fill_(1.0)
+
+
+def sharded_tensors(model: nn.Module) -> frozenset[str]:
+    """The stored names (an expert's slices ``param[e]`` included) of the tensors a tensor-parallel model
+    holds as shards on this rank; empty for any other model."""
+    specs = {name for name, spec in shard_specs(model).items() if spec.dim_split() is not None}
+    names = set(specs)
+    for group in find_groups(model, experts=True):
+        names |= {n for n in group.tensors if (parse_slice_name(n) or (None,))[0] in specs}
+    return frozenset(names)
 
 
 def init_group(
@@ -226,6 +262,7 @@ def init_group(
     seed: int,
     device: torch.device | str,
     dtype: torch.dtype | None = torch.bfloat16,
+    sharded: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """The synthetic tensors of ``group`` on ``device``: deterministic in (``seed``, group name).
 
@@ -243,47 +280,57 @@ def init_group(
     """
     layout = group_layout(model, group, dtype)
     buffer = torch.zeros(layout.size, dtype=torch.uint8, device=device)
-    fill_group(model, group, layout, seed, buffer)
+    fill_group(model, group, layout, seed, buffer, sharded)
     return layout.views(buffer)
 
 
-def materialize(model: nn.Module, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
-    """Give ``model`` real CPU weights: exactly the tensors :func:`init_group` makes (the ordinary path).
+def materialize(
+    model: nn.Module,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    store: torch.device | str = "cpu",
+) -> nn.Module:
+    """Give ``model`` real weights: exactly the tensors :func:`init_group` makes (the ordinary path).
 
-    For small shapes only (the whole model is materialised). Parameters on ``meta`` are allocated;
-    tied weights stay tied.
+    For shapes that fit (the whole model, or this rank's shards of it, is materialised). Parameters on
+    ``meta`` are allocated; tied weights stay tied; a tensor-parallel model's shards become DTensors of
+    their placements.
 
     Args:
         model (`nn.Module`): e.g. :func:`synthetic_skeleton`'s model.
         seed (`int`, defaults to 0): the base seed.
         device (`torch.device` or `str`, defaults to `"cpu"`): where the tensors are generated (use the
-            device :func:`dispatch_synthetic` generates on to get its weights); they are stored on the CPU.
+            device :func:`dispatch_synthetic` generates on to get its weights).
+        store (`torch.device` or `str`, defaults to `"cpu"`): where they are kept.
 
     Returns:
         `nn.Module`: ``model``, with every stored tensor replaced in place.
     """
+    specs = shard_specs(model)
+    sharded = sharded_tensors(model)
     stacks: dict[str, torch.Tensor] = {}  # stacked expert parameters, filled slice by slice
     for group in find_groups(model, experts=True):
-        for name, tensor in init_group(model, group, seed, device, dtype=None).items():
+        for name, tensor in init_group(model, group, seed, device, None, sharded).items():
             sliced = parse_slice_name(name)
             if sliced is not None:
                 param, index = sliced
                 if param not in stacks:
-                    meta = model.get_parameter(param)
-                    stacks[param] = torch.zeros(meta.shape, dtype=meta.dtype)
+                    meta = local(model.get_parameter(param))
+                    stacks[param] = torch.zeros(meta.shape, dtype=meta.dtype, device=store)
                 stacks[param][index].copy_(tensor)
                 continue
-            _assign(model, name, tensor.to("cpu", copy=True))
+            _assign(model, name, tensor.to(store, copy=True), specs)
     for name, value in stacks.items():
-        _assign(model, name, value)
+        _assign(model, name, value, specs)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
 
 
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _assign(model: nn.Module, name: str, value: torch.Tensor, specs: dict) -> None:
     module_path, _, attr = name.rpartition(".")
     owner = model.get_submodule(module_path) if module_path else model
+    value = as_model_tensor(value, specs.get(name))
     if attr in owner._parameters:
         old = owner._parameters[attr]
         owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -308,9 +355,10 @@ def synthetic_source(
 
     specs = find_groups(model, experts=True)
     layouts = [group_layout(model, spec, dtype) for spec in specs]
+    sharded = sharded_tensors(model)
 
     def fill(index: int, buffer: torch.Tensor) -> None:
-        fill_group(model, specs[index], layouts[index], seed, buffer)
+        fill_group(model, specs[index], layouts[index], seed, buffer, sharded)
 
     return SyntheticSource(specs, layouts, fill, codec=codec, device=device)
 
@@ -331,6 +379,7 @@ def dispatch_synthetic(
     speculate: bool = False,
     source: Any = None,
     execute_compressed: bool = False,
+    tensor_parallel: bool | None = None,
 ) -> nn.Module:
     """A synthetic model of shape ``name_or_config``, dispatched in ``budget_gb`` without materialising it.
 
@@ -354,6 +403,9 @@ def dispatch_synthetic(
             already encoded (several dispatches of one shape then encode it once).
         execute_compressed (`bool`, defaults to `False`): see :func:`~offload_runtime.dispatch_compressed`
             (with ``codec="fused12"``).
+        tensor_parallel (`bool`, *optional*): call on every rank of a process group: the model is sharded
+            with its TP plan and each rank generates, encodes and streams only its shards within its own
+            ``budget_gb`` (see the module docstring); by default when a group of several ranks exists.
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
@@ -361,13 +413,16 @@ def dispatch_synthetic(
     Raises:
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
-    from offload_runtime.api import _attach, _refuse_early, _resolve_device
+    from offload_runtime.api import _attach, _refuse_early, _resolve_device, _tensor_parallel_options
     from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
 
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    device = _resolve_device(device)
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)
+    if tensor_parallel or (tensor_parallel is None and tp_world() is not None):
+        model = shard_empty_model(model)  # binds this rank's CUDA device
+        options = _tensor_parallel_options(options, execute_compressed)
+    device = _resolve_device(device)
     _refuse_early(model, budget_gb, prefetch, options)  # decoded sizes are known on meta: fail early
     owned = source is None
     if source is None:
