@@ -28,6 +28,7 @@ from offload_runtime.loaders import (
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
 from offload_runtime.scheduler.runtime import Runtime, build_runtime
+from offload_runtime.validate_args import check_dispatch, check_load
 
 __all__ = ["dispatch_compressed", "load_compressed", "load_tokenizer", "remove_offload"]
 
@@ -223,9 +224,22 @@ def dispatch_compressed(
         `nn.Module`: ``model``, with ``offload_plan`` and ``offload_stats`` attributes.
 
     Raises:
+        UsageError: an argument that cannot work, before any work: a budget that is not a positive finite
+            number, a device this machine lacks, a ``checkpoint`` that is a folder; ``TypeError`` for an
+            argument of the wrong type.
         BudgetError: the budget is below the minimum working set (nothing is changed).
         CheckpointMismatchError: ``checkpoint`` does not hold this model's tensors.
     """
+    check_dispatch(
+        model,
+        budget_gb,
+        checkpoint=checkpoint,
+        device_=device,
+        codec=codec,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        verify=verify,
+    )
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
@@ -273,7 +287,15 @@ def load_compressed(
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
+
+    Raises:
+        UsageError: see :func:`dispatch_compressed`; ``MissingFileError`` when ``path`` does not exist.
+        CheckpointError: ``path`` is not a valid container, or holds no model config.
+        BudgetError: the budget is below the minimum working set.
     """
+    check_load(
+        path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
+    )
     device = _resolve_device(device)
     reader = ContainerReader(path, verify=verify)
     try:

@@ -11,7 +11,9 @@ from offload_runtime.errors import (
     CodecUnavailableError,
     CorruptCheckpointError,
     DeviceMemoryError,
+    MissingFileError,
     OffloadError,
+    UsageError,
 )
 
 
@@ -24,6 +26,8 @@ from offload_runtime.errors import (
         (BudgetError, (OffloadError,)),
         (CodecUnavailableError, (OffloadError,)),
         (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
+        (UsageError, (OffloadError, ValueError)),
+        (MissingFileError, (UsageError, OffloadError, FileNotFoundError, ValueError)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -86,6 +90,8 @@ def test_codec_unavailable_names_missing_and_alternative():
         CorruptCheckpointError("bad", file="f", group="g", chunk=1, expected=2, actual=3),
         CheckpointMismatchError("bad", file="f", mismatches=["x"]),
         CodecUnavailableError("bad", codec="ans", missing="nvCOMP", alternative="zstd"),
+        UsageError("budget_gb must be positive", actual=-1, hint="give e.g. budget_gb=2"),
+        MissingFileError("no such file or directory", file="/nope"),
     ],
 )
 def test_errors_survive_pickling(err):
@@ -103,4 +109,6 @@ def test_all_is_complete():
         "BudgetError",
         "DeviceMemoryError",
         "CodecUnavailableError",
+        "UsageError",
+        "MissingFileError",
     }
