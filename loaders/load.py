@@ -48,7 +48,15 @@ def empty_model_from_config(config: dict, model_class: str | None, *, file=None,
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("stored config has no model_type", file=file)
-    hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} cannot build the stored config: {exc}",
+            file=file,
+            actual=model_type,
+            hint="upgrade transformers, or check the config's model_type",
+        ) from exc
     class_name = model_class or (hf_config.architectures or [None])[0]
     cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:

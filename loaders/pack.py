@@ -21,23 +21,12 @@ from torch import nn
 from offload_runtime.errors import CheckpointMismatchError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
-from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource, checkpoint_files
+from offload_runtime.loaders.pack_source import PackSource
+from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-BINARY_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # sentencepiece
+from offload_runtime.validate_args import check_pack
 
 
 @dataclass
@@ -59,38 +48,51 @@ def pack(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Pack a model into a container at ``out``, atomically.
 
+    Every argument is checked before anything is read (``offload_runtime.validate_args.check_pack``):
+    ``pack`` never writes over a file it reads (the weights, an index and its shards, the config, the
+    tokenizer files; compared by resolved path and by inode), nor over any existing file unless
+    ``overwrite``.
+
     Args:
         src (`nn.Module`, `str` or `os.PathLike`): a model, an HF model directory (``config.json`` and
-            ``model.safetensors`` or a sharded ``model.safetensors.index.json``) or one ``.safetensors``
-            file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes).
-        out (`str` or `os.PathLike`): the container to write.
+            ``model.safetensors`` or a sharded ``model.safetensors.index.json``), one ``.safetensors``
+            file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes), or
+            a GGUF file (loaded through transformers: quantised tensors are de-quantised to ``dtype``,
+            float32 by default, so the container is lossless relative to the de-quantised weights and
+            larger than the GGUF file; the tokenizer it carries is stored too).
+        out (`str` or `os.PathLike`): the container to write, in an existing folder.
         codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``; ``auto``
             picks per group (``offload_runtime.native.resolve_codec``).
         progress (`bool`, defaults to `True`): show a tqdm bar (groups, bytes, ratio so far).
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
-        dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first.
+        dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first (a GGUF source:
+            the dtype quantised tensors are de-quantised to; float32 when ``None``).
         device (`torch.device` or `str`, *optional*): where the container will be decoded; ``auto`` (and
             ``int8``'s inner codec) then pick codecs that decode there (``"cpu"``: never ``ans``). ``None``
             means the GPU when there is one.
+        overwrite (`bool`, defaults to `False`): replace ``out`` if it exists (never when it is an input).
 
     Returns:
         `pathlib.Path`: ``out``.
 
     Raises:
-        FileNotFoundError: ``src`` does not exist. CodecUnavailableError: unknown codec.
+        MissingFileError: ``src`` does not exist or lacks its weights or config (naming what is missing).
+        UsageError: ``out`` is a folder, is in a folder that does not exist or cannot be written, is one
+            of the files ``src`` reads, or exists and ``overwrite`` is False; a bad ``dtype`` or device.
+        CodecUnavailableError: an unknown codec, or one that cannot run here.
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
     """
-    if codec != "auto":
-        _resolve_codec(codec, None, device)  # fail on an unknown or unusable codec before reading anything
-    plan = _plan(src)
+    source, out = check_pack(src, out, codec=codec, dtype=dtype, device_=device, overwrite=overwrite)
+    plan = _plan(src if source is None else source, dtype, progress)
     try:
         if tokenizer is not None:
             plan.tokenizer = tokenizer_files(tokenizer)
-        return _write(plan, Path(out), codec, progress, dtype, device)
+        return _write(plan, out, codec, progress, dtype, device)
     finally:
         for fn in plan.cleanup:
             fn()
@@ -167,17 +169,19 @@ def _resolve_codec(
 # -- sources -----------------------------------------------------------------------------------------
 
 
-def _plan(src) -> _Plan:
+def _plan(src: nn.Module | PackSource, dtype: torch.dtype | None, progress: bool) -> _Plan:
     if isinstance(src, nn.Module):
         return _plan_module(src)
-    path = Path(src)
-    if not path.exists():
-        raise FileNotFoundError(2, "no such file or directory", str(path))
-    if path.is_dir():
-        return _plan_pretrained(path, checkpoint_files(path))
-    if (path.parent / "config.json").is_file():
-        return _plan_pretrained(path.parent, [path])
-    return _plan_bare_file(path)
+    if src.kind == "gguf":
+        from offload_runtime.loaders.gguf import load_gguf
+
+        model, tokenizer = load_gguf(src.path, dtype, progress)
+        plan = _plan_module(model)
+        plan.tokenizer = tokenizer_files(tokenizer)
+        return plan
+    if src.config_dir is not None:
+        return _plan_pretrained(src, src.weights)
+    return _plan_bare_file(src.path)
 
 
 def _model_info(model: nn.Module) -> dict:
@@ -194,10 +198,11 @@ def _plan_module(model: nn.Module) -> _Plan:
     return _Plan(find_groups(model), ModuleSource(model.state_dict()), **_model_info(model))
 
 
-def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
+def _plan_pretrained(src: PackSource, files: list[Path]) -> _Plan:
     """Groups from the model the config describes (built on ``meta``), tensors from the safetensors files."""
     from offload_runtime.loaders.load import empty_model_from_config
 
+    directory = src.config_dir
     config = json.loads((directory / "config.json").read_text())
     model = empty_model_from_config(config, None, file=directory / "config.json")
     if (directory / "generation_config.json").is_file():
@@ -224,9 +229,8 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
             "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
         )
     plan = _Plan(groups, renamed, **_model_info(model), cleanup=[source.close])
-    found = [directory / f for f in TOKENIZER_FILES + BINARY_TOKENIZER_FILES if (directory / f).is_file()]
-    if found:
-        plan.tokenizer = dict(_tokenizer_entry(f) for f in found)
+    if src.tokenizer_files:
+        plan.tokenizer = dict(_tokenizer_entry(f) for f in src.tokenizer_files)
     return plan
 
 

@@ -115,7 +115,7 @@ def test_pack_is_atomic_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources.ModuleSource, "fill", failing_fill)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        pack(model, out, codec="raw", progress=False)
+        pack(model, out, codec="raw", progress=False, overwrite=True)
     assert out.read_bytes() == b"previous container"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ort"]  # no temp files
 
