@@ -20,6 +20,7 @@ The plan is plain data, printable with ``print(plan)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -149,12 +150,29 @@ class Plan:
         return sum(g.decoded_bytes for g in self.groups if g.tier == tier)
 
     def __str__(self) -> str:
+        # the header says what each number counts: decoded bytes (slots, resident groups) or stored
+        # (compressed) bytes (payloads kept in VRAM, in host RAM, on disk); the totals line shows both
+        held = [
+            f"{self.nslots} slots x {_mib(self.slot_bytes)} decoded",
+            f"resident {_mib(self.tier_bytes(Tier.RESIDENT))} decoded",
+        ]
+        if self.device == "cpu":
+            where = "CPU RAM holding decoded weights"
+        else:
+            where = "device memory"
+            in_vram = sum(g.stored_bytes for g in self.groups if g.tier == Tier.DEVICE_COMPRESSED)
+            held += [
+                f"compressed in VRAM {_mib(in_vram)} stored",
+                f"staging {_mib(self.staging_bytes)}",
+                f"scratch {_mib(self.scratch_bytes)} + shared workspace {_mib(self.workspace_bytes)}",
+                f"allocator slack {_mib(self.overhead_bytes)}",
+            ]
         lines = [
             f"offload plan on {self.device}: {_mib(self.device_bytes)} of {_mib(self.budget_bytes)} budget "
-            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}, "
-            f"{self.nslots} slots x {_mib(self.slot_bytes)}, staging {_mib(self.staging_bytes)}, "
-            f"scratch {_mib(self.scratch_bytes)} + shared workspace {_mib(self.workspace_bytes)}, "
-            f"host {_mib(self.host_bytes)}",
+            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}",
+            f"  in the budget ({where}): {', '.join(held)}",
+            f"  host RAM, outside the budget: {_mib(self.host_bytes)} stored (compressed payloads of host "
+            f"tier groups; pinned staging ring {_mib(self.host_staging_bytes)})",
             f"  {'group':<40} {'tier':<18} {'decoded':>12} {'stored':>12} {'slot':>5}",
         ]
         for g in self.groups:
@@ -164,11 +182,17 @@ class Plan:
                 f"{_mib(g.stored_bytes):>12} {slot:>5}"
             )
         totals = ", ".join(
-            f"{t.name.lower()} {sum(1 for g in self.groups if g.tier == t)} groups/{_mib(self.tier_bytes(t))}"
+            f"{t.name.lower()} {sum(1 for g in self.groups if g.tier == t)} groups "
+            f"{_mib(self.tier_bytes(t))} / {_mib(sum(g.stored_bytes for g in self.groups if g.tier == t))}"
             for t in Tier
         )
-        lines.append(f"  totals: {totals}")
+        lines.append(f"  totals (decoded / stored): {totals}")
         return "\n".join(lines)
+
+
+def budget_gb_for(nbytes: int) -> float:
+    """The smallest budget in GiB, to 4 decimals, that covers ``nbytes`` (rounded up, so it passes)."""
+    return math.ceil(nbytes / GIB * 1e4) / 1e4
 
 
 def _mib(n: int) -> str:
@@ -289,15 +313,34 @@ def plan_placement(
     costs = [cost(s) for s in structures]
     minimum = min(costs)
     if budget_bytes < minimum:
-        biggest = candidates[0] if candidates else max(groups, key=lambda g: g.decoded_bytes)
+        base = structures[costs.index(minimum)]
+        streamed = [g for g in candidates if g.name not in base]
+        nslots, slot, staging, scratch, workspace = _fixed_cost(streamed, prefetch, on_cuda)
+        resident_bytes = forced_bytes + sum(g.decoded_bytes for g in candidates if g.name in base)
+        biggest = streamed[0] if streamed else max(groups, key=lambda g: g.decoded_bytes)
+        slots_term = (
+            f"{nslots} slots x {slot:,} (prefetch={prefetch}; each slot holds the largest streamed group, "
+            f"{biggest.name!r})"
+            if streamed
+            else "0 slots (every group resident)"
+        )
+        terms = [
+            slots_term,
+            f"resident groups {resident_bytes:,} ({len(forced) + len(base)} groups)",
+            f"staging {staging:,}",
+            f"codec scratch {scratch:,}",
+            f"decode workspace {workspace:,}",
+            f"allocator slack {overhead:,}",
+        ]
+        # prefetch=1 needs min(2, streamed) slots: naming prefetch only makes sense when that is fewer
+        fewer = f", or lower prefetch (now {prefetch})" if nslots > min(2, len(streamed)) else ""
         raise BudgetError(
-            f"budget {budget_bytes / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB "
-            f"(largest group {biggest.name!r} decodes to {biggest.decoded_bytes} bytes; "
-            f"{min(prefetch + 1, max(len(candidates), 1))} slots needed with prefetch={prefetch})",
+            f"budget {budget_bytes:,} bytes ({budget_bytes / GIB:.4f} GiB) is below the minimum working set "
+            f"of {minimum:,} bytes ({minimum / GIB:.4f} GiB) on {device} = " + " + ".join(terms),
             group=biggest.name,
             expected=minimum,
             actual=budget_bytes,
-            hint=f"raise budget_gb to at least {minimum / GIB:.4f}, or lower prefetch",
+            hint=f"raise budget_gb to at least {budget_gb_for(minimum)}{fewer}",
         )
 
     def fill(base: set[str]) -> tuple[tuple[int, int], set[str], set[str]]:
