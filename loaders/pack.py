@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from offload_runtime.display import ByteBar
 from offload_runtime.errors import CheckpointMismatchError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
@@ -67,7 +68,7 @@ def pack(
         out (`str` or `os.PathLike`): the container to write, in an existing folder.
         codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``; ``auto``
             picks per group (``offload_runtime.native.resolve_codec``).
-        progress (`bool`, defaults to `True`): show a tqdm bar (groups, bytes, ratio so far).
+        progress (`bool`, defaults to `True`): show a progress bar on stderr (MiB, groups, ratio so far).
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
         dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first (a GGUF source:
@@ -106,15 +107,13 @@ def _write(
     dtype: torch.dtype | None,
     device: torch.device | str | None = None,
 ) -> Path:
-    from tqdm.auto import tqdm
-
     layouts = [_layout(spec, plan.source, dtype) for spec in plan.groups]
     stored_dtype = _main_float_dtype(layouts)
     config = dict(plan.config) if plan.config is not None else None
     if config is not None and stored_dtype is not None:
         config["dtype"] = stored_dtype
     total = sum(layout.size for layout in layouts)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress)
+    bar = ByteBar(total, f"pack {out.name}", enabled=progress)
     decoded = stored = 0
     with bar, ContainerWriter(out) as writer:
         writer.set_model_info(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from offload_runtime.display import ReadProgress
 from offload_runtime.hooks import GroupHook, attached_hooks
 from offload_runtime.loaders import (
     ContainerReader,
@@ -274,6 +275,7 @@ def load_compressed(
     prefetch: int = 1,
     host_budget_gb: float | None = None,
     verify: str = "once",
+    progress: bool = False,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
 
@@ -284,6 +286,8 @@ def load_compressed(
         path (`str` or `os.PathLike`): a container made by ``pack``.
         budget_gb (`float`): see :func:`dispatch_compressed`.
         device, prefetch, host_budget_gb, verify: see :func:`dispatch_compressed`.
+        progress (`bool`, defaults to `False`): show on stderr the MiB read while the model loads
+            (resident groups decoded, host-tier payloads copied into RAM).
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
@@ -298,13 +302,16 @@ def load_compressed(
     )
     device = _resolve_device(device)
     reader = ContainerReader(path, verify=verify)
+    source = ReadProgress(reader, f"load {reader.path.name}", enabled=progress)
     try:
         model = build_empty_model(reader)
         check_compatible(reader, model)
-        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, None)
+        return _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None)
     except BaseException:
         reader.close()
         raise
+    finally:
+        source.finish()
 
 
 def remove_offload(model: nn.Module) -> nn.Module:

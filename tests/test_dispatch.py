@@ -182,7 +182,7 @@ def test_plan_and_stats_are_printable(tiny_llama):
     outputs(tiny_llama, torch.randint(3, 256, (1, 4)), "llama")
     plan, stats = str(tiny_llama.offload_plan), str(tiny_llama.offload_stats)
     assert "model.layers.2" in plan and "host" in plan and "totals (decoded / stored):" in plan
-    assert "loads" in stats and "decode" in stats and "GB/s" in stats
+    assert "loads" in stats and "decode" in stats and "GiB/s" in stats and " MB" not in stats
     hook = next(h for _, h in attached_hooks(tiny_llama) if h.groups)
     assert "GroupHook(groups=[" in repr(hook)
 
