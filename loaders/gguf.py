@@ -9,6 +9,8 @@ which are read group by group, the whole de-quantised model is held in host RAM 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -31,31 +33,33 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, progress: bool = Tru
             architecture it does not support, a damaged file), with its reason.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    dtype = dtype or GGUF_DEFAULT_DTYPE
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
+    kwargs = {"gguf_file": path.name, "dtype": dtype or GGUF_DEFAULT_DTYPE}
+    try:  # transformers that can keep GGUF blocks packed: ask for plain dense weights
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always de-quantise
+        pass
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        except ValueError as exc:
-            if "Unrecognized configuration class" not in str(exc):
-                raise
-            model = AutoModel.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with contextlib.ExitStack() as stack:
+            if not progress:  # transformers draws its de-quantisation bar with plain tqdm on stderr
+                stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc):
+                    raise
+                model = AutoModel.from_pretrained(path.parent, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ImportError as exc:
         raise CheckpointError(
             f"reading a GGUF file needs the gguf package ({exc})", file=path, hint="pip install gguf"
         ) from exc
-    except (ValueError, KeyError, OSError, NotImplementedError, RuntimeError) as exc:
+    except Exception as exc:  # the GGUF parser's errors are many (struct.error on a truncated file, ...)
         raise CheckpointError(
             f"transformers cannot load this GGUF file: {type(exc).__name__}: {exc}",
             file=path,
             hint="check that transformers supports its architecture and that the file is complete",
         ) from exc
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
