@@ -326,7 +326,7 @@ def plan_placement(
         )
         terms = [
             slots_term,
-            f"resident groups {resident_bytes:,} ({len(forced) + len(base)} groups)",
+            f"resident groups {resident_bytes:,} ({len(forced) + len(base)} of {len(groups)} groups)",
             f"staging {staging:,}",
             f"codec scratch {scratch:,}",
             f"decode workspace {workspace:,}",
