@@ -88,7 +88,9 @@ def pack(
         CodecUnavailableError: an unknown codec, or one that cannot run here.
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
     """
-    source, out = check_pack(src, out, codec=codec, dtype=dtype, device_=device, overwrite=overwrite)
+    source, out = check_pack(
+        src, out, codec=codec, dtype=dtype, device_=device, overwrite=overwrite, tokenizer=tokenizer
+    )
     plan = _plan(src if source is None else source, dtype, progress)
     try:
         if tokenizer is not None:

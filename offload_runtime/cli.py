@@ -108,7 +108,8 @@ def describe_error(exc: Exception, args: argparse.Namespace) -> tuple[str, int]:
         what = "no such file" if isinstance(exc, FileNotFoundError) else exc.strerror or type(exc).__name__
         text, status = f"{what}: {exc.filename}", 2
     elif isinstance(exc, ImportError):
-        text, status = f"{exc}. Install the missing package", 2
+        text = str(exc) if "install" in str(exc).lower() else f"{exc}. Install the missing package"
+        status = 2
     elif isinstance(exc, (OSError, MemoryError)):
         text, status = f"{type(exc).__name__}: {exc}", 1
     else:

@@ -124,10 +124,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.synthetic is not None:
         return run_bench_synthetic(args)
     import offload_runtime
-    from offload_runtime.cli_run import check_generative_container, prompt_ids
+    from offload_runtime.cli_run import check_generative_container, check_length, prompt_ids
 
     path = check.container_file(args.checkpoint, "CHECKPOINT")
-    tokenizer = check_generative_container(path)
+    tokenizer, max_positions = check_generative_container(path)
+    prompt = prompt_ids(tokenizer, BENCH_PROMPT)
+    check_length(prompt.shape[1], args.max_new_tokens, max_positions)
     rows = []
     for budget in args.budget_gb:
         model = offload_runtime.load_compressed(
@@ -137,7 +139,7 @@ def run_bench(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             host_budget_gb=args.host_budget_gb,
         )
-        ids = prompt_ids(tokenizer, BENCH_PROMPT).to(model.device)
+        ids = prompt.to(model.device)
         seconds, tokens = _timed_generate(model, ids, args.max_new_tokens)
         print(f"\nbudget {budget:g} GiB\n{model.offload_plan}")
         rows.append((budget, tokens / seconds, _split(model.offload_plan)))

@@ -25,7 +25,8 @@ def prompt_ids(tokenizer, prompt: str):
 
 def check_generative_container(path: Path, name: str = "CHECKPOINT"):
     """Open container ``path`` and check it holds what text generation needs: a config, a model class
-    that can generate, and a tokenizer. Returns the tokenizer; nothing is loaded before these checks."""
+    that can generate, and a tokenizer. Returns the tokenizer and the positions the model handles (or
+    ``None``); no weights are read."""
     import transformers
 
     import offload_runtime
@@ -51,7 +52,37 @@ def check_generative_container(path: Path, name: str = "CHECKPOINT"):
                 f"{name} {path} holds no tokenizer",
                 "pack a model folder that holds its tokenizer files (tokenizer.json, ...), or a .gguf file",
             )
-        return offload_runtime.load_tokenizer(reader)
+        return offload_runtime.load_tokenizer(reader), _max_positions(index.config)
+
+
+def _max_positions(config: dict) -> int | None:
+    """The positions the stored config says the model handles (``n_positions`` for GPT-2, ...)."""
+    import transformers
+
+    config = dict(config)
+    try:
+        hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    except (KeyError, ValueError, TypeError):
+        return None  # load_compressed reports a config it cannot build
+    value = getattr(hf_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Refuse a generation longer than the positions the model handles (learned position embeddings
+    would index past their table), naming the longest ``--max-new-tokens`` that fits."""
+    if max_positions is None or prompt_tokens + max_new_tokens <= max_positions:
+        return
+    if prompt_tokens >= max_positions:
+        raise check.usage_error(
+            f"the prompt is {prompt_tokens} tokens; the model handles {max_positions} positions",
+            "give a shorter prompt",
+        )
+    raise check.usage_error(
+        f"--max-new-tokens {max_new_tokens} after a prompt of {prompt_tokens} tokens exceeds the "
+        f"{max_positions} positions the model handles",
+        f"give --max-new-tokens {max_positions - prompt_tokens} or less",
+    )
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +115,9 @@ def run_generate(args: argparse.Namespace) -> int:
     import offload_runtime
     from offload_runtime.display import plan_summary
 
-    tokenizer = check_generative_container(path)
+    tokenizer, max_positions = check_generative_container(path)
+    ids = prompt_ids(tokenizer, args.prompt)
+    check_length(ids.shape[1], args.max_new_tokens, max_positions)
     start = time.perf_counter()
     model = offload_runtime.load_compressed(
         path,
@@ -95,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     say(f"loaded {path.name} in {time.perf_counter() - start:.1f} s; {plan_summary(model.offload_plan)}")
-    ids = prompt_ids(tokenizer, args.prompt).to(model.device)
+    ids = ids.to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)

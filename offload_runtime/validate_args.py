@@ -380,6 +380,7 @@ def check_pack(
     dtype: Any,
     device_: Any,
     overwrite: bool,
+    tokenizer: Any = None,
     names: tuple[str, str, str] = ("src", "out", "overwrite=True"),
 ):
     """The arguments of :func:`~offload_runtime.pack`: source, output, codec, dtype, device.
@@ -396,6 +397,8 @@ def check_pack(
     from offload_runtime.loaders.pack_source import describe_source
 
     src_name, out_name, force = names
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
     check_dtype(dtype)
     device(device_)
     _check_codec(codec, device_)

@@ -36,6 +36,13 @@ def files(tmp_path_factory):
         progress=False,
         tokenizer=tiny_tokenizer(),
     )
+    files["gpt2"] = pack(
+        tiny_model("gpt2"),
+        root / "gpt2.safetensors",
+        codec="zstd",
+        progress=False,
+        tokenizer=tiny_tokenizer(),
+    )
     save_file({"a.0.w": torch.ones(4)}, root / "bare_src.safetensors")
     files["bare"] = pack(root / "bare_src.safetensors", root / "bare.safetensors", progress=False)
     files["hf"] = root / "hf"
@@ -184,6 +191,18 @@ def test_a_model_that_cannot_generate(capsys, files, command):
 def test_a_container_without_tokenizer_or_config(capsys, files):
     assert "holds no tokenizer" in refused(capsys, "generate", files["llama"], "--prompt", "hi")
     assert "holds no model config" in refused(capsys, "generate", files["bare"], "--prompt", "hi")
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_more_tokens_than_the_model_has_positions(capsys, files, command):
+    """Tiny GPT-2 has 128 learned positions: generating past them would index beyond the table."""
+    extra = ["--prompt", "w5 w6 w7"] if command == "generate" else []
+    line = refused(capsys, command, files["gpt2"], *extra, "--max-new-tokens", "500")
+    assert "exceeds the 128 positions the model handles" in line and "or less" in line
+    if command == "generate":
+        assert "give --max-new-tokens 125 or less" in line
+        line = refused(capsys, command, files["gpt2"], "--prompt", " ".join(["w5"] * 200))
+        assert "the prompt is 200 tokens; the model handles 128 positions" in line
 
 
 def test_not_a_container(capsys, files):

@@ -231,3 +231,6 @@ def test_wrong_types_are_type_errors(hf_dir, tmp_path):
         pack(hf_dir, tmp_path / "c.safetensors", dtype="bfloat16")
     with pytest.raises(UsageError, match="dtype must be a floating dtype"):
         pack(hf_dir, tmp_path / "c.safetensors", dtype=torch.int8)
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        pack(hf_dir, tmp_path / "c.safetensors", tokenizer="gpt2")
+    assert not (tmp_path / "c.safetensors").exists()
