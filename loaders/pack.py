@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from offload_runtime.display import ByteBar
-from offload_runtime.errors import CheckpointMismatchError
+from offload_runtime.errors import CheckpointMismatchError, UsageError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
 from offload_runtime.loaders.pack_source import PackSource
@@ -115,9 +115,15 @@ def _write(
     if config is not None and stored_dtype is not None:
         config["dtype"] = stored_dtype
     total = sum(layout.size for layout in layouts)
+    try:
+        writer = ContainerWriter(out)
+    except OSError as exc:  # the writer's temporary file beside ``out`` cannot be created: name ``out``
+        raise UsageError(
+            f"cannot write {out}: {exc.strerror or exc}", file=out, hint="choose a folder you can write to"
+        ) from exc
     bar = ByteBar(total, f"pack {out.name}", enabled=progress)
     decoded = stored = 0
-    with bar, ContainerWriter(out) as writer:
+    with bar, writer:
         writer.set_model_info(
             model_class=plan.model_class,
             config=config,

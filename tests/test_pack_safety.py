@@ -234,3 +234,16 @@ def test_wrong_types_are_type_errors(hf_dir, tmp_path):
     with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
         pack(hf_dir, tmp_path / "c.safetensors", tokenizer="gpt2")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_an_output_folder_where_files_cannot_be_created_names_the_output(hf_dir, tmp_path, monkeypatch):
+    from offload_runtime.loaders import writer
+
+    def refuse(path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(writer, "open", refuse, raising=False)  # as in /proc: listed writable, yet not
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(UsageError, match=f"cannot write {out}: No such file or directory") as info:
+        pack(hf_dir, out, codec="raw", progress=False)
+    assert ".tmp" not in str(info.value)
