@@ -95,24 +95,24 @@ def _integer(value: Any, name: str) -> int:
     return int(value)
 
 
-def positive_int(value: Any, name: str, *, example: Any = 1) -> int:
-    """``value`` as an int, when it is an integer of at least 1."""
+def _int_at_least(value: Any, name: str, minimum: int, example: Any) -> int:
     number = _integer(value, name)
-    if number < 1:
+    if number < minimum:
         raise usage_error(
-            f"{name} must be an integer of 1 or more, got {value!r}", f"give e.g. {spell(name, example)}"
+            f"{name} must be an integer of {minimum} or more, got {value!r}",
+            f"give e.g. {spell(name, example)}",
         )
     return number
+
+
+def positive_int(value: Any, name: str, *, example: Any = 1) -> int:
+    """``value`` as an int, when it is an integer of at least 1."""
+    return _int_at_least(value, name, 1, example)
 
 
 def non_negative_int(value: Any, name: str, *, example: Any = 0) -> int:
     """``value`` as an int, when it is an integer of at least 0."""
-    number = _integer(value, name)
-    if number < 0:
-        raise usage_error(
-            f"{name} must be an integer of 0 or more, got {value!r}", f"give e.g. {spell(name, example)}"
-        )
-    return number
+    return _int_at_least(value, name, 0, example)
 
 
 def one_of(value: Any, name: str, choices: Collection[str]) -> str:

@@ -22,27 +22,9 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     files = {"root": root}
     files["llama"] = pack(tiny_model("llama"), root / "llama.safetensors", codec="zstd", progress=False)
-    files["with_tok"] = pack(
-        tiny_model("llama"),
-        root / "tok.safetensors",
-        codec="zstd",
-        progress=False,
-        tokenizer=tiny_tokenizer(),
-    )
-    files["bert"] = pack(
-        tiny_model("bert"),
-        root / "bert.safetensors",
-        codec="zstd",
-        progress=False,
-        tokenizer=tiny_tokenizer(),
-    )
-    files["gpt2"] = pack(
-        tiny_model("gpt2"),
-        root / "gpt2.safetensors",
-        codec="zstd",
-        progress=False,
-        tokenizer=tiny_tokenizer(),
-    )
+    for key, arch in (("with_tok", "llama"), ("bert", "bert"), ("gpt2", "gpt2")):
+        out = root / f"{key}.safetensors"
+        files[key] = pack(tiny_model(arch), out, codec="zstd", progress=False, tokenizer=tiny_tokenizer())
     save_file({"a.0.w": torch.ones(4)}, root / "bare_src.safetensors")
     files["bare"] = pack(root / "bare_src.safetensors", root / "bare.safetensors", progress=False)
     files["hf"] = root / "hf"
