@@ -302,16 +302,18 @@ def load_compressed(
     )
     device = _resolve_device(device)
     reader = ContainerReader(path, verify=verify)
-    source = ReadProgress(reader, f"load {reader.path.name}", enabled=progress)
+    # without a bar the runtime reads the reader itself: nothing is added to the streaming path
+    source = ReadProgress(reader, f"load {reader.path.name}") if progress else None
     try:
         model = build_empty_model(reader)
         check_compatible(reader, model)
-        return _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None)
+        return _attach(model, source or reader, budget_gb, device, prefetch, host_budget_gb, None)
     except BaseException:
         reader.close()
         raise
     finally:
-        source.finish()
+        if source is not None:
+            source.finish()
 
 
 def remove_offload(model: nn.Module) -> nn.Module:

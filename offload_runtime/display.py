@@ -103,15 +103,14 @@ class ReadProgress:
     Args:
         reader: a :class:`~offload_runtime.loaders.ContainerReader`.
         desc (`str`): the bar's label.
-        enabled (`bool`): ``False`` draws nothing.
     """
 
     _COUNTED = frozenset({"read_into", "decode_cpu", "payload"})
 
-    def __init__(self, reader: Any, desc: str, *, enabled: bool = True) -> None:
+    def __init__(self, reader: Any, desc: str) -> None:
         self._reader = reader
         self._desc = desc
-        self._counting = enabled
+        self._counting = True
         self._bar: ByteBar | None = None  # drawn at the first read: a load refused before reading shows none
 
     def __getattr__(self, name: str) -> Any:
