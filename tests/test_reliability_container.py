@@ -436,7 +436,7 @@ torch.manual_seed(0)
 model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(12)])  # 190 MB: ~1 s of zstd
 print("ready", flush=True)
 sys.stdin.readline()
-pack(model, sys.argv[1], codec="zstd", progress=False)
+pack(model, sys.argv[1], codec="zstd", progress=False, overwrite=True)  # replaces a previous container
 print("done", flush=True)
 """
 
@@ -498,7 +498,7 @@ def test_pack_killed_mid_write_leaves_no_valid_looking_file(tmp_path):
                 proc.wait()
 
     # a later pack of the same path removes the stale temporaries of dead writers and succeeds
-    pack(tiny_model("llama", num_layers=1), out, codec="raw", progress=False)
+    pack(tiny_model("llama", num_layers=1), out, codec="raw", progress=False, overwrite=True)
     assert [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")] == []
     ContainerReader(out).close()
 
