@@ -10,6 +10,7 @@ which are read group by group, the whole de-quantised model is held in host RAM 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, progress: bool = Tru
     try:  # transformers that can keep GGUF blocks packed: ask for plain dense weights
         from transformers import GgufConfig
 
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        if "dequantize" in inspect.signature(GgufConfig).parameters:
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older transformers always de-quantise
         pass
     try:
@@ -62,4 +64,13 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, progress: bool = Tru
             file=path,
             hint="check that transformers supports its architecture and that the file is complete",
         ) from exc
+    packed = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+    if packed:  # GGUF blocks kept quantised (uint8 storage): not the weights transformers computes with
+        raise CheckpointError(
+            "transformers kept this GGUF file's quantised blocks packed instead of de-quantising them",
+            file=path,
+            actual=", ".join(packed),
+            hint="use a transformers version whose GgufConfig accepts dequantize=True, or one that always "
+            "de-quantises",
+        )
     return model.eval(), tokenizer

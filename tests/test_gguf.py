@@ -67,3 +67,19 @@ def test_a_truncated_gguf_is_a_checkpoint_error(tmp_path, size):
         pack(broken, tmp_path / "out.safetensors", progress=False)
     assert info.value.file == str(broken)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_weights_left_packed_by_transformers_are_refused(monkeypatch, tmp_path):
+    """A transformers that keeps GGUF blocks quantised (uint8 storage) would give pack the wrong tensors."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offload_runtime.loaders.gguf import load_gguf
+
+    packed = nn.Module()
+    packed.blocks = nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: packed)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    with pytest.raises(CheckpointError, match="kept this GGUF file's quantised blocks packed") as info:
+        load_gguf(tmp_path / "x.gguf", progress=False)
+    assert info.value.actual == "torch.uint8"
