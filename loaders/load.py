@@ -146,6 +146,7 @@ def load_tokenizer(path: str | os.PathLike | ContainerReader):
         path (`str`, `os.PathLike` or `ContainerReader`): the container.
 
     Raises:
+        UsageError: ``path`` is a folder or a GGUF file (``MissingFileError``: it does not exist).
         CheckpointError: the container holds no tokenizer.
     """
     from transformers import AutoTokenizer
@@ -153,7 +154,9 @@ def load_tokenizer(path: str | os.PathLike | ContainerReader):
     if isinstance(path, ContainerReader):
         files, where = path.index.tokenizer, path.path
     else:
-        with ContainerReader(path) as reader:
+        from offload_runtime.validate_args import container_file
+
+        with ContainerReader(container_file(path, "path")) as reader:
             files, where = reader.index.tokenizer, reader.path
     if not files:
         raise CheckpointError("container holds no tokenizer", file=where, hint="pack it with tokenizer=...")

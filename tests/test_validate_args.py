@@ -141,6 +141,13 @@ def test_load_compressed_path_checks(tmp_path):
         offload_runtime.load_compressed(3, budget_gb=1)
 
 
+def test_load_tokenizer_path_checks(tmp_path):
+    with pytest.raises(MissingFileError):
+        offload_runtime.load_tokenizer(tmp_path / "nope.safetensors")
+    with pytest.raises(UsageError, match="is a folder, not a container file"):
+        offload_runtime.load_tokenizer(tmp_path)
+
+
 def test_dispatch_with_a_folder_as_checkpoint_is_refused(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(UsageError, match="checkpoint"):
