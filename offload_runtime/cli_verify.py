@@ -24,7 +24,7 @@ def register_verify(parser: argparse.ArgumentParser) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     path = check.container_file(args.checkpoint, "CHECKPOINT")
     from offload_runtime.display import format_bytes
-    from offload_runtime.loaders.verify import verify_container
+    from offload_runtime.loaders.verify_container import verify_container
 
     report = verify_container(path, progress=not args.no_progress)
     chunks = sum(g.chunks for g in report.groups)

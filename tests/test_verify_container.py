@@ -7,7 +7,7 @@ import torch
 
 from offload_runtime.errors import CodecUnavailableError, CorruptCheckpointError
 from offload_runtime.loaders import ContainerReader, pack
-from offload_runtime.loaders.verify import verify_container
+from offload_runtime.loaders.verify_container import verify_container
 from offload_runtime.tiny import tiny_model
 
 CORPUS = Path(__file__).parent / "corpus"
