@@ -23,7 +23,8 @@ status=0
 python3 -m pytest tests -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" "$@" || status=$?
 python3 -m pytest bench -m gpu -p no:cacheprovider --runslow --benchmark-json="$out/gpu_bench.json" "$@" || {
   rc=$?; [ "$rc" = 5 ] || status=$rc; }  # 5: no GPU benchmark collected yet
-# end-to-end: resident vs accelerate vs offload_runtime on the Llama-shaped 2 B config, every row
+# end-to-end: resident vs the peers (accelerate, diffusers, AirLLM: bench/peers.py) vs offload_runtime on the
+# Llama-shaped 2 B config, every row
 python3 bench/gpu_e2e.py "$out/e2e.json" || status=$?
 # the 7 B shape (32 layers): the rows that show the limits (one device command of 10 min holds these)
 python3 bench/gpu_e2e.py "$out/e2e-32.json" --layers 32 --tokens 8 \

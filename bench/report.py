@@ -5,8 +5,10 @@ Usage: python bench/report.py bench/results/<date>-<device>-e2e.json [--png benc
 The table is printed as Markdown; the plot shows tok/s against the budget for each method, with the PCIe
 limit (compressed bytes per token / measured pinned H2D GB/s) of each codec drawn as a horizontal line.
 Results that record peak VRAM and RSS per row get two more columns; lossy rows (``int8``) show their
-teacher-forced top-1 agreement with the resident model instead of "identical". Needs matplotlib only for
-the plot.
+teacher-forced top-1 agreement with the resident model instead of "identical". Peer rows (accelerate,
+diffusers' group offloading, AirLLM) show where they keep the weights and, where a run measured it, the
+share of the PCIe limit they reach; a peer whose library was not installed shows why it was skipped, and
+the plot draws each peer as a horizontal line. Needs matplotlib only for the plot.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 from pathlib import Path
 
 GIB = 2**30
-PLACEMENT = {"resident": "GPU-resident", "accelerate disk_offload": "disk (memory-mapped)"}  # others: CPU RAM
+# for rows written before rows recorded their "placement"; others: CPU RAM
+PLACEMENT = {"resident": "GPU-resident", "accelerate disk_offload": "disk (memory-mapped)"}
 
 
 def _identical(r: dict) -> str:
@@ -45,8 +48,9 @@ def table(results: dict) -> str:
     ]
     for r in results["rows"]:
         if "tok_s" not in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('error', '?')}"
             lines.append(
-                f"| {r['method']} | {r.get('scenario', '')} | | failed: {r.get('error', '?')} | | | | | |"
+                f"| {r['method']} | {r.get('scenario', r.get('placement', ''))} | | {why} | | | | | |"
                 + (" | |" if memory else "")
             )
             continue
@@ -59,7 +63,7 @@ def table(results: dict) -> str:
         lines.append(
             "| {m} | {s} | {b} | {t:.2f} | {p} | {g} | {l} | {w} | {i} |".format(
                 m=r["method"],
-                s=r.get("scenario", PLACEMENT.get(r["method"], "CPU RAM")),
+                s=r.get("scenario", r.get("placement", PLACEMENT.get(r["method"], "CPU RAM"))),
                 b=f"{r['budget_gb']:.2f}" if "budget_gb" in r else "",
                 t=r["tok_s"],
                 p=f"{r['prefill_512_tok_s']:.0f}" if "prefill_512_tok_s" in r else "",
@@ -70,6 +74,9 @@ def table(results: dict) -> str:
             )
             + cells
         )
+    peer = results.get("fastest_peer")
+    if peer:
+        lines += ["", f"Fastest peer in this run: {peer['method']}, {peer['tok_s']:.2f} tok/s."]
     gates = results.get("gates", {})
     if gates:
         lines += [
@@ -135,14 +142,14 @@ def plot(results: dict, png: Path) -> None:
         ax.axhline(
             max(resident), color="black", linewidth=1, label=f"GPU-resident ({max(resident):.0f} tok/s)"
         )
-    for r in results["rows"]:
-        if r["method"] in ("accelerate cpu_offload", "accelerate disk_offload") and "tok_s" in r:
-            ax.axhline(
-                r["tok_s"],
-                color="tab:red" if "cpu" in r["method"] else "tab:orange",
-                linewidth=1,
-                label=f"{r['method']} ({r['tok_s']:.2f} tok/s)",
-            )
+    # peers: rows marked "peer", or (older results) accelerate's
+    peers = [
+        r for r in results["rows"] if (r.get("peer") or r["method"].startswith("accelerate")) and "tok_s" in r
+    ]
+    peer_colors = ["tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    for i, r in enumerate(peers):
+        color = peer_colors[i % len(peer_colors)]
+        ax.axhline(r["tok_s"], color=color, linewidth=1, label=f"{r['method']} ({r['tok_s']:.2f} tok/s)")
     ax.set_yscale("log")
     ax.set_xlabel("VRAM budget for weights (GiB)")
     ax.set_ylabel("tokens/s (batch 1, greedy)")

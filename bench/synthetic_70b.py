@@ -32,6 +32,8 @@ import torch
 from gpu_e2e import h2d_gbps  # this script's folder is on sys.path: one H2D measurement for both
 from torch import nn
 
+from offload_runtime.scheduler.tiers import TIERS
+
 GIB = 1 << 30
 HEADROOM_GIB = 7.0  # CUDA context, activations, KV cache, one group's transient encode buffers
 
@@ -203,9 +205,9 @@ def minimum_budget_gb(config) -> float:
 
 def plan_split(plan) -> dict:
     split = {}
-    for tier in ("RESIDENT", "DEVICE_COMPRESSED", "HOST", "DISK"):
-        groups = [g for g in plan.groups if g.tier.name == tier]
-        split[tier.lower()] = {
+    for tier in TIERS:
+        groups = plan.in_tier(tier)
+        split[tier.name] = {
             "groups": len(groups),
             "decoded_GiB": sum(g.decoded_bytes for g in groups) / GIB,
             "stored_GiB": sum(g.stored_bytes for g in groups) / GIB,
@@ -314,7 +316,7 @@ def measure(args: argparse.Namespace, config, device: torch.device, ids: torch.T
     results["plan_split"] = plan_split(plan)
     results["budget_all_compressed_GiB"] = all_compressed_budget(plan) / GIB
     results["host_stream_bytes_per_token"] = sum(
-        g.stored_bytes for g in plan.groups if g.tier.name in ("HOST", "DISK")
+        g.stored_bytes for g in plan.groups if g.tier.crosses_pcie(plan.device)
     )
     log(f"dispatched in {results['dispatch_seconds']:.1f} s: {results['plan_split']}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -29,12 +28,13 @@ from offload_runtime.errors import (
 )
 from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
+from offload_runtime.loaders.verify import DECODED, PAYLOAD, VERIFY_POLICIES, VerifyPolicy
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
 from offload_runtime.native.chunking import crc32
 
-VERIFY_POLICIES = ("once", "always", "never")
+__all__ = ["VERIFY_POLICIES", "ContainerReader", "locate_error"]
 
 
 class ContainerReader:
@@ -43,7 +43,9 @@ class ContainerReader:
     Args:
         path (`str` or `os.PathLike`): the container file.
         verify (`str`, defaults to `"once"`): when to check chunk CRC-32s: ``"once"`` the first time each
-            group is read, ``"always"`` on every read, ``"never"`` to skip (trusted local files).
+            group is read, ``"always"`` on every read, ``"never"`` to skip (trusted local files). The
+            :class:`~offload_runtime.loaders.verify.VerifyPolicy` (``policy``) is shared with the loaders
+            that decode from this reader.
 
     Raises:
         CorruptCheckpointError, CheckpointError, CodecUnavailableError: from the validation of the header
@@ -51,8 +53,7 @@ class ContainerReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: str = "once") -> None:
-        if verify not in VERIFY_POLICIES:
-            raise ValueError(f"verify must be one of {VERIFY_POLICIES}, got {verify!r}")
+        self.policy = VerifyPolicy(verify)
         self.path = Path(path)
         self.verify = verify
         if is_temporary_name(self.path):
@@ -73,9 +74,6 @@ class ContainerReader:
         self.index: ContainerIndex = parsed.index
         self._offsets = parsed.offsets
         self._by_name = {g.name: g for g in self.index.groups}
-        self._lock = threading.Lock()
-        self._verified_payload: set[str] = set()
-        self._verified_decoded: set[str] = set()
         self._closed = False
 
     @property
@@ -94,9 +92,9 @@ class ContainerReader:
         """Zero-copy read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked."""
         entry = self.group(name)
         view = self._view(entry)
-        if self._needs_check(self._verified_payload, name):
+        if self.policy.due(PAYLOAD, name):
             self._check_chunks(entry, view)
-            self._mark(self._verified_payload, name)
+            self.policy.passed(PAYLOAD, name)
         return view
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
@@ -129,9 +127,9 @@ class ContainerReader:
                     actual=done,
                 )
             done += n
-        if self._needs_check(self._verified_payload, name):
+        if self.policy.due(PAYLOAD, name):
             self._check_chunks(entry, buffer)
-            self._mark(self._verified_payload, name)
+            self.policy.passed(PAYLOAD, name)
         return dest
 
     def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,16 +162,13 @@ class ContainerReader:
         # pread into a private buffer rather than decode from the mmap: a file truncated between the
         # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
         payload = memoryview(self.read_into(name, staging).numpy())
-        check_decoded = self._needs_check(self._verified_decoded, name)
-        lossy = entry.stored_layout is not None
+        check_decoded = self.policy.due(DECODED, name)
         try:
-            codec = get_codec(entry.codec)
-            if lossy:  # the codec checks what its chunks decode to before transforming it
-                codec.decode_cpu(
-                    payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=check_decoded
-                )
-            else:
-                codec.decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
+            # the codec checks the decoded CRCs of what its chunks decode to (for a lossy codec: the stored
+            # bytes, before the transform back to the layout)
+            get_codec(entry.codec).decode_cpu(
+                payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=check_decoded
+            )
         except OffloadError as exc:  # codecs know the chunk, not the file or group: add them
             raise locate_error(exc, self.path, name) from exc
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
@@ -184,24 +179,8 @@ class ContainerReader:
                 group=name,
                 hint="the container is damaged or forged; re-pack it",
             ) from exc
-        if check_decoded and not lossy:
-            decoded = memoryview(out[: entry.layout.size].numpy())
-            position = 0
-            for i, chunk in enumerate(entry.chunks):
-                actual = crc32(decoded[position : position + chunk.decoded_size])
-                if actual != chunk.decoded_crc32:
-                    raise CorruptCheckpointError(
-                        "decoded chunk CRC-32 mismatch",
-                        file=self.path,
-                        group=name,
-                        chunk=i,
-                        expected=f"{chunk.decoded_crc32:#010x}",
-                        actual=f"{actual:#010x}",
-                        hint="the container is damaged; re-pack it",
-                    )
-                position += chunk.decoded_size
         if check_decoded:
-            self._mark(self._verified_decoded, name)
+            self.policy.passed(DECODED, name)
         return out[: entry.layout.size]
 
     def close(self) -> None:
@@ -251,19 +230,6 @@ class ContainerReader:
                 actual=now and now[0],
                 hint="do not rewrite a container while it is in use; reopen it",
             )
-
-    def _needs_check(self, verified: set[str], name: str) -> bool:
-        if self.verify == "never":
-            return False
-        if self.verify == "always":
-            return True
-        with self._lock:
-            return name not in verified
-
-    def _mark(self, verified: set[str], name: str) -> None:
-        if self.verify == "once":
-            with self._lock:
-                verified.add(name)
 
     def _check_chunks(self, entry: GroupEntry, payload: memoryview) -> None:
         for i, chunk in enumerate(entry.chunks):

@@ -440,6 +440,9 @@ def _check_codec(entry: GroupEntry, path: str) -> None:
 
 
 def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:
+    from offload_runtime.native import get_codec
+
+    verbatim = get_codec(entry.codec).stores_verbatim  # known: _check_codec ran first
     chunks, end, decoded = [], 0, 0
     target = (entry.stored_layout or entry.layout).size
     for i, row in enumerate(rows):
@@ -479,7 +482,7 @@ def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:
                 expected=target,
                 actual=decoded,
             )
-        if entry.codec == "raw" and (offset != end or size != decoded_size):
+        if verbatim and (offset != end or size != decoded_size):
             raise CorruptCheckpointError(
                 "raw chunk is not stored as is right after the previous one",
                 file=path,

@@ -8,12 +8,17 @@ decode (chunk size, nvCOMP data type, quantisation scales' layout, ...).
 Decoding writes into caller-owned memory: on the CPU into a uint8 tensor, on the GPU into a uint8 CUDA
 tensor on a caller-given stream, asynchronously, with no host synchronisation and no allocation in the
 steady state (a :class:`GpuDecoder` is built once per group at load time and reused for every decode).
+
+Codec knowledge stays here: what a codec can do is asked of the codec (``decodes_on_cpu``,
+``encodes_on_device``), the device memory of its GPU decoder is a pure query
+(:meth:`GroupCodec.gpu_decoder_sizes`, no allocation) and the decoder takes that memory from the caller's
+allocator, so a runtime can size every byte in its plan and hand the decoder pieces of its one arena.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from offload_runtime.native.layout import GroupLayout
-from offload_runtime.native.workspace import DecodeWorkspace
+from offload_runtime.native.workspace import Allocate, DecodeWorkspace, device_allocator
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,38 @@ class EncodedGroup:
     chunks: list[Chunk]
     params: dict[str, Any] = field(default_factory=dict)
     stored_layout: GroupLayout | None = None
+
+
+@dataclass(frozen=True)
+class DecoderSizes:
+    """Device memory one group's GPU decoder needs, known without allocating anything.
+
+    Attributes:
+        pieces: sizes of the allocations the decoder makes through its ``allocate`` for itself (chunk size,
+            status and pointer arrays), in the order it makes them; they live as long as the decoder.
+        workspace: ``(kind, bytes)`` pairs of shared workspace one decode needs (nvCOMP temp space, int8's
+            stored bytes); only live during a decode, so decoders sharing a workspace pay the largest once.
+    """
+
+    pieces: tuple[int, ...] = ()
+    workspace: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class EncodedTensor:
+    """An encoding made from a group buffer that may live on a device (:meth:`GroupCodec.encode_tensor`).
+
+    Attributes:
+        chunks, params, stored_layout: as in :class:`EncodedGroup`.
+        stored_size: payload bytes.
+        write: copies the compact payload (``stored_size`` bytes) into a 1-D uint8 CPU tensor.
+    """
+
+    chunks: list[Chunk]
+    params: dict[str, Any]
+    stored_layout: GroupLayout | None
+    stored_size: int
+    write: Callable[[torch.Tensor], None]
 
 
 class GpuDecoder(ABC):
@@ -120,11 +157,60 @@ class GpuDecoder(ABC):
 class GroupCodec(ABC):
     """A codec for whole groups.
 
-    Subclasses set ``name`` and ``lossless`` and register themselves with :func:`register`.
+    Subclasses set ``name`` and ``lossless`` and register themselves with :func:`register`; the class
+    attributes below say what the codec can do, so code outside ``native/`` never switches on codec names.
+
+    Attributes:
+        encodes_on_device: :meth:`encode_tensor` encodes a CUDA buffer on its device (no host round trip).
+        requires_gpu: encoding and decoding both need CUDA and nvCOMP (``ans``).
+        stores_verbatim: chunks are the decoded bytes themselves, back to back (``raw``): the container
+            validator then requires ``size == decoded_size`` and contiguous offsets.
     """
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = True
+    encodes_on_device: ClassVar[bool] = False
+    requires_gpu: ClassVar[bool] = False
+    stores_verbatim: ClassVar[bool] = False
+
+    def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
+        """Whether a group stored with ``params`` has a CPU decoder (``int8`` asks its inner codec)."""
+        return not self.requires_gpu
+
+    def gpu_decoder_sizes(
+        self, chunks: Sequence[Chunk], params: Mapping[str, Any], layout: GroupLayout
+    ) -> DecoderSizes:
+        """Device memory :meth:`gpu_decoder` will take for this group, without allocating (no device needed
+        for codecs without per-group device state; nvCOMP's temp size is a host-only library query)."""
+        return DecoderSizes()
+
+    def encode_tensor(
+        self,
+        layout: GroupLayout,
+        held: list[torch.Tensor],
+        checksums: bool = True,
+        host_buffer: Callable[[int], torch.Tensor] | None = None,
+    ) -> EncodedTensor:
+        """Encode the group bytes ``held.pop()`` (uint8, on any device; popped so the caller keeps no
+        reference and the buffer is freed as soon as the encoder is done with it).
+
+        The default copies the bytes to the host and calls :meth:`encode`; codecs that encode on the device
+        override it. ``checksums=False`` may skip the chunk CRCs (a caller that compares the payload with an
+        earlier encoding's CRCs does not need them). ``host_buffer(nbytes)`` lends a reusable (pinned) host
+        buffer for what a device encoder copies back; ``None``: allocate.
+        """
+        data = held.pop()
+        host = data.cpu() if data.device.type != "cpu" else data
+        del data
+        encoded = self.encode(layout, host.numpy())
+        payload = torch.from_numpy(np.ascontiguousarray(encoded.payload))
+
+        def write(dest: torch.Tensor) -> None:
+            dest.copy_(payload)
+
+        return EncodedTensor(
+            list(encoded.chunks), dict(encoded.params), encoded.stored_layout, int(payload.numel()), write
+        )
 
     @abstractmethod
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
@@ -161,12 +247,23 @@ class GroupCodec(ABC):
         params: Mapping[str, Any],
         layout: GroupLayout,
         device: torch.device,
+        allocate: Allocate | None = None,
     ) -> GpuDecoder:
         """Build the reusable GPU decoder of one group.
+
+        Args:
+            allocate (*optional*): where the decoder's own device arrays come from (``nbytes -> uint8
+                tensor``, e.g. pieces of a runtime's arena), in the sizes :meth:`gpu_decoder_sizes` reports;
+                ``None`` allocates them from torch.
 
         Raises:
             CodecUnavailableError: when CUDA or nvCOMP is missing, naming what to install.
         """
+
+
+def allocator_or_default(allocate: Allocate | None, device: torch.device) -> Allocate:
+    """``allocate``, or plain torch allocations on ``device`` when none is given."""
+    return allocate if allocate is not None else device_allocator(device)
 
 
 _REGISTRY: dict[str, type[GroupCodec]] = {}

@@ -12,7 +12,7 @@ nothing beyond the group layout and ``params``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,16 +21,20 @@ import torch
 from offload_runtime.errors import CodecUnavailableError, CorruptCheckpointError
 from offload_runtime.native.base import (
     Chunk,
+    DecoderSizes,
     EncodedGroup,
+    EncodedTensor,
     GpuDecoder,
     GroupCodec,
     register,
     registered_codecs,
 )
 from offload_runtime.native.layout import GroupLayout, TensorSpec
+from offload_runtime.native.workspace import Allocate
 
 SCALE_SUFFIX = ".__scale__"
 STORED_KIND = "int8-stored"  # workspace kind of the decoded (int8 + scales) bytes awaiting dequantisation
+QUANTISE_BLOCK_ELEMENTS = 1 << 25  # rows quantised at a time on a device: ~0.5 GB of fp32 temporaries
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a row never overflows
 _FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
@@ -150,17 +154,63 @@ class Int8Codec(GroupCodec):
         )
         dequantise(layout, stored_layout.views(scratch), layout.views(out))
 
+    def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
+        return _inner_codec(str(params.get("inner", "zstd"))).decodes_on_cpu(params.get("inner_params", {}))
+
+    def gpu_decoder_sizes(
+        self, chunks: Sequence[Chunk], params: Mapping[str, Any], layout: GroupLayout
+    ) -> DecoderSizes:
+        stored_layout = _checked_stored_layout(layout, chunks)
+        inner = _inner_codec(str(params["inner"]))
+        sizes = inner.gpu_decoder_sizes(chunks, params.get("inner_params", {}), stored_layout)
+        return DecoderSizes(sizes.pieces, (*sizes.workspace, (STORED_KIND, stored_layout.size)))
+
     def gpu_decoder(
         self,
         chunks: Sequence[Chunk],
         params: Mapping[str, Any],
         layout: GroupLayout,
         device: torch.device,
+        allocate: Allocate | None = None,
     ) -> GpuDecoder:
         stored_layout = _checked_stored_layout(layout, chunks)
         inner = _inner_codec(str(params["inner"]))
-        inner_decoder = inner.gpu_decoder(chunks, params.get("inner_params", {}), stored_layout, device)
+        inner_decoder = inner.gpu_decoder(
+            chunks, params.get("inner_params", {}), stored_layout, device, allocate
+        )
         return _Int8GpuDecoder(inner_decoder, layout, stored_layout, torch.device(device))
+
+    def encode_tensor(
+        self,
+        layout: GroupLayout,
+        held: list[torch.Tensor],
+        checksums: bool = True,
+        host_buffer: Callable[[int], torch.Tensor] | None = None,
+    ) -> EncodedTensor:
+        """Quantise on the buffer's device, then encode with the inner codec there (``ans`` on the GPU).
+
+        Same bytes as :meth:`encode`: rows are quantised independently, so doing it in blocks of rows
+        (bounded fp32 temporaries next to a full GPU) changes nothing.
+        """
+        data = held.pop()
+        inner_name = self.inner or default_inner()
+        stored_layout = stored_layout_for(layout)
+        stored = [torch.zeros(stored_layout.size, dtype=torch.uint8, device=data.device)]
+        source, target = layout.views(data), stored_layout.views(stored[0])
+        for spec in layout.tensors:
+            if not is_quantised(spec):
+                target[spec.name].copy_(source[spec.name])
+                continue
+            rows = max(1, QUANTISE_BLOCK_ELEMENTS // spec.shape[1])
+            for start in range(0, spec.shape[0], rows):
+                q, scale = quantise_rows(source[spec.name][start : start + rows], spec.name)
+                target[spec.name][start : start + rows].copy_(q)
+                target[spec.name + SCALE_SUFFIX][start : start + rows].copy_(scale)
+                del q, scale
+        del data, source, target
+        inner = _inner_codec(inner_name).encode_tensor(stored_layout, stored, checksums, host_buffer)
+        params = {"inner": inner_name, "inner_params": inner.params, "scale_dtype": "float32"}
+        return EncodedTensor(inner.chunks, params, stored_layout, inner.stored_size, inner.write)
 
 
 def _checked_stored_layout(layout: GroupLayout, chunks: Sequence[Chunk]) -> GroupLayout:

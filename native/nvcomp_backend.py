@@ -2,9 +2,10 @@
 
 Decodes go through nvCOMP's batched C API (:mod:`offload_runtime.native.nvcomp_capi`): one call per group
 decodes every chunk, on the caller's stream, into caller-owned torch memory, without a host sync. All
-per-group state (sizes, statuses) is built once in the decoder's constructor; the device arrays of chunk
-pointers are built once per (payload address, output address) pair and cached, so the steady state
-allocates nothing. nvCOMP's temp workspace is not per group: it is drawn from a
+per-group state (sizes, statuses, the table of chunk pointers) is built once in the decoder's constructor,
+in device memory the caller hands it (a runtime's arena: :func:`decoder_sizes` is the size query); the
+pointer table is rewritten in place only when a decode uses new addresses, so the steady state allocates
+nothing. nvCOMP's temp workspace is not per group: it is drawn from a
 :class:`~offload_runtime.native.workspace.DecodeWorkspace` shared by every decoder of a runtime (one
 buffer per codec, sized for the largest group), which is safe because those decodes are ordered on one
 decode stream.
@@ -13,7 +14,6 @@ decode stream.
 from __future__ import annotations
 
 import ctypes
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,13 +27,11 @@ from offload_runtime.native.availability import (
     gpu_codecs_unavailable_reason,
     nvcomp_module,
 )
-from offload_runtime.native.base import Chunk, GpuDecoder
+from offload_runtime.native.base import Chunk, DecoderSizes, GpuDecoder, allocator_or_default
 from offload_runtime.native.chunking import crc32
 from offload_runtime.native.layout import align_up
-from offload_runtime.native.workspace import DecodeWorkspace
+from offload_runtime.native.workspace import Allocate, DecodeWorkspace
 
-# (payload, output) address pairs whose pointer arrays a decoder keeps: staging ring x slots is small
-POINTER_CACHE_PAIRS = 32
 _ALIGNMENT = {"ans": capi.ANS_ALIGNMENT, "zstd": capi.ZSTD_ALIGNMENT}
 
 
@@ -82,6 +80,24 @@ def _device_array(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(np.asarray(values, dtype=np.int64), dtype=torch.int64).to(device)
 
 
+def _piece_sizes(num_chunks: int) -> tuple[int, ...]:
+    """Bytes of each device array a decoder of ``num_chunks`` chunks allocates, in allocation order:
+    compressed sizes, decoded sizes, actual sizes (int64), statuses, CRCs, CRC statuses (int32), then the
+    pointer table (input and output pointer per chunk)."""
+    m = max(num_chunks, 1)
+    return (8 * num_chunks, 8 * num_chunks, 8 * m, 4 * m, 4 * m, 4 * m, 16 * num_chunks)
+
+
+def decoder_sizes(algorithm: str, chunks: Sequence[Chunk]) -> DecoderSizes:
+    """Device memory of an :class:`NvcompGpuDecoder` for ``chunks`` (host-only queries, nothing allocated)."""
+    n = len(chunks)
+    if not n:
+        return DecoderSizes(_piece_sizes(0), ())
+    decoded = [c.decoded_size for c in chunks]
+    temp = capi.decompress_temp_bytes(algorithm, n, max(decoded), sum(decoded))
+    return DecoderSizes(_piece_sizes(n), ((f"nvcomp-{algorithm}", temp),))
+
+
 class NvcompGpuDecoder(GpuDecoder):
     """Batched nvCOMP decode of one group's chunks (``"ans"`` or ``"zstd"``), built once, reused.
 
@@ -90,6 +106,12 @@ class NvcompGpuDecoder(GpuDecoder):
         chunks (`Sequence[Chunk]`): the group's chunk table; chunk ``i`` decodes to the bytes after chunk
             ``i-1``'s.
         device (`torch.device`): the CUDA device of every payload and output passed to :meth:`decode`.
+        allocate (*optional*): where its device arrays come from (:func:`decoder_sizes` says how much);
+            torch when ``None``.
+
+    The table of chunk pointers depends on the (payload, output) addresses; it is rebuilt in place, on the
+    decode's stream, when a decode uses other addresses than the previous one (a runtime decodes each
+    streamed group from one staging buffer into one slot, so that happens once).
 
     Attributes:
         statuses: per-chunk ``nvcompStatus_t`` (int32, device) of the latest decode; ``decode(check=True)``
@@ -97,7 +119,13 @@ class NvcompGpuDecoder(GpuDecoder):
             by nvCOMP's CRC32 API (:class:`DecodeCheck`).
     """
 
-    def __init__(self, algorithm: str, chunks: Sequence[Chunk], device: torch.device | str) -> None:
+    def __init__(
+        self,
+        algorithm: str,
+        chunks: Sequence[Chunk],
+        device: torch.device | str,
+        allocate: Allocate | None = None,
+    ) -> None:
         require_gpu_codecs(algorithm)
         self.algorithm = algorithm
         self.device = torch.device(device)
@@ -118,65 +146,64 @@ class NvcompGpuDecoder(GpuDecoder):
                 f"{algorithm} chunks {sorted(set(misaligned))[:8]} are not {self.alignment}-byte aligned "
                 "in the payload or output; re-encode the group"
             )
+        sizes = decoder_sizes(algorithm, chunks)
+        take = allocator_or_default(allocate, self.device)
+        n = self.num_chunks
         with torch.cuda.device(self.device):
-            self.comp_bytes = _device_array([c.size for c in chunks], self.device)
-            self.buffer_bytes = _device_array(decoded, self.device)
-            self.actual_bytes = torch.zeros(max(self.num_chunks, 1), dtype=torch.int64, device=self.device)
-            self.statuses = torch.zeros(max(self.num_chunks, 1), dtype=torch.int32, device=self.device)
-            max_chunk = int(decoded.max()) if self.num_chunks else 0
-            temp = (
-                capi.decompress_temp_bytes(algorithm, self.num_chunks, max_chunk, self.decoded_size)
-                if self.num_chunks
-                else 0
-            )
+            pieces = [take(nbytes)[:nbytes] for nbytes in sizes.pieces]
+            self.comp_bytes = pieces[0].view(torch.int64)
+            self.buffer_bytes = pieces[1].view(torch.int64)
+            self.actual_bytes = pieces[2].view(torch.int64)
+            self.statuses = pieces[3].view(torch.int32)
+            self.crcs = pieces[4].view(torch.int32)
+            self.crc_statuses = pieces[5].view(torch.int32)
+            self.pointers = pieces[6].view(torch.int64)
+            # from host memory straight into the pieces: no temporary device tensor outside them
+            self.comp_bytes.copy_(torch.tensor([c.size for c in chunks], dtype=torch.int64))
+            self.buffer_bytes.copy_(torch.from_numpy(decoded))
+            for tensor in (self.actual_bytes, self.statuses, self.crcs, self.crc_statuses):
+                tensor.zero_()
+            max_chunk = int(decoded.max()) if n else 0
             self.opts = capi.ans_decompress_opts() if algorithm == "ans" else capi.zstd_decompress_opts()
             self._call = (
                 self.lib.nvcompBatchedANSDecompressAsync
                 if algorithm == "ans"
                 else self.lib.nvcompBatchedZstdDecompressAsync
             )
-            self.done = torch.cuda.Event()  # orders reuse of statuses/actual sizes across streams
+            self.done = torch.cuda.Event()  # orders reuse of statuses/actual sizes/pointers across streams
             # decoded-chunk CRC-32s on the GPU (checked decodes only); the host reads a small report back
-            self.crc_opts = capi.crc32_opts(self.num_chunks, max_chunk)
-            self.crcs = torch.zeros(max(self.num_chunks, 1), dtype=torch.int32, device=self.device)
-            self.crc_statuses = torch.zeros_like(self.crcs)
+            self.crc_opts = capi.crc32_opts(n, max_chunk)
         self.expected_sizes = decoded
         self.expected_crcs = np.array([c.decoded_crc32 for c in chunks], dtype=np.uint32)
         self._report: torch.Tensor | None = None  # pinned, allocated by the first checked decode
         self._report_ready = torch.cuda.Event()
         self._last_stream: torch.cuda.Stream | None = None
-        self._pointers: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
-            OrderedDict()
-        )
-        # per group: the size/status arrays and (built on the first decode) one pointer array of 16 B/chunk
-        arrays = (self.comp_bytes, self.buffer_bytes, self.actual_bytes, self.statuses)
-        arrays += (self.crcs, self.crc_statuses)
-        self.scratch_bytes = sum(t.numel() * t.element_size() for t in arrays) + 16 * self.num_chunks
+        self._pointer_pair: tuple[int, int] | None = None  # (payload, output) addresses the table holds
+        self._pointer_host: torch.Tensor | None = None  # pinned source of the table's H2D copy
+        self._pointer_copied = torch.cuda.Event()
+        self.scratch_bytes = sum(sizes.pieces)
         # nvCOMP's temp workspace is only live during a decode: drawn from a workspace shared per kind
         self.workspace_kind = f"nvcomp-{algorithm}"
-        self.workspace_needs = {self.workspace_kind: temp} if self.num_chunks else {}
+        self.workspace_needs = dict(sizes.workspace)
         self.use_workspace(DecodeWorkspace(self.device))  # private until the runtime binds a shared one
 
-    def _pointer_arrays(self, src_ptr: int, out_ptr: int, stream: torch.cuda.Stream) -> torch.Tensor:
-        key = (src_ptr, out_ptr)
-        cached = self._pointers.get(key)
-        if cached is None:
-            host = torch.empty(2 * self.num_chunks, dtype=torch.int64, pin_memory=True)
-            host_np = host.numpy()
-            host_np[: self.num_chunks] = src_ptr + self.src_offsets
-            host_np[self.num_chunks :] = out_ptr + self.out_offsets
-            with torch.cuda.stream(stream):
-                device = host.to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-            cached = (host, device, ready)  # keep the pinned source alive until the copy has run
-            self._pointers[key] = cached
-            if len(self._pointers) > POINTER_CACHE_PAIRS:
-                self._pointers.popitem(last=False)
+    def _point_at(self, src_ptr: int, out_ptr: int, stream: torch.cuda.Stream) -> None:
+        """Make the pointer table describe (``src_ptr``, ``out_ptr``), enqueued on ``stream`` (which is
+        already ordered after the previous decode, the table's last reader)."""
+        if self._pointer_pair == (src_ptr, out_ptr):
+            return
+        n = self.num_chunks
+        if self._pointer_host is None:
+            self._pointer_host = torch.empty(2 * n, dtype=torch.int64, pin_memory=True)
         else:
-            self._pointers.move_to_end(key)
-            stream.wait_event(cached[2])  # built on another stream: order after its copy, no host sync
-        return cached[1]
+            self._pointer_copied.synchronize()  # the previous copy out of the pinned table has run
+        host_np = self._pointer_host.numpy()
+        host_np[:n] = src_ptr + self.src_offsets
+        host_np[n:] = out_ptr + self.out_offsets
+        with torch.cuda.stream(stream):
+            self.pointers.copy_(self._pointer_host, non_blocking=True)
+        self._pointer_copied.record(stream)
+        self._pointer_pair = (src_ptr, out_ptr)
 
     def decode(
         self, src: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream, check: bool = False
@@ -193,14 +220,12 @@ class NvcompGpuDecoder(GpuDecoder):
         self._check(out, "output", self.decoded_size)
         if not self.num_chunks:
             return None
-        pointers = self._pointer_arrays(src.data_ptr(), out.data_ptr(), stream)
         if self._last_stream is not None and self._last_stream != stream:
-            stream.wait_event(self.done)  # statuses are reused: the previous decode must be done
-            for tensor in (self.statuses, self.actual_bytes):
-                tensor.record_stream(stream)
+            stream.wait_event(self.done)  # statuses and pointers are reused: the previous decode must be done
+        self._point_at(src.data_ptr(), out.data_ptr(), stream)
         temp = self.workspace.acquire(self.workspace_kind, stream)  # ordered after its previous user
         n = self.num_chunks
-        base = pointers.data_ptr()
+        base = self.pointers.data_ptr()
         status = self._call(
             base,
             self.comp_bytes.data_ptr(),

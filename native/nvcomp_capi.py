@@ -13,6 +13,8 @@ import ctypes
 import functools
 from pathlib import Path
 
+from offload_runtime.errors import CodecCallError
+
 NVCOMP_SUCCESS = 0
 NVCOMP_TYPE_CHAR = 0
 NVCOMP_TYPE_FLOAT16 = 10
@@ -94,7 +96,7 @@ CRC32_ONLY_SEGMENT = 0  # nvcompCRC32OnlySegment: each chunk is a whole message
 CRC32_PKZIP = {"poly": 0x04C11DB7, "init": 0xFFFFFFFF, "ref_in": True, "ref_out": True, "xorout": 0xFFFFFFFF}
 
 
-class NvcompCallError(RuntimeError):
+class NvcompCallError(CodecCallError):
     """An nvCOMP C function returned a status other than ``nvcompSuccess``."""
 
 

@@ -11,6 +11,7 @@ import torch
 from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
 from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout
+from offload_runtime.native.workspace import Allocate
 
 RAW_CHUNK_SIZE = 4 << 20  # only granularity for checksums: raw chunks are contiguous
 
@@ -19,6 +20,7 @@ RAW_CHUNK_SIZE = 4 << 20  # only granularity for checksums: raw chunks are conti
 class RawCodec(GroupCodec):
     name = "raw"
     lossless = True
+    stores_verbatim = True
 
     def __init__(self, chunk_size: int = RAW_CHUNK_SIZE) -> None:
         self.chunk_size = chunk_size
@@ -59,8 +61,9 @@ class RawCodec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         device: torch.device,
+        allocate: Allocate | None = None,
     ) -> GpuDecoder:
-        return _RawGpuDecoder(sum(c.decoded_size for c in chunks))
+        return _RawGpuDecoder(sum(c.decoded_size for c in chunks))  # a copy: no device state of its own
 
 
 class _RawGpuDecoder(GpuDecoder):

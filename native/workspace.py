@@ -11,13 +11,32 @@ so the second cannot overwrite scratch the first still reads. A :class:`DecodeWo
 remembers, per kind, the stream of its latest decode and an event recorded after it; a decode on another
 stream first makes that stream wait on the event (a device-side wait, no host synchronisation). Decodes
 sharing a workspace must be issued from one host thread at a time (the runtime's prefetch worker).
+
+Where the bytes come from: an ``allocate`` function (``nbytes -> uint8 tensor``). A runtime passes pieces of
+its arena and sizes them in its plan, so a workspace made that way is *fixed*: a reservation beyond what was
+allocated is an error, never a silent new allocation outside the budget. Without ``allocate`` (a decoder
+used on its own) buffers come from torch and grow on demand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+
+from offload_runtime.errors import PlanError
+
+Allocate = Callable[[int], torch.Tensor]  # nbytes -> uint8 tensor of at least nbytes on the device
+
+
+def device_allocator(device: torch.device | str) -> Allocate:
+    """Plain torch allocations of uint8 tensors on ``device``."""
+    device = torch.device(device)
+
+    def allocate(nbytes: int) -> torch.Tensor:
+        return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+    return allocate
 
 
 class DecodeWorkspace:
@@ -25,14 +44,18 @@ class DecodeWorkspace:
 
     Args:
         device (`torch.device`): the CUDA device of the buffers.
+        allocate (`Allocate`, *optional*): where buffers come from; when given the workspace is fixed once
+            :meth:`allocate` ran (a runtime's arena: the plan sized it), else buffers come from torch and
+            grow if a later reservation exceeds them.
 
     Sizes are *reserved* by decoders (:meth:`reserve`, the largest request of each kind wins); buffers
     are allocated by :meth:`allocate` (the runtime, at build time, on its decode stream) or else on the
-    first :meth:`acquire` of a kind, and grow if a later reservation exceeds them.
+    first :meth:`acquire` of a kind.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, allocate: Allocate | None = None) -> None:
         self.device = torch.device(device)
+        self._allocate = allocate
         self._needed: dict[str, int] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._streams: dict[str, torch.cuda.Stream] = {}
@@ -53,8 +76,19 @@ class DecodeWorkspace:
         return sum(self._needed.values())
 
     def reserve(self, needs: Mapping[str, int]) -> None:
-        """Make each kind's buffer at least ``needs[kind]`` bytes."""
+        """Make each kind's buffer at least ``needs[kind]`` bytes.
+
+        Raises:
+            PlanError: the workspace is fixed (made from a runtime's arena) and a need exceeds its buffer.
+        """
         for kind, nbytes in needs.items():
+            held = self._buffers.get(kind)
+            if self._allocate is not None and held is not None and held.numel() < nbytes:
+                raise PlanError(
+                    f"decode workspace {kind!r} was sized by the plan and is too small for this decoder",
+                    expected=f">= {int(nbytes)} bytes",
+                    actual=f"{held.numel()} bytes",
+                )
             self._needed[kind] = max(self._needed.get(kind, 0), int(nbytes))
 
     def allocate(self, stream: torch.cuda.Stream) -> None:
@@ -72,7 +106,8 @@ class DecodeWorkspace:
         if previous is not None and previous != stream:
             # the previous decode on another stream may still read it: order after it, on the device
             stream.wait_event(self._done[kind])
-            buffer.record_stream(stream)
+            if self._allocate is None:
+                buffer.record_stream(stream)
         return buffer
 
     def release(self, kind: str, stream: torch.cuda.Stream) -> None:
@@ -84,11 +119,18 @@ class DecodeWorkspace:
         self._streams[kind] = stream
 
     def _buffer(self, kind: str, stream: torch.cuda.Stream) -> torch.Tensor:
-        needed = max(self._needed.get(kind, 0), 1)
+        needed = self._needed.get(kind, 0)
+        if self._allocate is None:
+            needed = max(needed, 1)  # a real (non-null) pointer for a library that needs no scratch
         buffer = self._buffers.get(kind)
         if buffer is None or buffer.numel() < needed:
-            # allocated on the decode stream, so freeing a grown-out buffer is ordered after its decodes
-            with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                buffer = torch.empty(needed, dtype=torch.uint8, device=self.device)
+            if self._allocate is not None:  # a kind that needs nothing takes an empty piece: no bytes
+                if buffer is not None:  # unreachable through reserve(); kept as the invariant's guard
+                    raise PlanError(f"decode workspace {kind!r} cannot grow: it was sized by the plan")
+                buffer = self._allocate(needed)
+            else:
+                # allocated on the decode stream, so freeing a grown-out buffer is ordered after its decodes
+                with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                    buffer = torch.empty(needed, dtype=torch.uint8, device=self.device)
             self._buffers[kind] = buffer
         return buffer

@@ -15,9 +15,10 @@ import torch
 import zstandard
 
 from offload_runtime.errors import CorruptCheckpointError
-from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
 from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout, align_up
+from offload_runtime.native.workspace import Allocate
 
 # 1 MiB: large enough that zstd's ratio is within ~1% of one big frame and the per-frame overhead is
 # negligible, small enough that a group of a few hundred MB gives hundreds of frames for nvCOMP's batched
@@ -79,10 +80,18 @@ class ZstdCodec(GroupCodec):
         params: Mapping[str, Any],
         layout: GroupLayout,
         device: torch.device,
+        allocate: Allocate | None = None,
     ) -> GpuDecoder:
         from offload_runtime.native.nvcomp_backend import NvcompGpuDecoder
 
-        return NvcompGpuDecoder("zstd", chunks, device)
+        return NvcompGpuDecoder("zstd", chunks, device, allocate)
+
+    def gpu_decoder_sizes(
+        self, chunks: Sequence[Chunk], params: Mapping[str, Any], layout: GroupLayout
+    ) -> DecoderSizes:
+        from offload_runtime.native.nvcomp_backend import decoder_sizes
+
+        return decoder_sizes("zstd", chunks)
 
 
 def decode_frames_into(payload: memoryview | np.ndarray, chunks: Sequence[Chunk], out: torch.Tensor) -> None:

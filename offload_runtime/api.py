@@ -6,6 +6,7 @@ given), ``load_compressed`` builds the model from a container, ``remove_offload`
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -26,12 +27,16 @@ from offload_runtime.loaders import (
     load_tokenizer,
     pack,
 )
+from offload_runtime.loaders.source import GroupSource
 from offload_runtime.native import GroupLayout
+from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
 from offload_runtime.scheduler.runtime import Runtime, build_runtime
 from offload_runtime.validate_args import check_dispatch, check_load
 
 __all__ = ["dispatch_compressed", "load_compressed", "load_tokenizer", "remove_offload"]
+
+logger = logging.getLogger("offload_runtime")
 
 RUNTIME_ATTR = "_offload_runtime"
 HOST_BUDGET_FRACTION = 0.8  # of psutil's available memory, when host_budget_gb is not given
@@ -42,7 +47,7 @@ class _Dispatch:
     """What ``remove_offload`` needs to undo a dispatch."""
 
     runtime: Runtime
-    reader: Any
+    reader: GroupSource
     tmpdir: str | None
     requires_grad: dict[str, bool]
     finalizer: Any = None
@@ -129,7 +134,7 @@ def _move_unstored(model: nn.Module, stored: set[str], device: torch.device) -> 
 
 def _attach(
     model: nn.Module,
-    reader: Any,
+    reader: GroupSource,
     budget_gb: float,
     device: torch.device,
     prefetch: int,
@@ -166,6 +171,7 @@ def _attach(
     model.offload_plan = runtime.plan
     model.offload_stats = runtime.stats
     state.finalizer = weakref.finalize(model, _release, runtime, reader, tmpdir)
+    logger.info("offload_runtime: dispatched %s: %s", type(model).__name__, runtime.plan.summary())
     return model
 
 
@@ -180,13 +186,14 @@ def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int) -> None:
     state = model.state_dict(keep_vars=True)
     specs = find_groups(model)
     sizes = [
-        GroupSize(s.name, GroupLayout.from_tensors((n, state[n]) for n in s.tensors).size, 0) for s in specs
+        GroupSize(s.name, arena_size(GroupLayout.from_tensors((n, state[n]) for n in s.tensors).size), 0)
+        for s in specs
     ]
     keep = _nested_groups(model, specs)
     plan_placement(sizes, round(budget_gb * GIB), device="cpu", prefetch=prefetch, keep_resident=keep)
 
 
-def _release(runtime: Runtime, reader: Any, tmpdir: str | None) -> None:
+def _release(runtime: Runtime, reader: GroupSource, tmpdir: str | None) -> None:
     """Stop the engine, close the container, delete a temporary container (model removed or collected)."""
     runtime.close()
     reader.close()
@@ -345,6 +352,7 @@ def remove_offload(model: nn.Module) -> nn.Module:
         for alias, canonical in entry.aliases.items():
             _set_tensor(model, alias, bound[canonical])
     state.finalizer()  # closes the reader, deletes a temporary container
+    logger.info("offload_runtime: removed from %s: %s", type(model).__name__, runtime.stats)
     delattr(model, RUNTIME_ATTR)
     del model.offload_plan
     del model.offload_stats

@@ -113,10 +113,7 @@ def run_bench_synthetic(args: argparse.Namespace) -> int:
 
 def _split(plan) -> str:
     """Groups per tier, e.g. ``resident 3, device_compressed 70, host 10``."""
-    from offload_runtime.scheduler.planner import Tier
-
-    counts = {t: sum(1 for g in plan.groups if g.tier == t) for t in Tier}
-    return ", ".join(f"{t.name.lower()} {n}" for t, n in counts.items() if n)
+    return ", ".join(f"{t.name} {len(plan.in_tier(t))}" for t in plan.tiers)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -113,7 +113,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     import offload_runtime
-    from offload_runtime.display import plan_summary
 
     tokenizer, max_positions = check_generative_container(path)
     ids = prompt_ids(tokenizer, args.prompt)
@@ -127,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
         host_budget_gb=args.host_budget_gb,
         progress=not args.quiet,
     )
-    say(f"loaded {path.name} in {time.perf_counter() - start:.1f} s; {plan_summary(model.offload_plan)}")
+    say(f"loaded {path.name} in {time.perf_counter() - start:.1f} s; plan: {model.offload_plan.summary()}")
     ids = ids.to(model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()

@@ -41,15 +41,19 @@ class DemoResult:
 
 def choose_device_and_codec(device: str | None = None) -> tuple[torch.device, str, str]:
     """Pick where the demo runs and with which codec, and say why."""
+    from offload_runtime.native import resolve_codec
     from offload_runtime.native.availability import gpu_codecs_unavailable_reason
 
     reason = gpu_codecs_unavailable_reason()
     if device == "cpu" or (device is None and reason is not None):
         why = "device=cpu was asked for" if device == "cpu" else reason
-        return torch.device("cpu"), "zstd", f"CPU with the zstd codec ({why})"
-    if reason is not None:
-        return torch.device(device), "zstd", f"{device} with the zstd codec ({reason})"
-    return torch.device(device or "cuda"), "ans", "CUDA with nvCOMP's ANS codec (CUDA and nvCOMP found)"
+        where = torch.device("cpu")
+    else:
+        why = reason or "CUDA and nvCOMP found"
+        where = torch.device(device or "cuda")
+    codec = resolve_codec("auto", None, where).name  # what "auto" packs a bf16/fp16 model with there
+    label = "CPU" if where.type == "cpu" else str(device or "CUDA")
+    return where, codec, f"{label} with the {codec} codec ({why})"
 
 
 def _greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:

@@ -1,4 +1,4 @@
-"""What a person reads: byte sizes in one unit family, progress bars that agree, one-line plan summaries.
+"""What a person reads: byte sizes in one unit family, and progress bars that agree with them.
 
 Every size offload_runtime prints is in MiB or GiB (powers of 1024, like the plan), and its progress bars
 count MiB, so a bar's total matches the sizes printed beside it (tqdm's own ``unit_scale`` would show
@@ -70,27 +70,6 @@ class ByteBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def plan_summary(plan: Any) -> str:
-    """One line: groups per tier, with decoded bytes for resident groups and stored bytes for the others."""
-    by_tier: dict[str, list[Any]] = {}
-    for g in plan.groups:
-        by_tier.setdefault(g.tier.name.lower(), []).append(g)
-    parts = []
-    for tier, groups in by_tier.items():
-        if tier == "resident":
-            decoded = format_bytes(sum(g.decoded_bytes for g in groups))
-            parts.append(f"{len(groups)} resident ({decoded} decoded)")
-        else:
-            where = {"device_compressed": "compressed in VRAM", "host": "from host RAM", "disk": "from disk"}
-            stored = format_bytes(sum(g.stored_bytes for g in groups))
-            parts.append(f"{len(groups)} streamed {where.get(tier, tier)} ({stored} stored)")
-    slots = f"{plan.nslots} slots x {format_bytes(plan.slot_bytes)}" if plan.nslots else "no slots"
-    return (
-        f"plan on {plan.device}: {len(plan.groups)} groups: {', '.join(parts)}; {slots}; "
-        f"{format_bytes(plan.device_bytes)} of {format_bytes(plan.budget_bytes)} budget"
-    )
 
 
 class ReadProgress:

@@ -13,6 +13,8 @@ Hierarchy::
     ├── BudgetError                    the memory budget cannot hold the minimum working set
     ├── DeviceMemoryError              the device ran out of memory in a forward (also torch.OutOfMemoryError)
     ├── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
+    ├── CodecCallError                 a codec library call failed (nvCOMP status; also a RuntimeError)
+    ├── PlanError                      the runtime's allocations exceed its plan (a bug; also a RuntimeError)
     └── UsageError                     a bad argument, refused before any work (also ValueError)
         └── MissingFileError           an input path that does not exist (also FileNotFoundError)
 """
@@ -29,11 +31,13 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CodecCallError",
     "CodecUnavailableError",
     "CorruptCheckpointError",
     "DeviceMemoryError",
     "MissingFileError",
     "OffloadError",
+    "PlanError",
     "UsageError",
 ]
 
@@ -211,3 +215,12 @@ class MissingFileError(UsageError, FileNotFoundError):
 
     def __str__(self) -> str:  # not OSError's "[Errno None] ..." form
         return self._render()
+
+
+class CodecCallError(OffloadError, RuntimeError):
+    """A codec library call failed (an nvCOMP function returned an error status)."""
+
+
+class PlanError(OffloadError, RuntimeError):
+    """The runtime's allocations disagree with its plan: an arena or workspace asked for more than the plan
+    sized. Never caused by input; report it as a bug."""

@@ -11,12 +11,15 @@ bound once at dispatch, so ``pre_forward`` only waits for the slot to hold the r
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from offload_runtime.errors import DeviceMemoryError
+
+if TYPE_CHECKING:
+    from offload_runtime.scheduler.engine import Engine
 
 HOOK_ATTR = "_offload_hook"
 
@@ -30,12 +33,13 @@ class GroupHook:
         marks_pass (`bool`, defaults to `False`): the module is the root model; its forward is one pass.
     """
 
-    def __init__(self, engine: Any, groups: tuple[str, ...] = (), *, marks_pass: bool = False) -> None:
+    def __init__(self, engine: Engine, groups: tuple[str, ...] = (), *, marks_pass: bool = False) -> None:
         self.engine = engine
         self.groups = tuple(groups)
         self.marks_pass = marks_pass
         self.calls = 0
         self._original_forward: Any = None
+        self._wrapper: Any = None
         self._had_instance_forward = False
 
     def __repr__(self) -> str:
@@ -54,6 +58,8 @@ class GroupHook:
 
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._original_forward is None:  # detached while another library's wrapper still calls us
+                return original(*args, **kwargs)
             try:
                 args, kwargs = self.pre_forward(module, *args, **kwargs)
             except torch.OutOfMemoryError as exc:
@@ -68,6 +74,7 @@ class GroupHook:
             return self.post_forward(module, output)
 
         module.forward = forward
+        self._wrapper = forward
         setattr(module, HOOK_ATTR, self)
         return module
 
@@ -75,7 +82,7 @@ class GroupHook:
         """Re-raise a CUDA OOM as :class:`DeviceMemoryError` naming the group (once, innermost hook)."""
         if isinstance(exc, DeviceMemoryError):
             raise exc
-        held = getattr(getattr(self.engine, "stats", None), "peak_weight_bytes", None)
+        held = self.engine.stats.peak_weight_bytes
         where = f"the forward of {self.groups[0]!r}" if self.groups else "the model's forward"
         raise DeviceMemoryError(
             f"CUDA ran out of memory in {where}: {str(exc).splitlines()[0]}",
@@ -86,15 +93,22 @@ class GroupHook:
         ) from exc
 
     def detach(self, module: nn.Module) -> nn.Module:
-        """Undo :meth:`attach` exactly: the module's ``forward`` is what it was before."""
+        """Undo :meth:`attach`: the module's ``forward`` is what it was before.
+
+        If another library wrapped ``forward`` after us (accelerate's ``add_hook_to_module`` keeps our
+        wrapper as its ``_old_forward``), its wrapper stays and ours becomes a plain pass-through to the
+        forward we wrapped, so that hook keeps working.
+        """
         if getattr(module, HOOK_ATTR, None) is not self:
             return module
-        if self._had_instance_forward:
-            module.forward = self._original_forward
-        else:
-            del module.forward
+        if module.__dict__.get("forward") is self._wrapper:
+            if self._had_instance_forward:
+                module.forward = self._original_forward
+            else:
+                del module.forward
         delattr(module, HOOK_ATTR)
         self._original_forward = None
+        self._wrapper = None
         return module
 
     # ---- forward ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The model skeleton lives on ``meta``. Each group's weights are produced on the device by
 :func:`init_group` (2-D weights normal(0, 0.02), norms ones, as Hugging Face initialises them) from a
 ``torch.Generator`` seeded per group, so any group can be regenerated, bit for bit, at any time. A
-:class:`~offload_runtime.scheduler.synthetic_source.SyntheticSource` encodes the groups one at a time and
+:class:`~offload_runtime.loaders.synthetic_source.SyntheticSource` encodes the groups one at a time and
 hands the runtime their payloads when it places them in their tier; the whole model is never materialised.
 
 :func:`materialize` fills a real (small) model with exactly the same tensors: packed with the ordinary
@@ -209,11 +209,11 @@ def synthetic_source(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """A :class:`~offload_runtime.scheduler.synthetic_source.SyntheticSource` of ``model``'s synthetic groups.
+    """A :class:`~offload_runtime.loaders.synthetic_source.SyntheticSource` of ``model``'s synthetic groups.
 
     Encodes every group once (phase 1), on ``device``; see :func:`dispatch_synthetic`.
     """
-    from offload_runtime.scheduler.synthetic_source import SyntheticSource
+    from offload_runtime.loaders.synthetic_source import SyntheticSource
 
     specs = find_groups(model)
     layouts = [group_layout(model, spec, dtype) for spec in specs]

@@ -1,12 +1,18 @@
-"""One device allocation that every runtime buffer (slots, resident groups, staging) is carved from.
+"""One allocation that every device buffer of the runtime is carved from (CUDA and, for the same
+accounting, the CPU).
 
-The CUDA caching allocator rounds each request and may charge an unsplit segment tail of up to 1 MiB on
-a large one; a single arena pays that once, so ``torch.cuda.memory_allocated()`` matches the plan.
+The plan sizes every byte the runtime holds on the device; the arena is allocated once at that size and
+handed out in aligned pieces, never freed piecewise. So ``torch.cuda.memory_allocated()`` matches the plan
+(the CUDA caching allocator rounds each request and may charge an unsplit segment tail of up to 1 MiB on a
+large one; a single arena pays that once), and a piece asked for beyond the plan is an error, not a silent
+allocation outside the budget.
 """
 
 from __future__ import annotations
 
 import torch
+
+from offload_runtime.errors import PlanError
 
 ARENA_ALIGN = 512  # every piece starts 512-byte aligned (nvCOMP and vectorised loads need far less)
 
@@ -16,8 +22,42 @@ def arena_size(nbytes: int) -> int:
     return -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
 
 
-class DeviceArena:
-    """A flat uint8 device buffer handed out in aligned pieces, never freed piecewise.
+class BumpAllocator:
+    """Aligned pieces of an existing uint8 buffer, handed out in order (the arena, or a window of it).
+
+    Args:
+        buffer (`torch.Tensor`): a 1-D uint8 tensor whose start is :data:`ARENA_ALIGN`-aligned.
+    """
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.offset = 0
+
+    @property
+    def used(self) -> int:
+        return self.offset
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The next ``nbytes`` (a view), starting :data:`ARENA_ALIGN`-aligned.
+
+        Raises:
+            PlanError: the buffer cannot hold it: the plan and the allocations disagree.
+        """
+        end = self.offset + arena_size(nbytes)
+        if end > self.buffer.numel():
+            raise PlanError(
+                f"arena exhausted: a piece of {nbytes} bytes at offset {self.offset} does not fit "
+                "(the plan and the allocations disagree)",
+                expected=f"<= {self.buffer.numel()} bytes in all",
+                actual=f"{end} bytes",
+            )
+        piece = self.buffer[self.offset : self.offset + nbytes]
+        self.offset = end
+        return piece
+
+
+class DeviceArena(BumpAllocator):
+    """A flat uint8 buffer on ``device`` handed out in aligned pieces, never freed piecewise.
 
     Args:
         nbytes (`int`): total size (sum of :func:`arena_size` of the pieces).
@@ -25,19 +65,7 @@ class DeviceArena:
     """
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.offset = 0
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        end = self.offset + arena_size(nbytes)
-        if end > self.buffer.numel():
-            raise RuntimeError(
-                f"device arena exhausted: piece of {nbytes} bytes at offset {self.offset}, "
-                f"arena holds {self.buffer.numel()} (the plan and the allocations disagree)"
-            )
-        piece = self.buffer[self.offset : self.offset + nbytes]
-        self.offset = end
-        return piece
+        super().__init__(torch.empty(nbytes, dtype=torch.uint8, device=device))
 
     def __repr__(self) -> str:
         return f"DeviceArena({self.offset}/{self.buffer.numel()} bytes used on {self.buffer.device})"

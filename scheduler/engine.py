@@ -65,6 +65,7 @@ import weakref
 from collections.abc import Sequence
 
 from offload_runtime.errors import OffloadError
+from offload_runtime.scheduler.loader import Loader
 from offload_runtime.scheduler.order import ExecutionOrder
 from offload_runtime.scheduler.slots import Slot, Ticket
 from offload_runtime.scheduler.stats import OffloadStats
@@ -85,7 +86,7 @@ class Engine:
     Args:
         slots (`Sequence[Slot]`): the slot pool (buffers preallocated, events from the loader).
         slot_of (`dict[str, int]`): streamed group -> its slot.
-        loader: a :class:`~offload_runtime.scheduler.loader.CpuLoader` or ``CudaLoader``.
+        loader (`Loader`): a :class:`~offload_runtime.scheduler.loader.CpuLoader` or ``CudaLoader``.
         order (`ExecutionOrder`): the execution order prefetching follows.
         prefetch (`int`): how many groups ahead to load.
         stats (`OffloadStats`): counters.
@@ -97,7 +98,7 @@ class Engine:
         self,
         slots: Sequence[Slot],
         slot_of: dict[str, int],
-        loader,
+        loader: Loader,
         order: ExecutionOrder,
         prefetch: int,
         stats: OffloadStats,
@@ -133,6 +134,7 @@ class Engine:
     def end_pass(self) -> None:
         with self._cond:
             self.order.end_pass()
+        self.loader.refresh_stats()
 
     def acquire(self, group: str) -> None:
         """Make ``group``'s slot hold its weights for the forward about to run (see the protocol)."""

@@ -1,53 +1,35 @@
-"""Assemble a running scheduler for one container: plan, buffers, loader, engine.
+"""Assemble a running scheduler for one group source: plan, arena, tier stores, loader, slots, engine.
 
-``build_runtime`` allocates everything the steady state needs, once: resident groups (decoded now), the
-slot pool, staging, host-tier copies. After it returns, a forward only enqueues work and waits on events.
+``build_runtime`` allocates everything the steady state needs, once, and all of it as the plan sized it:
+one arena (the device budget) holds, in this order, the streaming region (slots, staging, and the dispatch
+window that overlaps them), every slot group's decoder arrays, the shared decode workspace, and what each
+tier keeps for its groups (resident groups decoded now, payloads kept in VRAM). Host-tier copies and the
+host ring are host RAM. After it returns, a forward only enqueues work and waits on events.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from offload_runtime.native import get_codec
+from offload_runtime.loaders.format import GroupEntry
+from offload_runtime.loaders.source import GroupSource
+from offload_runtime.native import GpuDecoder, get_codec
 from offload_runtime.native.workspace import DecodeWorkspace
-from offload_runtime.scheduler.arena import ARENA_ALIGN, DeviceArena, arena_size
+from offload_runtime.scheduler.arena import BumpAllocator, DeviceArena
+from offload_runtime.scheduler.cuda_loader import CudaLoader
 from offload_runtime.scheduler.engine import Engine
-from offload_runtime.scheduler.loader import CpuLoader, CudaLoader
+from offload_runtime.scheduler.loader import CpuLoader, Loader
 from offload_runtime.scheduler.order import ExecutionOrder
-from offload_runtime.scheduler.planner import GroupSize, Plan, Tier, plan_placement
+from offload_runtime.scheduler.pcie import PcieStager
+from offload_runtime.scheduler.planner import Plan, plan_placement
+from offload_runtime.scheduler.sizes import measure_groups
 from offload_runtime.scheduler.slots import Slot
 from offload_runtime.scheduler.stats import OffloadStats
-
-DECODER_DEVICE_ARRAYS = 8  # small device arrays per decoder (sizes, statuses, pointer tables), each rounded
-SMALL_ALLOCATION = 1 << 20  # above this, the caching allocator may charge up to 1 MiB more
-
-
-def allocator_size(nbytes: int) -> int:
-    """What the CUDA caching allocator may charge for one allocation of ``nbytes`` (0 for none)."""
-    if nbytes <= 0:
-        return 0
-    return arena_size(nbytes) + (SMALL_ALLOCATION if nbytes > SMALL_ALLOCATION else 0)
-
-
-def _device_size(entry: Any, decoder: Any) -> GroupSize:
-    """Sizes as the CUDA caching allocator will charge them, so the budget holds in memory_allocated().
-
-    Group buffers come from the arena (512-byte pieces); each decoder allocates its own small arrays
-    (``scratch_bytes``); the shared decode workspace is one allocation per kind (``workspace_needs``),
-    which the planner charges once, at the largest need among streamed groups.
-    """
-    scratch = getattr(decoder, "scratch_bytes", 0)
-    if scratch:
-        scratch = allocator_size(scratch) + DECODER_DEVICE_ARRAYS * ARENA_ALIGN
-    needs = getattr(decoder, "workspace_needs", None) or {}
-    workspace = tuple(sorted((kind, allocator_size(n)) for kind, n in needs.items() if n > 0))
-    return GroupSize(
-        entry.name, arena_size(entry.decoded_size), arena_size(entry.stored_size), scratch, workspace
-    )
+from offload_runtime.scheduler.tiers import Tier, TierContext, TierStore
+from offload_runtime.scheduler.timing import GpuTimer
 
 
 @dataclass
@@ -56,29 +38,33 @@ class Runtime:
 
     Attributes:
         plan: the placement.
-        engine: the prefetch engine (streamed groups).
+        engine: the prefetch engine (slot groups).
         stats: counters (``model.offload_stats``).
         views: group -> {stored tensor name -> typed view into its resident buffer or slot}.
-        resident: group -> its decoded buffer on the device.
+        stores: tier -> its store (what the tier holds for its groups).
         slots: the slot pool.
         device: where weights are decoded to.
+        source: where the groups come from.
+        arena: the one device allocation.
+        streamed: groups that use a slot (acquired and released around their forwards).
     """
 
     plan: Plan
     engine: Engine
     stats: OffloadStats
     views: dict[str, dict[str, torch.Tensor]]
-    resident: dict[str, torch.Tensor]
+    stores: dict[Tier, TierStore]
     slots: list[Slot]
     device: torch.device
-    source: Any
+    source: GroupSource
+    arena: DeviceArena
     streamed: set[str] = field(default_factory=set)
 
     def decode_fresh(self, name: str) -> dict[str, torch.Tensor]:
         """Decode group ``name`` into a new buffer and return its tensors (for ``remove_offload``)."""
         entry = self.source.group(name)
         buffer = torch.empty(entry.decoded_size, dtype=torch.uint8, device=self.device)
-        self.engine.loader.decode_into(name, buffer)
+        self.engine.loader.decode_into(entry, buffer)
         return entry.layout.views(buffer)
 
     def close(self) -> None:
@@ -86,7 +72,7 @@ class Runtime:
 
 
 def build_runtime(
-    source: Any,
+    source: GroupSource,
     budget_bytes: int,
     *,
     device: torch.device,
@@ -96,10 +82,10 @@ def build_runtime(
     force_streamed: Collection[str] = (),
     threaded: bool | None = None,
 ) -> Runtime:
-    """Plan and allocate the runtime of ``source`` (a ContainerReader or the like) on ``device``.
+    """Plan and allocate the runtime of ``source`` on ``device``.
 
     Args:
-        source: the container reader.
+        source (`GroupSource`): the container reader (or a synthetic source).
         budget_bytes (`int`): device budget for weights.
         device (`torch.device`): ``cpu`` or a CUDA device.
         prefetch (`int`, defaults to 1): groups decoded ahead.
@@ -112,18 +98,8 @@ def build_runtime(
     Raises:
         BudgetError: when the budget is below the minimum working set.
     """
-    entries = list(source.groups)
-    on_cuda = device.type == "cuda"
-    decoders = {}
-    if on_cuda:
-        for e in entries:
-            decoders[e.name] = get_codec(e.codec).gpu_decoder(e.chunks, e.params, e.layout, device)
-    sizes = [
-        _device_size(e, decoders.get(e.name)) if on_cuda else GroupSize(e.name, e.decoded_size, e.stored_size)
-        for e in entries
-    ]
     plan = plan_placement(
-        sizes,
+        measure_groups(source.groups, device),
         budget_bytes,
         device=device.type,
         prefetch=prefetch,
@@ -132,53 +108,96 @@ def build_runtime(
         force_streamed=force_streamed,
     )
     stats = OffloadStats()
-    streamed = {p.name for p in plan.streamed}
-    arena = None
-    if on_cuda:
-        outside = plan.scratch_bytes + plan.workspace_bytes + plan.overhead_bytes  # allocated by torch
-        arena = DeviceArena(plan.device_bytes - outside, device)
-        kept = {n: d for n, d in decoders.items() if n in streamed}
-        # one workspace for every streamed decoder: their decodes are serialised on the decode stream
-        workspace = DecodeWorkspace(device)
-        for decoder in kept.values():
-            decoder.use_workspace(workspace)
-        loader = CudaLoader(source, plan, device, kept, stats, arena, workspace=workspace)
-    else:
-        loader = CpuLoader(source, plan, stats)
+    arena = DeviceArena(plan.device_bytes - plan.overhead_bytes, device)
+    streaming = arena.take(plan.buffers.streaming_region_bytes)  # slots, staging, dispatch window
+    region = BumpAllocator(streaming)
+    slot_buffers = [region.take(plan.slot_bytes) for _ in range(plan.nslots)]
+    loader_ref: list[Loader] = []
 
-    def allocate(nbytes: int) -> torch.Tensor:
-        if arena is not None:
-            return arena.take(nbytes)
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    def decode_resident(entry: GroupEntry, out: torch.Tensor) -> None:
+        loader_ref[0].decode_into(entry, out, streaming)  # before any load: the region is free
 
-    decoders.clear()
-
-    by_name = {e.name: e for e in entries}
-    views: dict[str, dict[str, torch.Tensor]] = {}
-    resident: dict[str, torch.Tensor] = {}
-    for p in plan.groups:
-        if p.tier == Tier.RESIDENT:
-            buffer = allocate(p.decoded_bytes)
-            loader.decode_into(p.name, buffer)
-            resident[p.name] = buffer
-            views[p.name] = by_name[p.name].layout.views(buffer)
-    slots = []
-    for index in range(plan.nslots):
-        ready, release = loader.new_slot_events()
-        buffer = allocate(plan.slot_bytes)
-        slots.append(Slot(index, buffer, ready_event=ready, release_event=release))
-    slot_of = {}
-    for p in plan.streamed:
-        slot_of[p.name] = p.slot
-        views[p.name] = by_name[p.name].layout.views(slots[p.slot].buffer)
-    if on_cuda:
-        torch.cuda.current_stream(device).synchronize()  # resident decodes finished before anyone reads
-    stats.peak_weight_bytes = sum(b.numel() for b in resident.values()) + plan.nslots * plan.slot_bytes
-    stats.peak_weight_bytes += plan.staging_bytes + plan.scratch_bytes + plan.workspace_bytes
-    stats.peak_weight_bytes += sum(p.stored_bytes for p in plan.groups if p.tier == Tier.DEVICE_COMPRESSED)
+    ctx = TierContext(source, device, arena, stats, decode_resident, pinned=device.type == "cuda")
+    stores = {tier: tier.open(ctx) for tier in plan.tiers}
+    store_of = {p.name: stores[p.tier] for p in plan.groups}
+    loader = _make_loader(source, plan, device, arena, region, stats, store_of)
+    loader_ref.append(loader)
+    _place_groups(source, plan, store_of, loader)
+    slots = _make_slots(plan, slot_buffers, loader)
+    views = _bind_views(source, plan, store_of, slots)
+    stats.peak_weight_bytes = plan.device_bytes
     order = ExecutionOrder([p.name for p in plan.streamed])
-    if threaded is None:
-        threaded = loader.blocks_host
-    engine = Engine(slots, slot_of, loader, order, prefetch, stats, threaded=threaded)
+    engine = Engine(
+        slots,
+        {p.name: p.slot for p in plan.streamed},
+        loader,
+        order,
+        prefetch,
+        stats,
+        threaded=loader.blocks_host if threaded is None else threaded,
+    )
     loader.follow(order)
-    return Runtime(plan, engine, stats, views, resident, slots, device, source, streamed)
+    streamed = {p.name for p in plan.streamed}
+    return Runtime(plan, engine, stats, views, stores, slots, device, source, arena, streamed)
+
+
+def _make_loader(
+    source: GroupSource,
+    plan: Plan,
+    device: torch.device,
+    arena: DeviceArena,
+    region: BumpAllocator,
+    stats: OffloadStats,
+    store_of: dict[str, TierStore],
+) -> Loader:
+    """The CPU loader, or the CUDA loader with its stager, decoders and shared workspace (from the arena)."""
+    if device.type != "cuda":
+        return CpuLoader(source, plan, stats, store_of)
+    timer = GpuTimer(stats)
+    decode_stream = torch.cuda.Stream(device)
+    over_pcie = [p.name for p in plan.streamed if p.tier.crosses_pcie("cuda")]
+    pcie = PcieStager(over_pcie, plan.buffers, region, device, timer)
+    # one workspace for every decoder: their decodes are serialised on the decode stream
+    workspace = DecodeWorkspace(device, allocate=arena.take)
+    workspace.reserve(dict(plan.buffers.workspace))
+    workspace.allocate(decode_stream)  # now, not in the first forward
+    decoders = {p.name: _decoder(source.group(p.name), device, arena, workspace) for p in plan.streamed}
+    return CudaLoader(source, device, store_of, decoders, workspace, pcie, timer, stats, decode_stream)
+
+
+def _decoder(
+    entry: GroupEntry, device: torch.device, arena: DeviceArena, workspace: DecodeWorkspace
+) -> GpuDecoder:
+    codec = get_codec(entry.codec)
+    decoder = codec.gpu_decoder(entry.chunks, entry.params, entry.layout, device, arena.take)
+    decoder.use_workspace(workspace)
+    return decoder
+
+
+def _place_groups(source: GroupSource, plan: Plan, store_of: dict[str, TierStore], loader: Loader) -> None:
+    """Each tier keeps what it holds for its groups: resident groups are decoded now (through the dispatch
+    window), payloads copied into VRAM or pinned host RAM."""
+    for p in plan.groups:
+        store_of[p.name].place(source.group(p.name))
+    for store in set(store_of.values()):
+        store.finish_placing()
+    loader.finish_dispatch()  # resident decodes finished before anyone reads
+
+
+def _make_slots(plan: Plan, buffers: list[torch.Tensor], loader: Loader) -> list[Slot]:
+    slots = []
+    for index, buffer in enumerate(buffers):
+        ready, release = loader.new_slot_events()
+        slots.append(Slot(index, buffer, ready_event=ready, release_event=release))
+    return slots
+
+
+def _bind_views(
+    source: GroupSource, plan: Plan, store_of: dict[str, TierStore], slots: list[Slot]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every group's tensors as views: into its tier's buffer, or into its slot (permanent views)."""
+    views = {}
+    for p in plan.groups:
+        buffer = slots[p.slot].buffer if p.streamed else store_of[p.name].buffer(p.name)
+        views[p.name] = source.group(p.name).layout.views(buffer)
+    return views

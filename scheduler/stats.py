@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIB, GIB = 1 << 20, 1 << 30
+
+
+@dataclass
+class TierStats:
+    """What one tier holds and did (``offload_stats.tiers[name]``).
+
+    Attributes:
+        groups: groups placed in the tier.
+        device_bytes: device bytes it holds for them (decoded buffers, payloads in VRAM).
+        host_bytes: host RAM it holds for them (pinned payload copies).
+        loads: loads of its groups into slots.
+        fetched_bytes: payload bytes its loads moved to the device (H2D copies, disk reads).
+    """
+
+    groups: int = 0
+    device_bytes: int = 0
+    host_bytes: int = 0
+    loads: int = 0
+    fetched_bytes: int = 0
 
 
 @dataclass
@@ -22,7 +41,9 @@ class OffloadStats:
             by the prefetch thread; 0 when loads run inline on the compute thread (CUDA, no disk tier).
         loads: groups loaded into slots; ``demand_loads`` of them requested by a forward that needed them
             now rather than by the prefetcher.
-        peak_weight_bytes: bytes the runtime holds for weights on the device (resident + slots + staging).
+        peak_weight_bytes: bytes the runtime holds for weights on the device (its arena: resident groups,
+            payloads in VRAM, slots, staging, decoder scratch, shared workspace).
+        tiers: per tier, what it holds and did (:class:`TierStats`), fastest tier first.
     """
 
     disk_bytes: int = 0
@@ -34,6 +55,11 @@ class OffloadStats:
     loads: int = 0
     demand_loads: int = 0
     peak_weight_bytes: int = 0
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+
+    def tier(self, name: str) -> TierStats:
+        """The counters of tier ``name`` (created on first use)."""
+        return self.tiers.setdefault(name, TierStats())
 
     @property
     def h2d_gbps(self) -> float:
@@ -54,4 +80,7 @@ class OffloadStats:
             f"decode {self.decode_bytes / MIB:.1f} MiB at {rate(self.decode_bytes, self.decode_seconds)}, "
             f"compute waited {self.wait_seconds * 1e3:.1f} ms, peak weight memory "
             f"{self.peak_weight_bytes / MIB:.1f} MiB"
+            + "".join(
+                f"; {name}: {t.groups} groups, {t.loads} loads" for name, t in self.tiers.items() if t.groups
+            )
         )

@@ -52,7 +52,7 @@ def test_generate_streams_the_same_tokens_as_the_unoffloaded_model(chat_containe
     assert proc.stdout.strip() == expected_text.strip()
     # what a person reads, on stderr: progress while loading, the plan, load time and speed
     assert "load tiny.safetensors:" in proc.stderr and " MiB" in proc.stderr
-    assert "loaded tiny.safetensors in " in proc.stderr and "plan on cpu: 6 groups:" in proc.stderr
+    assert "loaded tiny.safetensors in " in proc.stderr and "plan: 6 groups (" in proc.stderr
     assert "12 tokens in " in proc.stderr and "tok/s" in proc.stderr
 
     quiet = _cli(

@@ -20,6 +20,7 @@ from offload_runtime.errors import (
 )
 from offload_runtime.loaders import ContainerReader, build_empty_model, check_compatible, pack
 from offload_runtime.loaders.format import INDEX_CRC_KEY, PAYLOAD_ALIGN
+from offload_runtime.scheduler.tiers import HOST
 from offload_runtime.tiny import tiny_model
 
 
@@ -583,7 +584,7 @@ def test_int8_forged_decoded_crc_fails_a_forward_from_host_ram(int8_container, t
     with pytest.raises(BudgetError) as minimum:
         load_compressed(path, 1e-9, device="cpu")  # below any minimum: the BudgetError names it
     model = load_compressed(path, minimum.value.expected / (1 << 30), device="cpu")  # blocks stream
-    assert model.offload_plan.placement("model.layers.0").tier.name == "HOST"
+    assert model.offload_plan.placement("model.layers.0").tier is HOST
     with pytest.raises(CorruptCheckpointError) as info, torch.no_grad():
         model(torch.randint(3, 256, (1, 4)))
     message = str(info.value)

@@ -8,20 +8,22 @@ import os
 
 import pytest
 import torch
+from memory_source import MemorySource
 
 from offload_runtime import dispatch_compressed, load_compressed, remove_offload
 from offload_runtime.errors import BudgetError, CheckpointMismatchError, DeviceMemoryError
 from offload_runtime.hooks import attached_hooks
 from offload_runtime.loaders import ContainerReader, pack
-from offload_runtime.scheduler.planner import GIB, GroupSize, Tier, plan_placement
-from offload_runtime.scheduler.source import MemorySource
+from offload_runtime.scheduler.planner import GIB, plan_placement
+from offload_runtime.scheduler.sizes import measure_groups
+from offload_runtime.scheduler.tiers import DISK, HOST, RESIDENT
 from offload_runtime.tiny import tiny_model
 
 CAUSAL = ("llama", "qwen2", "gpt2")
 
 
 def minimum_budget(model, prefetch: int) -> int:
-    sizes = [GroupSize(e.name, e.decoded_size, e.stored_size) for e in MemorySource.from_model(model).groups]
+    sizes = measure_groups(MemorySource.from_model(model).groups, torch.device("cpu"))  # as the runtime does
     with pytest.raises(BudgetError) as info:
         plan_placement(sizes, 0, prefetch=prefetch)
     return info.value.expected
@@ -69,11 +71,9 @@ def test_bit_identical_within_budget(tiny_arch, codec, budget, prefetch):
     limit = budget_gb(reference, prefetch, budget)
     dispatch_compressed(model, limit, device="cpu", codec=codec, prefetch=prefetch)
     tiers = [p.tier for p in model.offload_plan.groups]
-    assert Tier.HOST in tiers
+    assert HOST in tiers
     if budget == "half":
-        assert tiers.count(Tier.RESIDENT) > sum(
-            1 for p in model.offload_plan.groups if p.decoded_bytes < 4096
-        )
+        assert tiers.count(RESIDENT) > sum(1 for p in model.offload_plan.groups if p.decoded_bytes < 4096)
     assert weight_storage_bytes(model) <= limit * GIB
     assert torch.equal(outputs(model, ids, tiny_arch), want)
     assert torch.equal(outputs(model, ids[:1], tiny_arch), outputs(reference, ids[:1], tiny_arch))
@@ -167,7 +167,7 @@ def test_load_compressed_runs_a_model_several_times_the_budget(tmp_path):
     total = sum(p.numel() * p.element_size() for p in reference.parameters())
     assert total > 3 * limit * GIB
     model = load_compressed(path, limit, device="cpu", host_budget_gb=0)  # everything read through the mmap
-    assert {p.tier for p in model.offload_plan.streamed} == {Tier.DISK}
+    assert {p.tier for p in model.offload_plan.streamed} == {DISK}
     assert weight_storage_bytes(model) <= limit * GIB
     ids = torch.randint(3, 256, (2, 7))
     assert torch.equal(outputs(model, ids, "llama"), outputs(reference, ids, "llama"))
@@ -302,7 +302,7 @@ def test_cpu_disk_loads_reuse_one_staging_buffer(tmp_path):
     model = load_compressed(path, budget_gb(reference, 1, "stream"), device="cpu", host_budget_gb=0)
     reader = model._offload_runtime.reader
     loader = model._offload_runtime.runtime.engine.loader
-    disk = [p for p in model.offload_plan.streamed if p.tier == Tier.DISK]
+    disk = [p for p in model.offload_plan.streamed if p.tier == DISK]
     assert len(disk) >= 4 and loader.staging.numel() == max(p.stored_bytes for p in disk)
     targets = []
     original = reader.read_into

@@ -16,7 +16,8 @@ import torch
 from offload_runtime import dispatch_compressed, remove_offload
 from offload_runtime.errors import BudgetError
 from offload_runtime.loaders import pack
-from offload_runtime.scheduler.planner import GIB, Tier
+from offload_runtime.scheduler.planner import GIB
+from offload_runtime.scheduler.tiers import DISK, HOST, RESIDENT
 from offload_runtime.tiny import tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -129,7 +130,7 @@ def test_mixed_tiers_on_cuda(tmp_path):
     budget = minimum_gb(model, path) + 0.02  # room for some resident groups
     dispatch_compressed(model, budget, checkpoint=path, device="cuda", host_budget_gb=0.03)
     tiers = {p.tier for p in model.offload_plan.groups}
-    assert {Tier.RESIDENT, Tier.HOST, Tier.DISK} <= tiers
+    assert {RESIDENT, HOST, DISK} <= tiers
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want)
         assert torch.equal(model(ids).logits, want)

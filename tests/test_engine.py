@@ -16,11 +16,11 @@ import time
 
 import pytest
 import torch
+from memory_source import MemorySource
 
 from offload_runtime.errors import OffloadError
 from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.runtime import build_runtime
-from offload_runtime.scheduler.source import MemorySource
 
 NUMEL = 64
 
@@ -163,8 +163,9 @@ def test_order_change_is_followed_without_demand_loads():
         for _ in range(3):
             harness.run_pass(order)
         assert harness.violations == []
-        # learned order: later passes need fewer on-demand loads than the first one, which followed the guess
-        assert runtime.stats.demand_loads - before < 3 * before
+        # the first pass followed the guess and learned the order: later passes prefetch every group in time
+        assert before > 0
+        assert runtime.stats.demand_loads - before == 0
     finally:
         runtime.close()
 

@@ -8,11 +8,13 @@ from offload_runtime.errors import (
     BudgetError,
     CheckpointError,
     CheckpointMismatchError,
+    CodecCallError,
     CodecUnavailableError,
     CorruptCheckpointError,
     DeviceMemoryError,
     MissingFileError,
     OffloadError,
+    PlanError,
     UsageError,
 )
 
@@ -28,6 +30,8 @@ from offload_runtime.errors import (
         (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
         (UsageError, (OffloadError, ValueError)),
         (MissingFileError, (UsageError, OffloadError, FileNotFoundError, ValueError)),
+        (CodecCallError, (OffloadError, RuntimeError)),
+        (PlanError, (OffloadError, RuntimeError)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -111,4 +115,39 @@ def test_all_is_complete():
         "CodecUnavailableError",
         "UsageError",
         "MissingFileError",
+        "CodecCallError",
+        "PlanError",
     }
+
+
+def test_nvcomp_call_errors_are_codec_call_errors():
+    from offload_runtime.native import nvcomp_capi
+
+    assert issubclass(nvcomp_capi.NvcompCallError, CodecCallError)
+    with pytest.raises(CodecCallError, match="nvcompBatchedANSDecompressAsync returned nvcompStatus_t 10"):
+        nvcomp_capi.check(10, "nvcompBatchedANSDecompressAsync")
+
+
+def test_a_piece_beyond_the_plan_is_a_plan_error():
+    from offload_runtime.scheduler.arena import DeviceArena
+
+    arena = DeviceArena(1024, torch.device("cpu"))
+    arena.take(600)  # rounded to 1024: the arena is full
+    with pytest.raises(PlanError, match="arena exhausted") as info:
+        arena.take(1)
+    assert info.value.expected == "<= 1024 bytes in all" and info.value.actual == "1536 bytes"
+
+
+def test_a_fixed_workspace_cannot_grow():
+    from offload_runtime.native.workspace import DecodeWorkspace
+
+    taken = []
+    workspace = DecodeWorkspace(
+        "cpu", allocate=lambda n: taken.append(n) or torch.empty(n, dtype=torch.uint8)
+    )
+    workspace.reserve({"nvcomp-ans": 4096})
+    workspace._buffer("nvcomp-ans", None)  # what allocate(stream) does per kind, without a CUDA stream
+    assert taken == [4096]
+    workspace.reserve({"nvcomp-ans": 1000})  # fits: fine
+    with pytest.raises(PlanError, match="sized by the plan"):
+        workspace.reserve({"nvcomp-ans": 4097})

@@ -191,7 +191,7 @@ def test_fuzz_open_and_decode(originals, codec, tmp_path):
         try:
             state = open_and_decode(path)
         except OffloadError as exc:
-            assert str(path) in str(exc) or exc.file is None or exc.file == str(path)
+            assert exc.file == str(path) and str(path) in str(exc), exc  # every error names the file
             outcomes["error"] += 1
             return
         # the index carries its own CRC-32: even an edit that keeps it self-consistent (a last tensor's

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from offload_runtime.errors import BudgetError
-from offload_runtime.scheduler.planner import GIB, GroupSize, Tier, plan_placement
+from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
+from offload_runtime.scheduler.tiers import DEVICE_COMPRESSED, DISK, HOST, RESIDENT
 
 MIB = 1 << 20
 
@@ -20,7 +23,7 @@ def model_groups() -> list[GroupSize]:
 
 def test_everything_resident_when_it_fits():
     plan = plan_placement(model_groups(), 1 * GIB, prefetch=1)
-    assert all(p.tier == Tier.RESIDENT for p in plan.groups)
+    assert all(p.tier == RESIDENT for p in plan.groups)
     assert plan.nslots == 0 and plan.slot_bytes == 0
     assert plan.device_bytes == sum(g.decoded_bytes for g in model_groups())
 
@@ -30,8 +33,8 @@ def test_minimum_budget_streams_everything_but_small_groups():
     minimum = 2 * 100 * MIB  # two slots of the largest block; the tiny norm is resident
     plan = plan_placement(groups, minimum + 4096, prefetch=1)
     tiers = {p.name: p.tier for p in plan.groups}
-    assert tiers["norm"] == Tier.RESIDENT
-    assert all(tiers[f"layers.{i}"] == Tier.HOST for i in range(6))
+    assert tiers["norm"] == RESIDENT
+    assert all(tiers[f"layers.{i}"] == HOST for i in range(6))
     assert plan.nslots == 2 and plan.slot_bytes == 100 * MIB
     assert plan.minimum_bytes == minimum + 4096
     assert plan.device_bytes <= plan.budget_bytes
@@ -40,7 +43,7 @@ def test_minimum_budget_streams_everything_but_small_groups():
 
 def test_half_resident():
     plan = plan_placement(model_groups(), 2 * 100 * MIB + 4096 + 3 * 100 * MIB + 60 * MIB, prefetch=1)
-    resident = [p.name for p in plan.groups if p.tier == Tier.RESIDENT]
+    resident = [p.name for p in plan.groups if p.tier == RESIDENT]
     streamed = [p.name for p in plan.streamed]
     assert len(streamed) >= 2 and "embed" in resident and "norm" in resident
     assert [n for n in resident if n.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
@@ -62,7 +65,7 @@ def test_huge_embedding_is_made_resident_to_shrink_slots():
     # an embedding 10x a block: streaming it would need 2 slots of its size; keeping it resident is cheaper
     groups = [GroupSize("embed", 1000 * MIB, 900 * MIB), *blocks(4)]
     plan = plan_placement(groups, 1300 * MIB, prefetch=1)
-    assert plan.placement("embed").tier == Tier.RESIDENT
+    assert plan.placement("embed").tier == RESIDENT
     assert plan.slot_bytes == 100 * MIB
     assert plan.minimum_bytes == 1000 * MIB + 2 * 100 * MIB
 
@@ -76,7 +79,7 @@ def test_cuda_counts_staging_and_scratch_and_keeps_payloads_on_device():
     assert info.value.expected == minimum
     plan = plan_placement(groups, minimum + 90 * MIB, device="cuda", prefetch=1)
     tiers = [p.tier for p in plan.groups]  # 90 MiB left: no room for a decoded block, room for one payload
-    assert sorted(tiers) == [Tier.DEVICE_COMPRESSED] + [Tier.HOST] * 5
+    assert sorted(t.name for t in tiers) == ["device_compressed"] + ["host"] * 5
     assert plan.device_bytes <= plan.budget_bytes
 
 
@@ -87,7 +90,7 @@ def test_payloads_crossing_pcie_are_spread_over_the_pass(in_vram):
     groups = [GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB) for i in range(80)]
     slots_staging_slack = 2 * 100 * MIB + 2 * 70 * MIB + MIB
     plan = plan_placement(groups, slots_staging_slack + in_vram * 70 * MIB, device="cuda", prefetch=1)
-    host = [i for i, p in enumerate(plan.groups) if p.tier == Tier.HOST]
+    host = [i for i, p in enumerate(plan.groups) if p.tier == HOST]
     assert len(host) == 80 - in_vram
     gaps = [(b - a) % 80 for a, b in zip(host, host[1:] + host[:1], strict=True)] if len(host) > 1 else [80]
     assert max(gaps) <= 2 * -(-80 // len(host)), host
@@ -96,7 +99,7 @@ def test_payloads_crossing_pcie_are_spread_over_the_pass(in_vram):
 def test_host_budget_sends_the_rest_to_disk():
     plan = plan_placement(blocks(6), 200 * MIB, prefetch=1, host_budget_bytes=150 * MIB)
     tiers = [p.tier for p in plan.groups]
-    assert tiers.count(Tier.HOST) == 2 and tiers.count(Tier.DISK) == 4
+    assert tiers.count(HOST) == 2 and tiers.count(DISK) == 4
     cuda = plan_placement(blocks(6), 400 * MIB, device="cuda", prefetch=1, host_budget_bytes=0)
     assert cuda.host_staging_bytes == 2 * 70 * MIB  # pinned ring for disk reads
 
@@ -121,11 +124,13 @@ def test_plan_prints_every_group_with_tier_and_totals():
 def test_plan_header_and_totals_say_whether_they_count_decoded_or_stored_bytes():
     plan = plan_placement(model_groups(), 350 * MIB, prefetch=1, host_budget_bytes=150 * MIB)
     lines = str(plan).splitlines()
-    host = [p for p in plan.groups if p.tier == Tier.HOST]
+    host = [p for p in plan.groups if p.tier == HOST]
     host_stored = f"{sum(p.stored_bytes for p in host) / MIB:.2f} MiB"
     host_decoded = f"{sum(p.decoded_bytes for p in host) / MIB:.2f} MiB"
     assert host and host_stored != host_decoded
-    assert f"host RAM, outside the budget: {host_stored} stored" in lines[2]
+    ring = f"{plan.host_staging_bytes / MIB:.2f} MiB"
+    assert f"host RAM, outside the budget: {plan.host_bytes / MIB:.2f} MiB" in lines[2]
+    assert f"host tier groups {host_stored} stored + staging ring {ring}" in lines[2]
     assert f"host {len(host)} groups {host_decoded} / {host_stored}" in lines[-1]
     assert f"{plan.nslots} slots x {plan.slot_bytes / MIB:.2f} MiB decoded" in lines[1]
 
@@ -166,7 +171,7 @@ def test_shared_workspace_counts_only_streamed_groups():
         GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB, 0, (("nvcomp-zstd", 10 * MIB),)) for i in range(4)
     ]
     plan = plan_placement(groups, 300 * MIB + 2 * 100 * MIB + 2 * 70 * MIB + 10 * MIB + MIB, device="cuda")
-    assert plan.placement("embed").tier == Tier.RESIDENT
+    assert plan.placement("embed").tier == RESIDENT
     assert plan.workspace_bytes == 10 * MIB
 
 
@@ -181,26 +186,35 @@ def test_streaming_zstd_is_cheaper_than_resident_with_a_shared_workspace():
     assert plan.minimum_bytes == (2 * 100 + 2 * 70 + 60 + 1) * MIB < 8 * 100 * MIB
 
 
-class _FakeDecoder:
-    """What the runtime reads from a GPU decoder to size it (no CUDA needed)."""
+def test_group_sizes_come_from_the_codecs_size_query(monkeypatch):
+    """Per-group decoder arrays and the shared workspace are measured by the codec's pure size query (no
+    allocation), each piece rounded as the arena will hand it out; on the CPU a group has neither."""
+    import torch
 
-    def __init__(self, scratch: int, needs: dict[str, int]) -> None:
-        self.scratch_bytes = scratch
-        self.workspace_needs = needs
+    from offload_runtime.native.base import DecoderSizes
+    from offload_runtime.native.raw import RawCodec
+    from offload_runtime.scheduler.arena import ARENA_ALIGN, arena_size
+    from offload_runtime.scheduler.sizes import measure_group
 
+    def sizes(self, chunks, params, layout):
+        return DecoderSizes(pieces=(4096, 100), workspace=(("nvcomp-zstd", 30 * MIB + 5), ("int8-stored", 0)))
 
-def test_runtime_sizes_per_group_arrays_and_workspace_separately():
-    from types import SimpleNamespace
-
-    from offload_runtime.scheduler.arena import ARENA_ALIGN
-    from offload_runtime.scheduler.runtime import DECODER_DEVICE_ARRAYS, _device_size, allocator_size
-
-    entry = SimpleNamespace(name="layers.0", decoded_size=100 * MIB + 1, stored_size=70 * MIB + 3)
-    size = _device_size(entry, _FakeDecoder(4096, {"nvcomp-zstd": 30 * MIB + 5, "int8-stored": 0}))
-    assert size.scratch_bytes == 4096 + DECODER_DEVICE_ARRAYS * ARENA_ALIGN
-    assert size.workspace == (("nvcomp-zstd", allocator_size(30 * MIB + 5)),)
-    assert allocator_size(30 * MIB + 5) == 30 * MIB + 512 + MIB  # 512-byte rounding + a possible tail
-    assert _device_size(entry, None).workspace == () and _device_size(entry, None).scratch_bytes == 0
+    monkeypatch.setattr(RawCodec, "gpu_decoder_sizes", sizes)
+    entry = SimpleNamespace(
+        name="layers.0",
+        codec="raw",
+        params={},
+        chunks=[],
+        layout=None,
+        decoded_size=100 * MIB + 1,
+        stored_size=70 * MIB + 3,
+    )
+    size = measure_group(entry, torch.device("cuda"))  # a size query: no CUDA needed
+    assert size.scratch_bytes == 4096 + ARENA_ALIGN
+    assert size.workspace == (("nvcomp-zstd", 30 * MIB + ARENA_ALIGN),)
+    assert (size.decoded_bytes, size.stored_bytes) == (arena_size(100 * MIB + 1), arena_size(70 * MIB + 3))
+    on_cpu = measure_group(entry, torch.device("cpu"))
+    assert on_cpu.workspace == () and on_cpu.scratch_bytes == 0
 
 
 def test_decode_workspace_reserves_the_largest_need_of_each_kind():
@@ -214,6 +228,22 @@ def test_decode_workspace_reserves_the_largest_need_of_each_kind():
     assert "nvcomp-ans" in repr(workspace)
 
 
+def test_a_workspace_kind_that_needs_nothing_takes_nothing_from_the_arena():
+    """nvCOMP's ANS decode needs no temp space: the plan charges 0 for the kind, so the fixed workspace must
+    take 0 bytes for it (a 1-byte piece costs 512 in the arena and overflows a plan sized to the byte)."""
+    import torch
+
+    from offload_runtime.native.workspace import DecodeWorkspace
+    from offload_runtime.scheduler.arena import DeviceArena
+
+    arena = DeviceArena(1024, torch.device("cpu"))
+    workspace = DecodeWorkspace("cpu", allocate=arena.take)
+    workspace.reserve({"nvcomp-ans": 0, "int8-stored": 1000})
+    for kind in ("nvcomp-ans", "int8-stored"):
+        workspace._buffer(kind, None)  # what allocate(stream) does per kind
+    assert arena.used == 1024
+
+
 def test_cuda_keeps_payloads_in_vram_before_making_groups_resident():
     # 24 blocks of 100 MiB compressing to 66 MiB: a budget of 3/4 of the weights holds every payload on the
     # device plus two slots (no staging: nothing crosses PCIe per token); the leftover makes some resident
@@ -221,8 +251,8 @@ def test_cuda_keeps_payloads_in_vram_before_making_groups_resident():
     budget = int(0.75 * 24 * 100 * MIB)
     plan = plan_placement(groups, budget, device="cuda", prefetch=1)
     tiers = [p.tier for p in plan.groups]
-    assert Tier.HOST not in tiers and Tier.DISK not in tiers, str(plan)
-    assert tiers.count(Tier.DEVICE_COMPRESSED) >= 1
+    assert HOST not in tiers and DISK not in tiers, str(plan)
+    assert tiers.count(DEVICE_COMPRESSED) >= 1
     assert plan.staging_bytes == 0 and plan.device_bytes <= budget
 
 
@@ -231,11 +261,11 @@ def test_cuda_prefers_more_groups_in_vram_over_more_resident_bytes():
     groups = blocks(12, decoded=100 * MIB, stored=50 * MIB)
     budget = 610 * MIB  # 10 MiB of room for the allocator slack
     plan = plan_placement(groups, budget, device="cuda", prefetch=1)
-    in_vram = [p for p in plan.groups if p.tier in (Tier.RESIDENT, Tier.DEVICE_COMPRESSED)]
-    over_pcie = sum(p.stored_bytes for p in plan.groups if p.tier in (Tier.HOST, Tier.DISK))
+    in_vram = [p for p in plan.groups if p.tier in (RESIDENT, DEVICE_COMPRESSED)]
+    over_pcie = sum(p.stored_bytes for p in plan.groups if p.tier in (HOST, DISK))
     # slots (2 x 100) + staging (2 x 50) leave ~300 MiB: six payloads of 50, not three resident blocks
     assert len(in_vram) == 6 and over_pcie == 6 * 50 * MIB, str(plan)
-    assert all(p.tier == Tier.DEVICE_COMPRESSED for p in in_vram)
+    assert all(p.tier == DEVICE_COMPRESSED for p in in_vram)
 
 
 def _terms_total(message: str) -> int:
@@ -268,6 +298,7 @@ def test_budget_error_terms_add_up_to_the_minimum(device, prefetch):
         "staging",
         "codec scratch",
         "decode workspace",
+        "dispatch window",
         "allocator slack",
     ):
         assert word in message

@@ -294,6 +294,9 @@ def test_flip_that_still_decodes_is_caught_by_the_decoded_crc(copy_of, small):
 
 @pytest.fixture
 def crc_calls(monkeypatch):
+    """Every CRC-32 computed: the reader's of compressed chunks, the codecs' one check of decoded chunks."""
+    from offload_runtime.native import chunking
+
     calls = []
     original = reader_module.crc32
 
@@ -302,6 +305,7 @@ def crc_calls(monkeypatch):
         return original(data)
 
     monkeypatch.setattr(reader_module, "crc32", counted)
+    monkeypatch.setattr(chunking, "crc32", counted)
     return calls
 
 

@@ -14,7 +14,8 @@ from offload_runtime.errors import CorruptCheckpointError, DeviceMemoryError
 from offload_runtime.loaders import pack
 from offload_runtime.native import GroupLayout
 from offload_runtime.native.ans import AnsCodec
-from offload_runtime.scheduler.planner import GIB, Tier
+from offload_runtime.scheduler.planner import GIB
+from offload_runtime.scheduler.tiers import DEVICE_COMPRESSED, DISK, HOST
 
 pytestmark = pytest.mark.gpu
 
@@ -35,14 +36,13 @@ def test_decode_check_names_the_damaged_chunk():
     assert info.value.chunk == 2
 
 
-def damage(model, tier: Tier) -> tuple[str, torch.Tensor, int]:
+def damage(model, tier) -> tuple[str, torch.Tensor, int]:
     """Flip a byte inside chunk 2 of a ``tier`` group's payload, in memory; return where. The last such
     group is taken: after a forward, the first ones of the next pass are already copied ahead or decoded
     into their slots from the intact bytes."""
     runtime = model._offload_runtime.runtime
-    loader = runtime.engine.loader
     name = [p.name for p in model.offload_plan.groups if p.tier == tier][-1]
-    payload = loader.device_payload[name] if tier == Tier.DEVICE_COMPRESSED else loader.host_payload[name]
+    payload = runtime.stores[tier].payloads[name]
     at = runtime.source.group(name).chunks[2].offset + 64
     payload[at] ^= 0x5A
     return name, payload, at
@@ -61,13 +61,13 @@ def packed(tmp_path_factory):
     return model, path, ids, want
 
 
-@pytest.mark.parametrize("tier", [Tier.DEVICE_COMPRESSED, Tier.HOST])
+@pytest.mark.parametrize("tier", [DEVICE_COMPRESSED, HOST])
 def test_damaged_payload_is_reported_in_its_groups_forward(packed, tier):
     model, path, ids, want = packed
     # room for about half of the payloads in VRAM: the rest streams from pinned RAM
     budget = minimum_gb(model, path) + 0.5 * path.stat().st_size / GIB
     offloaded = load_compressed(path, budget_gb=budget, device="cuda")
-    assert {Tier.DEVICE_COMPRESSED, Tier.HOST} <= {p.tier for p in offloaded.offload_plan.groups}
+    assert {DEVICE_COMPRESSED, HOST} <= {p.tier for p in offloaded.offload_plan.groups}
     name, payload, at = damage(offloaded, tier)
     with torch.no_grad(), pytest.raises(CorruptCheckpointError) as info:
         offloaded(ids)
@@ -85,7 +85,7 @@ def test_verify_always_checks_every_decode_once_only_the_first(packed):
         offloaded = load_compressed(path, budget_gb=minimum_gb(model, path), device="cuda", verify=verify)
         with torch.no_grad():
             assert torch.equal(offloaded(ids).logits, want)  # every group decoded and checked once
-        name, payload, at = damage(offloaded, Tier.HOST)
+        name, payload, at = damage(offloaded, HOST)
         with torch.no_grad():
             if verify == "always":
                 with pytest.raises(CorruptCheckpointError) as info:
@@ -125,7 +125,7 @@ def test_engine_runs_inline_unless_a_load_reads_the_disk(packed):
     in_ram = load_compressed(path, budget_gb=minimum, device="cuda")
     assert not in_ram._offload_runtime.runtime.engine.threaded
     from_disk = load_compressed(path, budget_gb=minimum, device="cuda", host_budget_gb=0.0)
-    assert {p.tier for p in from_disk.offload_plan.streamed} == {Tier.DISK}
+    assert {p.tier for p in from_disk.offload_plan.streamed} == {DISK}
     assert from_disk._offload_runtime.runtime.engine.threaded
     with torch.no_grad():
         assert torch.equal(from_disk(ids).logits, want)

@@ -12,9 +12,9 @@ from offload_runtime import load_compressed, remove_offload
 from offload_runtime.errors import BudgetError, CorruptCheckpointError
 from offload_runtime.loaders import pack
 from offload_runtime.loaders.groups import find_groups
+from offload_runtime.native import int8 as int8_module
 from offload_runtime.native.zstd import ZstdCodec
-from offload_runtime.scheduler import synthetic_source as synthetic_source_module
-from offload_runtime.scheduler.planner import Tier
+from offload_runtime.scheduler.tiers import DISK, HOST
 from offload_runtime.synthetic import (
     dispatch_synthetic,
     init_group,
@@ -68,7 +68,7 @@ def test_synthetic_equals_ordinary_path(shape, codec, tmp_path):
 def test_int8_quantised_by_the_source_equals_the_codec(tmp_path, monkeypatch):
     """int8 (inner zstd on the CPU): the source quantises on the generating device itself, in blocks of
     rows (here 1,000 elements, so several per tensor); same bytes as the codec."""
-    monkeypatch.setattr(synthetic_source_module, "INT8_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(int8_module, "QUANTISE_BLOCK_ELEMENTS", 1000)
     config = SHAPES["wide"]
     synthetic = dispatch_synthetic(config, 1.0, codec="int8", device="cpu")
     reference = ordinary(config, "int8", tmp_path, 1.0)
@@ -86,7 +86,7 @@ def test_streamed_synthetic_equals_ordinary_path(host_budget_gb, tmp_path):
     synthetic = dispatch_synthetic(config, budget, codec="zstd", device="cpu", host_budget_gb=host_budget_gb)
     reference = ordinary(config, "zstd", tmp_path, budget, host_budget_gb=host_budget_gb)
     tiers = {g.tier for g in synthetic.offload_plan.streamed}
-    assert tiers == ({Tier.HOST} if host_budget_gb else {Tier.DISK})
+    assert tiers == ({HOST} if host_budget_gb else {DISK})
     got, want = run(synthetic), run(reference)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     # remove_offload decodes every group once more, again equal

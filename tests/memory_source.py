@@ -1,8 +1,9 @@
-"""An in-memory group source with the reader interface the scheduler uses (tests, small models).
+"""An in-memory group source (tests only): the :class:`~offload_runtime.loaders.source.GroupSource` protocol
+served from RAM.
 
 :class:`MemorySource` encodes a model's groups with a codec and serves them like a
-:class:`~offload_runtime.loaders.ContainerReader` does from a file: ``groups``, ``group``, ``payload``,
-``read_into`` and ``decode_cpu``. It lets the scheduler run, and be tested, without a container on disk.
+:class:`~offload_runtime.loaders.ContainerReader` does from a file. It lets the scheduler run, and be
+tested, without a container on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offload_runtime.loaders.verify import VerifyPolicy
 from offload_runtime.native import Chunk, GroupLayout, get_codec
 
 
@@ -46,7 +48,8 @@ class MemorySource:
 
     path = None
 
-    def __init__(self, entries: list[MemoryEntry]) -> None:
+    def __init__(self, entries: list[MemoryEntry], verify: str = "once") -> None:
+        self.policy = VerifyPolicy(verify)
         self.groups = entries
         self._by_name = {e.name: e for e in entries}
         self.reads: list[str] = []  # every payload access, in order (tests inspect it)
@@ -98,18 +101,20 @@ class MemorySource:
         self.reads.append(name)
         return memoryview(self._by_name[name].payload)
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         entry = self._by_name[name]
         out[: entry.stored_size].copy_(torch.from_numpy(entry.payload))
         self.reads.append(name)
+        return out[: entry.stored_size]
 
-    def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> None:
+    def decode_cpu(self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         """Decode ``name`` into ``out``; ``staging`` (reused payload buffer) is accepted and unneeded here.
 
         Payloads live in RAM (no file that could be truncated), so decoding from them directly is safe.
         """
         entry = self._by_name[name]
         get_codec(entry.codec).decode_cpu(self.payload(name), entry.chunks, entry.params, entry.layout, out)
+        return out[: entry.layout.size]
 
     def close(self) -> None:
         """Nothing to release; present for the reader interface."""
