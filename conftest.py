@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (fused12) run under Triton's interpreter without CUDA. Triton reads this when its own
+    # library functions are defined, so it must be set before anything imports triton (tests/triton_cpu.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -17,7 +17,11 @@ from offload_runtime.native.base import Chunk
 from offload_runtime.native.layout import GroupLayout, align_up
 
 FORMAT_NAME = "offload_runtime"
-FORMAT_VERSION = 1
+# version 2 adds expert groups (kind "expert", with an "expert" record); a container without any is
+# written as version 1, byte for byte as before, so older readers still open every dense container
+FORMAT_VERSION = 2
+DENSE_FORMAT_VERSION = 1
+FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, FORMAT_VERSION)
 INDEX_KEY = "offload_runtime.index"
 # CRC-32 (8 hex digits) of the index text: an edit that keeps the index self-consistent (a shape, a
 # dtype, a chunk's CRC) is still caught. Containers written before it existed have no such key.
@@ -36,13 +40,60 @@ def tensor_name(position: int) -> str:
     return f"group.{position:04d}"
 
 
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One tensor of an expert group: slice ``index`` of a stacked parameter of its experts module.
+
+    Attributes:
+        tensor: the name of the tensor in the group's layout (``"...experts.gate_up_proj[3]"``).
+        param: the stacked parameter's state-dict name (``"...experts.gate_up_proj"``).
+        index: which slice of ``param`` the tensor is (``param[index]``; the group's expert index).
+        shape: the stacked parameter's full shape; its first dimension is the number of experts and the
+            tensor's shape is the rest.
+    """
+
+    tensor: str
+    param: str
+    index: int
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "param": self.param, "index": self.index, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """What the index says about an expert group (``kind == "expert"``): expert ``index`` of ``module``.
+
+    Attributes:
+        module: the experts module's path (``"model.layers.1.mlp.experts"``).
+        index: the expert (``0 <= index < num_experts``).
+        num_experts: the experts module's number of experts.
+        slices: one per tensor of the group's layout, in layout order.
+    """
+
+    module: str
+    index: int
+    num_experts: int
+    slices: tuple[ExpertSlice, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "index": self.index,
+            "num_experts": self.num_experts,
+            "slices": [s.to_json() for s in self.slices],
+        }
+
+
 @dataclass
 class GroupEntry:
     """Everything the index says about one group.
 
     Attributes:
-        name: module path of the group (``"model.layers.3"``).
-        kind: ``"block"`` or ``"module"``.
+        name: module path of the group (``"model.layers.3"``; ``"model.layers.3.mlp.experts.5"`` for an
+            expert).
+        kind: ``"block"``, ``"module"`` or ``"expert"`` (one routed expert of an experts module).
         users: module paths whose forward reads this group (the group's own module first).
         aliases: tied names not stored -> stored name they share.
         tensor: safetensors tensor name of the payload.
@@ -51,6 +102,7 @@ class GroupEntry:
         stored_layout: what the chunks decode to when it differs from ``layout`` (lossy codecs), else None.
         stored_size: payload bytes, without the 4 KiB padding.
         chunks: the chunk table, in decode order.
+        expert: for an expert group, which expert of which stacked parameters it holds; else None.
     """
 
     name: str
@@ -64,6 +116,7 @@ class GroupEntry:
     stored_layout: GroupLayout | None
     stored_size: int
     chunks: list[Chunk]
+    expert: ExpertInfo | None = None
 
     @property
     def decoded_size(self) -> int:
@@ -76,7 +129,7 @@ class GroupEntry:
         return align_up(self.stored_size, PAYLOAD_ALIGN)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        row = {
             "name": self.name,
             "kind": self.kind,
             "users": list(self.users),
@@ -89,6 +142,9 @@ class GroupEntry:
             "stored_size": self.stored_size,
             "chunks": [c.to_json() for c in self.chunks],
         }
+        if self.expert is not None:  # absent, not null, elsewhere: dense indexes stay as they were
+            row["expert"] = self.expert.to_json()
+        return row
 
 
 @dataclass
@@ -96,7 +152,8 @@ class ContainerIndex:
     """The whole index of a container.
 
     Attributes:
-        format_version: :data:`FORMAT_VERSION` of the writer.
+        format_version: :data:`FORMAT_VERSION` when the container has expert groups, else
+            :data:`DENSE_FORMAT_VERSION`.
         groups: every group, in stored (= execution) order.
         model_class: transformers class name (``"LlamaForCausalLM"``) or None for a bare checkpoint.
         config: the HF ``config.to_dict()`` or None.
@@ -128,6 +185,11 @@ class ContainerIndex:
         }
 
 
+def index_format_version(groups: list[GroupEntry]) -> int:
+    """The version a container of ``groups`` is written as: the oldest that can describe it."""
+    return FORMAT_VERSION if any(g.expert is not None for g in groups) else DENSE_FORMAT_VERSION
+
+
 def encode_header(index: ContainerIndex) -> bytes:
     """The safetensors prefix (u64 length + JSON header, space padded) of a container with ``index``.
 
@@ -136,7 +198,7 @@ def encode_header(index: ContainerIndex) -> bytes:
     header: dict[str, Any] = {
         "__metadata__": {
             "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(index.format_version),
         }
     }
     index_text = json.dumps(index.to_json(), separators=(",", ":"))

@@ -5,6 +5,11 @@ that owns parameters or persistent buffers directly (embeddings, final norm, LM 
 group of its own. Tied weights (an LM head sharing the embedding matrix) are stored once, in the group
 of the first name under which they appear, and the group records the alias so loading re-ties them and
 the scheduler knows that the alias's module also needs that group.
+
+With ``experts=True`` (what ``pack`` uses), every routed expert of a mixture-of-experts block is a group
+of its own (``kind="expert"``, named ``<experts module>.<e>``, right after its block): its tensors are the
+slices ``param[e]`` of the experts module's stacked parameters (see ``moe.py``), and the block's group
+keeps the rest (attention, norms, router, shared experts).
 """
 
 from __future__ import annotations
@@ -14,18 +19,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from offload_runtime.loaders.format import ExpertInfo, ExpertSlice
+from offload_runtime.loaders.moe import ExpertsModule, find_expert_modules, slice_name
+
 
 @dataclass
 class GroupSpec:
     """One group of a model.
 
     Attributes:
-        name: the module path of the group (``"model.layers.3"``, ``"lm_head"``).
-        kind: ``"block"`` for a transformer block, ``"module"`` for any other module.
-        tensors: full state-dict names of the parameters and persistent buffers stored in this group.
+        name: the module path of the group (``"model.layers.3"``, ``"lm_head"``,
+            ``"model.layers.3.mlp.experts.5"``).
+        kind: ``"block"`` for a transformer block, ``"expert"`` for one routed expert, ``"module"`` for
+            any other module.
+        tensors: full state-dict names of the parameters and persistent buffers stored in this group; for
+            an expert, the slice names ``"<param>[<e>]"``.
         users: module paths whose forward reads this group's tensors: the group's module first, then the
             modules that own a tied alias of one of its tensors.
         aliases: tied names that are not stored (``"lm_head.weight"``) -> the stored name they share.
+        expert: for an expert group, which slices of which stacked parameters it holds.
     """
 
     name: str
@@ -33,6 +45,7 @@ class GroupSpec:
     tensors: list[str]
     users: list[str]
     aliases: dict[str, str] = field(default_factory=dict)
+    expert: ExpertInfo | None = None
 
 
 def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -60,15 +73,19 @@ def _persistent_buffers(module: nn.Module, prefix: str) -> list[tuple[str, torch
     return out
 
 
-def find_groups(model: nn.Module) -> list[GroupSpec]:
+def find_groups(model: nn.Module, *, experts: bool = False) -> list[GroupSpec]:
     """Split ``model`` into groups, in module registration order (which is execution order for HF models).
 
     Args:
         model (`nn.Module`): the model, on any device (``meta`` included).
+        experts (`bool`, defaults to `False`): make each routed expert of an experts module inside a block
+            a group of its own, placed after its block's group (what ``pack`` stores); else experts stay in
+            their block's group (the granularity the block runtime streams).
 
     Returns:
         `list[GroupSpec]`: every parameter and persistent buffer belongs to exactly one group, either
-        stored in it or as an alias of a tensor stored in another group.
+        stored in it (whole, or as one slice per expert group) or as an alias of a tensor stored in
+        another group.
     """
     blocks = find_block_list(model)
     block_prefix = blocks[0] if blocks else None
@@ -105,4 +122,43 @@ def find_groups(model: nn.Module) -> list[GroupSpec]:
     missing = block_names - set(groups)
     if missing:
         raise ValueError(f"blocks without parameters cannot be grouped: {sorted(missing)}")
-    return list(groups.values())
+    if not experts:
+        return list(groups.values())
+    return _split_experts(model, list(groups.values()), block_names)
+
+
+def _split_experts(model: nn.Module, specs: list[GroupSpec], block_names: set[str]) -> list[GroupSpec]:
+    """Move the stacked parameters of each experts module inside a block into one group per expert."""
+    by_block: dict[str, list[ExpertsModule]] = {}
+    for module in find_expert_modules(model):
+        owner = next((b for b in block_names if module.path.startswith(b + ".")), None)
+        if owner is not None:
+            by_block.setdefault(owner, []).append(module)
+    tied = {name for spec in specs for pair in spec.aliases.items() for name in pair}
+    out = []
+    for spec in specs:
+        modules = [
+            m
+            for m in by_block.get(spec.name, [])
+            if not any(m.param_name(a) in tied for a in m.params)  # a tied stack stays whole
+        ]
+        stacked = {m.param_name(a) for m in modules for a in m.params}
+        spec.tensors = [t for t in spec.tensors if t not in stacked]
+        out.append(spec)
+        for module in modules:
+            out.extend(_expert_specs(model, module))
+    return out
+
+
+def _expert_specs(model: nn.Module, module: ExpertsModule) -> list[GroupSpec]:
+    shapes = {a: tuple(model.get_parameter(module.param_name(a)).shape) for a in module.params}
+    specs = []
+    for e in range(module.num_experts):
+        slices = tuple(
+            ExpertSlice(slice_name(module.param_name(a), e), module.param_name(a), e, shapes[a])
+            for a in module.params
+        )
+        info = ExpertInfo(module.path, e, module.num_experts, slices)
+        name = f"{module.path}.{e}"
+        specs.append(GroupSpec(name, "expert", [s.tensor for s in slices], [module.path], expert=info))
+    return specs

@@ -103,6 +103,10 @@ def check_compatible(reader: ContainerReader, model: nn.Module) -> None:
     """
     stored = {}
     for group in reader.groups:
+        if group.expert is not None:  # expert groups (a reader at expert granularity) hold slices
+            for spec, piece in zip(group.layout.tensors, group.expert.slices, strict=True):
+                stored[piece.param] = (tuple(piece.shape), spec.torch_dtype)
+            continue
         for spec in group.layout.tensors:
             stored[spec.name] = (tuple(spec.shape), spec.torch_dtype)
         for alias, canonical in group.aliases.items():

@@ -2,6 +2,11 @@
 
 Only one group is decoded-size resident at a time: its tensors are copied (or ``pread`` from disk) straight
 into the group's layout buffer, encoded, and the payload streamed to the writer before the next group.
+
+A mixture of experts is stored one group per routed expert (``find_groups(model, experts=True)``): an
+expert group's tensors are slices ``param[e]`` of the stacked parameters, read one slice at a time from
+the module, from stacked tensors in the checkpoint, or from its per-expert tensors
+(``legacy_experts.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from offload_runtime.display import ByteBar
 from offload_runtime.errors import CheckpointMismatchError, UsageError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX
 from offload_runtime.loaders.groups import GroupSpec, find_groups
+from offload_runtime.loaders.legacy_experts import ConversionRules, StackedFromExperts
 from offload_runtime.loaders.pack_source import PackSource
-from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, TensorSource
+from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, SlicedSource, TensorSource
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
@@ -66,8 +72,8 @@ def pack(
             float32 by default, so the container is lossless relative to the de-quantised weights and
             larger than the GGUF file; the tokenizer it carries is stored too).
         out (`str` or `os.PathLike`): the container to write, in an existing folder.
-        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``; ``auto``
-            picks per group (``offload_runtime.native.resolve_codec``).
+        codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans``, ``int8`` or
+            ``fused12``; ``auto`` picks per group (``offload_runtime.native.resolve_codec``).
         progress (`bool`, defaults to `True`): show a progress bar on stderr (MiB, groups, ratio so far).
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
@@ -202,7 +208,8 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def _plan_module(model: nn.Module) -> _Plan:
-    return _Plan(find_groups(model), ModuleSource(model.state_dict()), **_model_info(model))
+    source = SlicedSource(ModuleSource(model.state_dict()))
+    return _Plan(find_groups(model, experts=True), source, **_model_info(model))
 
 
 def _plan_pretrained(src: PackSource, files: list[Path]) -> _Plan:
@@ -216,13 +223,22 @@ def _plan_pretrained(src: PackSource, files: list[Path]) -> _Plan:
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    groups = find_groups(model)
+    groups = find_groups(model, experts=True)
     source = SafetensorsSource(files)
     buffers = dict(model.named_buffers())
-    renamed = _RenamedSource(source, ModuleSource(buffers))
+    renamed = _RenamedSource(
+        source, ModuleSource(buffers), ConversionRules.for_model_type(config.get("model_type"))
+    )
     prefix = getattr(model, "base_model_prefix", "") or ""
     problems = []
     for spec in groups:
+        if spec.expert is not None:  # bind the stacked parameters once, with expert 0
+            if spec.expert.index == 0:
+                for s in spec.expert.slices:
+                    problem = renamed.bind_stacked(s.param, prefix, model)
+                    if problem:
+                        problems.append(problem)
+            continue
         candidates = {name: [name] for name in spec.tensors}
         for alias, canonical in spec.aliases.items():
             candidates[canonical].append(alias)
@@ -235,7 +251,7 @@ def _plan_pretrained(src: PackSource, files: list[Path]) -> _Plan:
         raise CheckpointMismatchError(
             "checkpoint does not fit the model its config describes", file=directory, mismatches=problems
         )
-    plan = _Plan(groups, renamed, **_model_info(model), cleanup=[source.close])
+    plan = _Plan(groups, SlicedSource(renamed), **_model_info(model), cleanup=[source.close])
     if src.tokenizer_files:
         plan.tokenizer = dict(_tokenizer_entry(f) for f in src.tokenizer_files)
     return plan
@@ -253,14 +269,30 @@ def _tokenizer_entry(file: Path) -> tuple[str, str]:
 class _RenamedSource(TensorSource):
     """Model tensor names -> checkpoint names (HF prefixes, tied copies), falling back to real buffers."""
 
-    def __init__(self, checkpoint: SafetensorsSource, buffers: ModuleSource) -> None:
+    def __init__(
+        self, checkpoint: SafetensorsSource, buffers: ModuleSource, rules: ConversionRules | None = None
+    ) -> None:
         self.checkpoint, self.buffers = checkpoint, buffers
+        self.rules = rules or ConversionRules()
+        self.stacked = StackedFromExperts(checkpoint)
         self.names: dict[str, tuple[TensorSource, str]] = {}
+
+    def bind_stacked(self, name: str, prefix: str, model: nn.Module) -> str | None:
+        """Bind a stacked experts parameter: stored whole, else assembled from per-expert tensors."""
+        problem = self.bind(name, [name], prefix, model)
+        if problem is None:
+            return None
+        legacy = self.stacked.add(name, self.rules, tuple(model.get_parameter(name).shape), prefix)
+        if legacy is None:
+            self.names[name] = (self.stacked, name)
+            return None
+        return legacy if self.rules.stackings else problem
 
     def bind(self, name: str, candidates: list[str], prefix: str, model: nn.Module) -> str | None:
         """Find ``name`` in the checkpoint; returns a mismatch line, or None when bound."""
         keys = []
-        for c in candidates:
+        renamed = [v[0] for candidate in candidates for v in self.rules.variants([candidate])]
+        for c in renamed:
             keys.append(c)
             if prefix and c.startswith(prefix + "."):
                 keys.append(c[len(prefix) + 1 :])
@@ -286,6 +318,10 @@ class _RenamedSource(TensorSource):
     def fill(self, name: str, dest: torch.Tensor) -> None:
         source, key = self.names[name]
         source.fill(key, dest)
+
+    def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
+        source, key = self.names[name]
+        source.fill_slice(key, index, dest)
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:

@@ -8,6 +8,13 @@ short read is reported as truncation), and so does ``decode_cpu`` (into a caller
 buffer, so the steady state allocates nothing); views returned by ``payload`` are only guarded when
 created, which is why the runtime never decodes from them. A file whose name marks it as a writer's
 temporary (``.<name>.<pid>.tmp``) is refused.
+
+A mixture of experts' container stores each routed expert as a group of its own. The reader presents the
+groups at one of two granularities: ``"block"`` (the default, what the block runtime streams): a block
+and its experts are one *reassembled* group whose stacked parameters are whole again (``reassemble.py``);
+``"expert"``: the groups as stored (block groups without their experts, and one group per expert, with
+their ``expert`` records), for a runtime that streams experts on their own. Dense containers look the same
+at both.
 """
 
 from __future__ import annotations
@@ -26,15 +33,18 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
     OffloadError,
 )
+from offload_runtime.loaders import reassemble
 from offload_runtime.loaders.format import ContainerIndex, GroupEntry
 from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.verify import DECODED, PAYLOAD, VERIFY_POLICIES, VerifyPolicy
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
-from offload_runtime.native.chunking import crc32
+from offload_runtime.native.chunking import check_decoded_crcs, crc32
 
-__all__ = ["VERIFY_POLICIES", "ContainerReader", "locate_error"]
+__all__ = ["GRANULARITIES", "VERIFY_POLICIES", "ContainerReader", "locate_error"]
+
+GRANULARITIES = ("block", "expert")
 
 
 class ContainerReader:
@@ -46,14 +56,19 @@ class ContainerReader:
             group is read, ``"always"`` on every read, ``"never"`` to skip (trusted local files). The
             :class:`~offload_runtime.loaders.verify.VerifyPolicy` (``policy``) is shared with the loaders
             that decode from this reader.
+        granularity (`str`, defaults to `"block"`): ``"block"``: a block and its expert groups are one
+            (reassembled) group; ``"expert"``: the groups as stored (see the module docstring).
 
     Raises:
         CorruptCheckpointError, CheckpointError, CodecUnavailableError: from the validation of the header
             and index, which runs entirely on open.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: str = "once") -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: str = "once", granularity: str = "block") -> None:
         self.policy = VerifyPolicy(verify)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
         self.path = Path(path)
         self.verify = verify
         if is_temporary_name(self.path):
@@ -73,24 +88,36 @@ class ContainerReader:
             raise
         self.index: ContainerIndex = parsed.index
         self._offsets = parsed.offsets
-        self._by_name = {g.name: g for g in self.index.groups}
+        self._stored = {g.name: g for g in self.index.groups}
+        if granularity == "block":
+            self._groups, self._parts = reassemble.block_view(self.index.groups)
+        else:
+            self._groups, self._parts = list(self.index.groups), {}
+        self._by_name = {g.name: g for g in self._groups}
         self._closed = False
 
     @property
     def groups(self) -> list[GroupEntry]:
-        """Every group, in stored (execution) order."""
-        return self.index.groups
+        """Every group at the reader's granularity, in stored (execution) order."""
+        return self._groups
 
     def group(self, name: str) -> GroupEntry:
-        """The index entry of group ``name``."""
+        """The entry of group ``name`` at the reader's granularity."""
         try:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"no group {name!r} in {self.path}") from None
 
     def payload(self, name: str) -> memoryview:
-        """Zero-copy read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked."""
+        """Read-only view of group ``name``'s payload (``stored_size`` bytes), CRC-checked.
+
+        Zero-copy for a stored group; a reassembled group's parts are copied into a new buffer.
+        """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is not None:
+            out = torch.zeros(entry.stored_size, dtype=torch.uint8)
+            return memoryview(reassemble.read_parts_into(parts, self._read_stored, out).numpy()).toreadonly()
         view = self._view(entry)
         if self.policy.due(PAYLOAD, name):
             self._check_chunks(entry, view)
@@ -108,10 +135,23 @@ class ContainerReader:
             `torch.Tensor`: ``out[:stored_size]``.
         """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is not None:
+            self._check_buffer(entry, out)
+            return reassemble.read_parts_into(parts, self._read_stored, out)
+        return self._read_stored(name, out)
+
+    def _check_buffer(self, entry: GroupEntry, out: torch.Tensor) -> None:
         if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"need a contiguous 1-D uint8 CPU tensor, got {out.dtype} {tuple(out.shape)}")
         if out.numel() < entry.stored_size:
-            raise ValueError(f"group {name!r} needs {entry.stored_size} bytes, buffer has {out.numel()}")
+            raise ValueError(
+                f"group {entry.name!r} needs {entry.stored_size} bytes, buffer has {out.numel()}"
+            )
+
+    def _read_stored(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        entry = self._stored[name]
+        self._check_buffer(entry, out)
         self._check_unchanged(entry)
         dest = out[: entry.stored_size]
         buffer = memoryview(dest.numpy())
@@ -153,6 +193,19 @@ class ContainerReader:
             CodecUnavailableError: the codec has no CPU decoder (``ans``), naming the extra to install.
         """
         entry = self.group(name)
+        parts = self._parts.get(name)
+        if parts is None:
+            return self._decode_stored(name, out, staging)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
+            raise ValueError(
+                f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
+            )
+        return reassemble.decode_parts_cpu(parts, self._decode_stored, out[: entry.layout.size], staging)
+
+    def _decode_stored(
+        self, name: str, out: torch.Tensor, staging: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        entry = self._stored[name]
         if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < entry.layout.size:
             raise ValueError(
                 f"group {name!r} decodes to {entry.layout.size} uint8 bytes; got {tuple(out.shape)}"
@@ -161,14 +214,20 @@ class ContainerReader:
             staging = torch.empty(entry.stored_size, dtype=torch.uint8)
         # pread into a private buffer rather than decode from the mmap: a file truncated between the
         # identity check and the decoder's reads would SIGBUS the process; a short pread is a typed error
-        payload = memoryview(self.read_into(name, staging).numpy())
+        # a group of this view is read through the public read_into (one read path); a part of a
+        # reassembled group through the stored read
+        read = self.read_into if self._by_name.get(name) is entry else self._read_stored
+        payload = memoryview(read(name, staging).numpy())
         check_decoded = self.policy.due(DECODED, name)
+        lossy = entry.stored_layout is not None
         try:
-            # the codec checks the decoded CRCs of what its chunks decode to (for a lossy codec: the stored
-            # bytes, before the transform back to the layout)
-            get_codec(entry.codec).decode_cpu(
-                payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=check_decoded
-            )
+            codec = get_codec(entry.codec)
+            if lossy:  # the codec checks what its chunks decode to before transforming it
+                codec.decode_cpu(
+                    payload, entry.chunks, entry.params, entry.layout, out, verify_decoded=check_decoded
+                )
+            else:
+                codec.decode_cpu(payload, entry.chunks, entry.params, entry.layout, out)
         except OffloadError as exc:  # codecs know the chunk, not the file or group: add them
             raise locate_error(exc, self.path, name) from exc
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
@@ -179,6 +238,11 @@ class ContainerReader:
                 group=name,
                 hint="the container is damaged or forged; re-pack it",
             ) from exc
+        if check_decoded and not lossy:
+            try:
+                check_decoded_crcs(out[: entry.layout.size].numpy(), entry.chunks)
+            except OffloadError as exc:
+                raise locate_error(exc, self.path, name) from exc
         if check_decoded:
             self.policy.passed(DECODED, name)
         return out[: entry.layout.size]
@@ -203,7 +267,10 @@ class ContainerReader:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ContainerReader({str(self.path)!r}, groups={len(self.groups)}, verify={self.verify!r})"
+        return (
+            f"ContainerReader({str(self.path)!r}, groups={len(self.groups)}, verify={self.verify!r}, "
+            f"granularity={self.granularity!r})"
+        )
 
     # -- internals -----------------------------------------------------------------------------------
 

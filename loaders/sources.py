@@ -17,6 +17,7 @@ import torch
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.loaders.format import MAX_HEADER_SIZE
+from offload_runtime.loaders.moe import parse_slice_name
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -44,6 +45,16 @@ class TensorSource:
         """Copy tensor ``name`` into ``dest`` (contiguous, same shape), converting its dtype if needed."""
         raise NotImplementedError
 
+    def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
+        """Copy ``tensor[index]`` (a slice along the first dimension) of ``name`` into ``dest``.
+
+        This default reads the whole tensor; sources that can read one slice override it.
+        """
+        dtype, shape = self.dtype_shape(name)
+        whole = torch.empty(shape, dtype=dtype)
+        self.fill(name, whole)
+        dest.copy_(whole[index])
+
 
 class ModuleSource(TensorSource):
     """Tensors of an in-memory ``state_dict`` (no copy until :meth:`fill`)."""
@@ -60,6 +71,9 @@ class ModuleSource(TensorSource):
 
     def fill(self, name: str, dest: torch.Tensor) -> None:
         dest.copy_(self.tensors[name].detach())
+
+    def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
+        dest.copy_(self.tensors[name].detach()[index])
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,15 @@ class SafetensorsSource(TensorSource):
         return e.dtype, e.shape
 
     def fill(self, name: str, dest: torch.Tensor) -> None:
+        self._read(self.entries[name], dest)
+
+    def fill_slice(self, name: str, index: int, dest: torch.Tensor) -> None:
+        """Read only ``tensor[index]``: the slices of a row-major tensor along dim 0 are contiguous."""
         e = self.entries[name]
+        step = e.nbytes // e.shape[0]
+        self._read(_Entry(e.file, e.dtype, e.shape[1:], e.start + index * step, step), dest)
+
+    def _read(self, e: _Entry, dest: torch.Tensor) -> None:
         if dest.dtype == e.dtype and dest.is_contiguous():
             self._pread(e, dest)
         else:
@@ -117,6 +139,27 @@ class SafetensorsSource(TensorSource):
             if n <= 0:
                 raise CorruptCheckpointError("safetensors file is truncated", file=e.file, expected=e.nbytes)
             done += n
+
+
+class SlicedSource(TensorSource):
+    """``source``, plus the slice names of expert groups: ``"<param>[<e>]"`` reads ``param[e]``."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+
+    def dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        sliced = parse_slice_name(name)
+        if sliced is None:
+            return self.source.dtype_shape(name)
+        dtype, shape = self.source.dtype_shape(sliced[0])
+        return dtype, shape[1:]
+
+    def fill(self, name: str, dest: torch.Tensor) -> None:
+        sliced = parse_slice_name(name)
+        if sliced is None:
+            self.source.fill(name, dest)
+        else:
+            self.source.fill_slice(*sliced, dest)
 
 
 def _read_index(file: Path) -> dict[str, _Entry]:

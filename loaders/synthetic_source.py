@@ -93,6 +93,7 @@ class SyntheticSource:
                     stored_layout=encoded.stored_layout,
                     stored_size=encoded.stored_size,
                     chunks=encoded.chunks,
+                    expert=spec.expert,
                 )
             )
         self._by_name = {g.name: g for g in self.groups}

@@ -17,8 +17,10 @@ from typing import Any, BinaryIO
 
 from offload_runtime.errors import CheckpointError, CodecUnavailableError, CorruptCheckpointError
 from offload_runtime.loaders.format import (
+    DENSE_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     HEADER_LEN_BYTES,
     INDEX_CRC_KEY,
     INDEX_KEY,
@@ -29,6 +31,7 @@ from offload_runtime.loaders.format import (
     GroupEntry,
     index_crc32,
 )
+from offload_runtime.loaders.validate_experts import check_expert_groups, parse_expert
 from offload_runtime.native.base import Chunk
 from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, TensorSpec, align_up, torch_dtype
 
@@ -86,11 +89,11 @@ def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContai
             actual=metadata.get("format") if isinstance(metadata, dict) else None,
             hint="pack the checkpoint first: `offload-runtime pack SRC OUT`",
         )
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in [str(v) for v in FORMAT_VERSIONS]:
         raise CheckpointError(
             "unknown container format version",
             file=path,
-            expected=str(FORMAT_VERSION),
+            expected=" or ".join(str(v) for v in FORMAT_VERSIONS),
             actual=metadata.get("format_version"),
             hint="upgrade offload-runtime or re-pack the checkpoint",
         )
@@ -100,6 +103,13 @@ def read_container_header(fh: BinaryIO, path: str | os.PathLike) -> ParsedContai
     if not isinstance(index_text, str):
         raise CorruptCheckpointError(f"__metadata__ has no {INDEX_KEY!r} string", file=path)
     index = parse_index(_json_object(index_text, path, "index"), path)
+    if str(index.format_version) != metadata["format_version"]:
+        raise CorruptCheckpointError(
+            "the index's format version disagrees with the header's",
+            file=path,
+            expected=metadata["format_version"],
+            actual=index.format_version,
+        )
     offsets: dict[str, int] = {}
     unused = set(tensor_spans)
     for group in index.groups:
@@ -236,21 +246,23 @@ def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
     groups = obj.get("groups")
     if not isinstance(model, dict) or not isinstance(groups, list):
         raise CorruptCheckpointError("index lacks its 'model' object or 'groups' list", file=path)
-    if obj.get("format_version") != FORMAT_VERSION:
+    version = obj.get("format_version")
+    if type(version) is not int or version not in FORMAT_VERSIONS:  # strict: no True, no 1.0
         raise CheckpointError(
             "unknown index format version",
             file=path,
-            expected=FORMAT_VERSION,
-            actual=obj.get("format_version"),
+            expected=" or ".join(str(v) for v in FORMAT_VERSIONS),
+            actual=version,
         )
     entries, seen = [], set()
     for position, row in enumerate(groups):
-        entry = _parse_group(row, path, position)
+        entry = _parse_group(row, path, position, version)
         if entry.name in seen:
             raise CorruptCheckpointError("group appears twice in the index", file=path, group=entry.name)
         seen.add(entry.name)
         entries.append(entry)
     _check_tensor_names(entries, path)
+    check_expert_groups(entries, path)
     dtype, model_class = obj.get("dtype"), model.get("model_class")
     if dtype is not None and not _is_dtype_name(dtype):
         raise CorruptCheckpointError("index dtype is not a known dtype name", file=path, actual=dtype)
@@ -265,7 +277,7 @@ def parse_index(obj: Mapping, path: str | os.PathLike) -> ContainerIndex:
         if model.get(key) is not None and not isinstance(model[key], dict):
             raise CorruptCheckpointError(f"index {key} is not an object", file=path)
     return ContainerIndex(
-        format_version=FORMAT_VERSION,
+        format_version=version,
         groups=entries,
         model_class=model_class,
         config=model.get("config"),
@@ -308,7 +320,7 @@ def _check_tensor_names(entries: list[GroupEntry], path: str) -> None:
                 )
 
 
-def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
+def _parse_group(row: Any, path: str, position: int, version: int = FORMAT_VERSION) -> GroupEntry:
     name = row.get("name") if isinstance(row, dict) else None
     label = name if isinstance(name, str) else f"#{position}"
     try:
@@ -339,6 +351,23 @@ def _parse_group(row: Any, path: str, position: int) -> GroupEntry:
         ) from None
     _check_codec(entry, path)
     entry.chunks = _chunks(chunk_rows, entry, path)
+    _check_codec_params(entry, path)
+    has_record = "expert" in row
+    if has_record and version == DENSE_FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"expert record in a format version {DENSE_FORMAT_VERSION} index (which has no experts)",
+            file=path,
+            group=entry.name,
+        )
+    if has_record != (entry.kind == "expert"):
+        raise CorruptCheckpointError(
+            "a group is of kind 'expert' exactly when it has an expert record",
+            file=path,
+            group=entry.name,
+            actual=f"kind {entry.kind!r}, expert record {'present' if has_record else 'absent'}",
+        )
+    if has_record:
+        entry.expert = parse_expert(row["expert"], entry, path)
     return entry
 
 
@@ -426,8 +455,16 @@ def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
 
 
 def _check_codec(entry: GroupEntry, path: str) -> None:
+    from offload_runtime.loaders.reassemble import REASSEMBLED_CODEC
     from offload_runtime.native import available_codecs
 
+    if entry.codec == REASSEMBLED_CODEC:
+        raise CorruptCheckpointError(
+            f"group claims the in-memory codec {REASSEMBLED_CODEC!r}, which is never stored",
+            file=path,
+            group=entry.name,
+            hint="the container is forged or damaged; re-pack it",
+        )
     if entry.codec not in available_codecs():
         raise CodecUnavailableError(
             f"group uses unknown codec {entry.codec!r}; known: {', '.join(available_codecs())}",
@@ -437,6 +474,26 @@ def _check_codec(entry: GroupEntry, path: str) -> None:
             group=entry.name,
             alternative="upgrade offload-runtime or re-pack with --codec raw",
         )
+
+
+def _check_codec_params(entry: GroupEntry, path: str) -> None:
+    """The codec's own checks of its params (offsets and sizes it will read), with file and group named."""
+    from offload_runtime.native import get_codec
+
+    try:
+        get_codec(entry.codec).check_params(
+            entry.params, entry.stored_layout or entry.layout, entry.chunks, entry.stored_size
+        )
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(
+            exc.summary,
+            file=path,
+            group=entry.name,
+            chunk=exc.chunk,
+            expected=exc.expected,
+            actual=exc.actual,
+            hint=exc.hint or "the container is damaged or forged; re-pack it",
+        ) from None
 
 
 def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:

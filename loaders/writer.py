@@ -23,6 +23,7 @@ from offload_runtime.loaders.format import (
     ContainerIndex,
     GroupEntry,
     encode_header,
+    index_format_version,
     tensor_name,
 )
 from offload_runtime.loaders.groups import GroupSpec
@@ -122,6 +123,7 @@ class ContainerWriter:
             stored_layout=encoded.stored_layout,
             stored_size=int(payload.size),
             chunks=list(encoded.chunks),
+            expert=getattr(spec, "expert", None),
         )
         self._data.write(memoryview(payload))
         self._data.write(bytes(entry.padded_size - entry.stored_size))
@@ -133,6 +135,7 @@ class ContainerWriter:
         if self._done:
             return self.path
         try:
+            self.index.format_version = index_format_version(self.index.groups)
             # round-trip the index through the reader's validator: never publish a container we cannot read
             parse_index(self.index.to_json(), self.path)
             self._data.flush()

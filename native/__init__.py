@@ -2,7 +2,8 @@
 
 Use :func:`get_codec` to get a codec by name, or :func:`resolve_codec` to pick one that can run here
 (``"auto"``: nvCOMP ANS for fp16/bf16 groups when CUDA and nvCOMP are present, else zstd); every codec
-implements :class:`~offload_runtime.native.base.GroupCodec`.
+implements :class:`~offload_runtime.native.base.GroupCodec`. ``fused12`` (lossless 12-bit planes that Triton
+kernels compute from, :mod:`~offload_runtime.native.fused12_linear`) is chosen by name only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from offload_runtime.errors import CodecUnavailableError
 from offload_runtime.native import ans as _ans  # noqa: F401  (registers "ans")
+from offload_runtime.native import fused12 as _fused12  # noqa: F401  (registers "fused12")
 from offload_runtime.native import int8 as _int8  # registers "int8"; Int8Codec used below
 from offload_runtime.native import raw as _raw  # noqa: F401  (registers "raw")
 from offload_runtime.native import zstd as _zstd  # noqa: F401  (registers "zstd")

@@ -159,3 +159,15 @@ class AnsCodec(GroupCodec):
         from offload_runtime.native.nvcomp_backend import decoder_sizes
 
         return decoder_sizes("ans", chunks)
+
+    def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes:
+        from offload_runtime.native.batch_decode import nvcomp_batch_sizes
+
+        return nvcomp_batch_sizes("ans", max_chunks, max_chunk_bytes)
+
+    def batch_decoder(
+        self, max_chunks: int, max_chunk_bytes: int, device: torch.device, allocate: Allocate | None = None
+    ):
+        from offload_runtime.native.batch_decode import NvcompBatchDecoder
+
+        return NvcompBatchDecoder("ans", max_chunks, max_chunk_bytes, device, allocate)

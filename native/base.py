@@ -184,6 +184,17 @@ class GroupCodec(ABC):
         for codecs without per-group device state; nvCOMP's temp size is a host-only library query)."""
         return DecoderSizes()
 
+    def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes | None:
+        """Device memory of :meth:`batch_decoder` (a pure query), or ``None`` when the codec has none."""
+        return None
+
+    def batch_decoder(
+        self, max_chunks: int, max_chunk_bytes: int, device: torch.device, allocate: Allocate | None = None
+    ) -> Any:
+        """A :class:`~offload_runtime.native.batch_decode.BatchDecoder` decoding many groups' chunks per
+        call, each chunk to its own address (expert runtimes), or ``None`` when the codec has none."""
+        return None
+
     def encode_tensor(
         self,
         layout: GroupLayout,
@@ -215,6 +226,19 @@ class GroupCodec(ABC):
     @abstractmethod
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         """Encode ``data`` (uint8, ``layout.size`` bytes, as made by :meth:`GroupLayout.pack`)."""
+
+    def check_params(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk], stored_size: int
+    ) -> None:
+        """Validate a container's (untrusted) ``params`` against the group's layout and chunk table.
+
+        Called by the container validator when a container is opened, before any payload byte is read;
+        the default accepts anything (codecs whose params hold no offsets or sizes).
+
+        Raises:
+            CorruptCheckpointError: naming the chunk and what is wrong (the validator adds file and group).
+        """
+        return None
 
     @abstractmethod
     def decode_cpu(

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
 from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.workspace import Allocate
@@ -64,6 +64,16 @@ class RawCodec(GroupCodec):
         allocate: Allocate | None = None,
     ) -> GpuDecoder:
         return _RawGpuDecoder(sum(c.decoded_size for c in chunks))  # a copy: no device state of its own
+
+    def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes:
+        return DecoderSizes()
+
+    def batch_decoder(
+        self, max_chunks: int, max_chunk_bytes: int, device: torch.device, allocate: Allocate | None = None
+    ):
+        from offload_runtime.native.batch_decode import CopyBatchDecoder
+
+        return CopyBatchDecoder()
 
 
 class _RawGpuDecoder(GpuDecoder):

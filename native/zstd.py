@@ -93,6 +93,18 @@ class ZstdCodec(GroupCodec):
 
         return decoder_sizes("zstd", chunks)
 
+    def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes:
+        from offload_runtime.native.batch_decode import nvcomp_batch_sizes
+
+        return nvcomp_batch_sizes("zstd", max_chunks, max_chunk_bytes)
+
+    def batch_decoder(
+        self, max_chunks: int, max_chunk_bytes: int, device: torch.device, allocate: Allocate | None = None
+    ):
+        from offload_runtime.native.batch_decode import NvcompBatchDecoder
+
+        return NvcompBatchDecoder("zstd", max_chunks, max_chunk_bytes, device, allocate)
+
 
 def decode_frames_into(payload: memoryview | np.ndarray, chunks: Sequence[Chunk], out: torch.Tensor) -> None:
     """Decode zstd frames at ``chunks`` of ``payload`` back to back into the uint8 CPU tensor ``out``.

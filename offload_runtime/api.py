@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from offload_runtime.display import ReadProgress
+from offload_runtime.errors import BudgetError
+from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity, prepare_experts
 from offload_runtime.hooks import GroupHook, attached_hooks
 from offload_runtime.loaders import (
     ContainerReader,
@@ -140,16 +142,43 @@ def _attach(
     prefetch: int,
     host_budget_gb: float | None,
     tmpdir: str | None,
+    options: ExpertOptions | None = None,
 ) -> nn.Module:
-    groups = list(reader.groups)
-    runtime = build_runtime(
-        reader,
-        round(budget_gb * GIB),  # to the nearest byte: budget_gb = minimum / GIB must pass
-        device=device,
-        prefetch=prefetch,
-        host_budget_bytes=_host_budget(host_budget_gb),
-        keep_resident=_nested_groups(model, groups),
-    )
+    budget = round(budget_gb * GIB)  # to the nearest byte: budget_gb = minimum / GIB must pass
+    host_budget = _host_budget(host_budget_gb)
+    experts = prepare_experts(model, reader, device, options or ExpertOptions())
+    source = experts.block_source if experts is not None else reader
+    reserved = experts.minimum_bytes if experts is not None else 0
+    groups = list(source.groups)
+    try:
+        runtime = build_runtime(
+            source,
+            budget - reserved,
+            device=device,
+            prefetch=prefetch,
+            host_budget_bytes=host_budget,
+            keep_resident=_nested_groups(model, groups),
+        )
+    except BudgetError as exc:
+        if not reserved:
+            raise
+        raise BudgetError(
+            f"budget {budget / GIB:.4f} GiB is below the minimum working set "
+            f"{(exc.expected + reserved) / GIB:.4f} GiB: {exc.expected} bytes for the groups other than the "
+            f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
+            group=exc.group,
+            expected=exc.expected + reserved,
+            actual=budget,
+            hint=f"raise budget_gb to at least {(exc.expected + reserved) / GIB:.4f}",
+        ) from None
+    if experts is not None:
+        try:
+            left_on_host = host_budget - runtime.plan.host_bytes
+            experts.start(model, runtime, budget - runtime.plan.groups_device_bytes, left_on_host)
+            runtime.plan.budget_bytes = budget  # the plan shows the whole budget, experts included
+        except BaseException:
+            runtime.close()
+            raise
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
     _bind(model, runtime, groups)
     stored = {n for g in groups for n in [*g.layout.names, *g.aliases]}
@@ -175,22 +204,61 @@ def _attach(
     return model
 
 
-def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int) -> None:
+def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int, options: ExpertOptions) -> None:
     """Raise the BudgetError before packing when even the decoded working set cannot fit.
 
     Decoded sizes are known from the model alone; staging and codec scratch (CUDA) only add to the
-    minimum, so this is exact on the CPU and a lower bound on CUDA.
+    minimum, so this is exact on the CPU and a lower bound on CUDA. When experts may stream on their own,
+    the other groups must fit next to the experts' minimum (their slot and one decoded cache entry).
     """
     from offload_runtime.loaders.groups import find_groups
+    from offload_runtime.loaders.moe import find_expert_modules, parse_slice_name
+    from offload_runtime.scheduler.expert_runtime import slot_layout
 
+    modules = find_expert_modules(model) if options.experts != "block" else []
     state = model.state_dict(keep_vars=True)
-    specs = find_groups(model)
-    sizes = [
-        GroupSize(s.name, arena_size(GroupLayout.from_tensors((n, state[n]) for n in s.tensors).size), 0)
-        for s in specs
-    ]
-    keep = _nested_groups(model, specs)
-    plan_placement(sizes, round(budget_gb * GIB), device="cpu", prefetch=prefetch, keep_resident=keep)
+    specs = find_groups(model, experts=bool(modules))
+
+    def tensor(name: str) -> torch.Tensor:  # an expert group's tensors are slices "param[e]"
+        sliced = parse_slice_name(name)
+        return state[sliced[0]][sliced[1]] if sliced else state[name]
+
+    def size(spec) -> int:
+        return arena_size(GroupLayout.from_tensors((n, tensor(n)) for n in spec.tensors).size)
+
+    others = [s for s in specs if s.kind != "expert"]
+    reserved = 0
+    if modules:
+        slot = max(arena_size(slot_layout(model, m).size) for m in modules)
+        reserved = slot + max(size(s) for s in specs if s.kind == "expert")
+    budget = round(budget_gb * GIB)
+    sizes = [GroupSize(s.name, size(s), 0) for s in others]
+    keep = _nested_groups(model, others)
+    try:
+        plan_placement(sizes, budget - reserved, device="cpu", prefetch=prefetch, keep_resident=keep)
+    except BudgetError as exc:
+        if not reserved:
+            raise
+        raise BudgetError(
+            f"budget {budget / GIB:.4f} GiB is below the minimum working set "
+            f"{(exc.expected + reserved) / GIB:.4f} GiB: {exc.expected} bytes for the groups other than the "
+            f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
+            group=exc.group,
+            expected=exc.expected + reserved,
+            actual=budget,
+            hint=f"raise budget_gb to at least {(exc.expected + reserved) / GIB:.4f}",
+        ) from None
+
+
+def _open(
+    path: str | os.PathLike, verify: str, device: torch.device, options: ExpertOptions
+) -> ContainerReader:
+    """The container, read at expert granularity when its experts stream on their own here."""
+    reader = ContainerReader(path, verify=verify)
+    if not expert_granularity(reader.index.groups, device, options):
+        return reader
+    reader.close()
+    return ContainerReader(path, verify=verify, granularity="expert")
 
 
 def _release(runtime: Runtime, reader: GroupSource, tmpdir: str | None) -> None:
@@ -211,6 +279,10 @@ def dispatch_compressed(
     prefetch: int = 1,
     host_budget_gb: float | None = None,
     verify: str = "once",
+    experts: str = "auto",
+    expert_cache: str = "auto",
+    expert_policy: str = "lru",
+    speculate: bool = False,
 ) -> nn.Module:
     """Run ``model`` with its weights compressed and streamed through at most ``budget_gb`` of device memory.
 
@@ -227,6 +299,15 @@ def dispatch_compressed(
         host_budget_gb (`float`, *optional*): GiB of compressed payloads kept in (pinned) host RAM;
             defaults to 80% of the available memory.
         verify (`str`, defaults to `"once"`): checksum policy of the container reader.
+        experts (`str`, defaults to `"auto"`): mixtures of experts: ``"auto"`` streams each routed expert
+            on its own when the container stores experts as groups (only the experts a step routes to
+            move; see ``offload_runtime.expert_dispatch``), ``"expert"`` requires it, ``"block"`` streams
+            them with their block.
+        expert_cache (`str`, defaults to `"auto"`): ``"compressed"`` (CUDA default) or ``"decoded"``
+            entries of the expert cache.
+        expert_policy (`str`, defaults to `"lru"`): the expert cache's replacement policy, ``"lru"`` or
+            ``"lfu"``.
+        speculate (`bool`, defaults to `False`): prefetch the next MoE layer's likely experts (CUDA).
 
     Returns:
         `nn.Module`: ``model``, with ``offload_plan`` and ``offload_stats`` attributes.
@@ -251,9 +332,10 @@ def dispatch_compressed(
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
+    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     tmpdir = None
     if checkpoint is None:
-        _refuse_early(model, budget_gb, prefetch)
+        _refuse_early(model, budget_gb, prefetch, options)
         tmpdir = tempfile.mkdtemp(prefix="offload_runtime-")
         try:
             # the device steers "auto" (and int8's inner codec) to codecs that decode there
@@ -262,11 +344,11 @@ def dispatch_compressed(
         except BaseException:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise
-    reader = ContainerReader(checkpoint, verify=verify)
+    reader = _open(checkpoint, verify, device, options)
     try:
         if tmpdir is None:
             check_compatible(reader, model)
-        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir)
+        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir, options)
     except BaseException:
         reader.close()
         if tmpdir is not None:
@@ -282,6 +364,10 @@ def load_compressed(
     prefetch: int = 1,
     host_budget_gb: float | None = None,
     verify: str = "once",
+    experts: str = "auto",
+    expert_cache: str = "auto",
+    expert_policy: str = "lru",
+    speculate: bool = False,
     progress: bool = False,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
@@ -292,7 +378,8 @@ def load_compressed(
     Args:
         path (`str` or `os.PathLike`): a container made by ``pack``.
         budget_gb (`float`): see :func:`dispatch_compressed`.
-        device, prefetch, host_budget_gb, verify: see :func:`dispatch_compressed`.
+        device, prefetch, host_budget_gb, verify, experts, expert_cache, expert_policy, speculate: see
+            :func:`dispatch_compressed`.
         progress (`bool`, defaults to `False`): show on stderr the MiB read while the model loads
             (resident groups decoded, host-tier payloads copied into RAM).
 
@@ -308,19 +395,46 @@ def load_compressed(
         path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
     )
     device = _resolve_device(device)
-    reader = ContainerReader(path, verify=verify)
+    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
+    reader = _open(path, verify, device, options)
     # without a bar the runtime reads the reader itself: nothing is added to the streaming path
     source = ReadProgress(reader, f"load {reader.path.name}") if progress else None
     try:
         model = build_empty_model(reader)
         check_compatible(reader, model)
-        return _attach(model, source or reader, budget_gb, device, prefetch, host_budget_gb, None)
+        return _attach(model, source or reader, budget_gb, device, prefetch, host_budget_gb, None, options)
     except BaseException:
         reader.close()
         raise
     finally:
         if source is not None:
             source.finish()
+
+
+def _restore_experts(model: nn.Module, runtime: Runtime, state: _Dispatch) -> None:
+    """Stacked expert parameters made whole again: every expert decoded into its slice of a new tensor."""
+    experts = runtime.experts
+    fresh: dict[str, dict[str, torch.Tensor]] = {}
+    for path, hook in experts.hooks.items():
+        module = model.get_submodule(path)
+        hook.detach(module)  # the original (meta) parameters are back: their shapes and dtypes
+        fresh[path] = {a: torch.empty_like(p, device=runtime.device) for a, p in module._parameters.items()}
+    experts.close()
+    for entry in state.reader.groups:
+        if entry.expert is None:
+            continue
+        buffer = torch.empty(entry.decoded_size, dtype=torch.uint8, device=runtime.device)
+        runtime.engine.loader.decode_into(entry, buffer)
+        views = entry.layout.views(buffer)
+        for piece in entry.expert.slices:
+            attr = piece.param[len(entry.expert.module) + 1 :]
+            fresh[entry.expert.module][attr][piece.index].copy_(views[piece.tensor])
+    for path, tensors in fresh.items():
+        module = model.get_submodule(path)
+        for attr, tensor in tensors.items():
+            name = f"{path}.{attr}"
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=state.requires_grad.get(name, True))
+    runtime.experts = None
 
 
 def remove_offload(model: nn.Module) -> nn.Module:
@@ -339,7 +453,9 @@ def remove_offload(model: nn.Module) -> nn.Module:
     for module, hook in attached_hooks(model):
         hook.detach(module)
     runtime.engine.close()
-    for entry in state.reader.groups:
+    if runtime.experts is not None:
+        _restore_experts(model, runtime, state)
+    for entry in runtime.source.groups:
         fresh = runtime.decode_fresh(entry.name)
         bound: dict[str, torch.Tensor] = {}
         for name, view in fresh.items():

@@ -11,7 +11,7 @@ from offload_runtime import validate_args as check
 from offload_runtime.cli_args import add_budget, add_checkpoint, add_run_options, check_run_args
 
 BENCH_PROMPT = "Write a short story about a lighthouse keeper."
-SHAPES = "tiny, llama-2b, llama-8b, llama-70b"
+SHAPES = "tiny, llama-2b, llama-8b, llama-70b; MoE: tiny-mixtral, tiny-qwen3-moe, mixtral-8x7b, qwen3-30b-a3b"
 
 
 def add_bench(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
         "--synthetic",
         metavar="SHAPE",
         default=None,
-        help=f"instead of a CHECKPOINT: a synthetic Llama-shaped model generated on the device, nothing "
-        f"written to disk ({SHAPES})",
+        help=f"instead of a CHECKPOINT: a synthetic model generated on the device, nothing written to "
+        f"disk ({SHAPES})",
     )
     add_budget(parser, several=True)
     add_run_options(parser, max_new_tokens=32)

@@ -7,7 +7,7 @@ import argparse
 from offload_runtime import validate_args as check
 from offload_runtime.cli_args import DEVICE_HELP, add_checkpoint, check_run_args
 
-CODEC_CHOICES = ("auto", "raw", "zstd", "ans", "int8")
+CODEC_CHOICES = ("auto", "raw", "zstd", "ans", "int8", "fused12")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 PACK_EPILOG = """\
 GGUF files are read through transformers (the `gguf` package must be installed): every quantised
@@ -36,7 +36,7 @@ def register_pack(parser: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="{" + ",".join(CODEC_CHOICES) + "}",
         help="auto (default: ans for fp16/bf16 groups when CUDA and nvCOMP are present, else zstd), raw, "
-        "zstd, ans (GPU only) or int8 (lossy)",
+        "zstd, ans (GPU only), int8 (lossy) or fused12 (lossless bf16 planes a GPU kernel computes from)",
     )
     parser.add_argument(
         "--dtype",

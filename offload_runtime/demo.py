@@ -93,6 +93,7 @@ def run_demo(
     import offload_runtime
     from offload_runtime import validate_args as check
     from offload_runtime.api import _refuse_early
+    from offload_runtime.expert_dispatch import ExpertOptions
     from offload_runtime.packaged import load_smollm2, smollm2_dir
 
     if budget_gb is not None:
@@ -113,7 +114,7 @@ def run_demo(
     budget = budget_gb if budget_gb is not None else round(0.4 * model_bytes / 2**30, 3)
     # a budget below the decoded working set is refused now, before packing and the reference run (on
     # CUDA staging and codec scratch add to it: load_compressed checks the rest)
-    _refuse_early(model, budget, prefetch=1)
+    _refuse_early(model, budget, 1, ExpertOptions())
 
     messages = [{"role": "user", "content": DEMO_PROMPT}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")

@@ -12,6 +12,7 @@ Hierarchy::
     │   └── CheckpointMismatchError    a valid container that does not fit the model it is attached to
     ├── BudgetError                    the memory budget cannot hold the minimum working set
     ├── DeviceMemoryError              the device ran out of memory in a forward (also torch.OutOfMemoryError)
+    ├── ExpertRoutingError             an experts module's call does not say which experts it routes to
     ├── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
     ├── CodecCallError                 a codec library call failed (nvCOMP status; also a RuntimeError)
     ├── PlanError                      the runtime's allocations exceed its plan (a bug; also a RuntimeError)
@@ -35,6 +36,7 @@ __all__ = [
     "CodecUnavailableError",
     "CorruptCheckpointError",
     "DeviceMemoryError",
+    "ExpertRoutingError",
     "MissingFileError",
     "OffloadError",
     "PlanError",
@@ -154,6 +156,11 @@ class DeviceMemoryError(OffloadError, torch.OutOfMemoryError):
     memory. ``group`` is the group whose forward (or load) failed, ``expected`` the bytes the runtime holds
     for weights.
     """
+
+
+class ExpertRoutingError(OffloadError):
+    """An experts module was called without exactly one integer tensor of expert indices among its
+    arguments, so the runtime cannot tell which experts to make ready (``group`` names the module)."""
 
 
 class CodecUnavailableError(OffloadError):

@@ -1,4 +1,9 @@
-"""Synthetic Llama-shaped models, built without ever holding them: 70 B on one GPU, no checkpoint needed.
+"""Synthetic models, built without ever holding them: 70 B on one GPU, no checkpoint needed.
+
+Shapes: Llama (``tiny`` ... ``llama-70b``) and mixtures of experts (``mixtral-8x7b``, ``qwen3-30b-a3b``
+and their ``tiny-`` versions), whose groups include one group per routed expert, split as ``pack``
+splits them (``find_groups(model, experts=True)``): a synthetic source and a packed container of the
+materialised model hold the same groups.
 
 The model skeleton lives on ``meta``. Each group's weights are produced on the device by
 :func:`init_group` (2-D weights normal(0, 0.02), norms ones, as Hugging Face initialises them) from a
@@ -20,6 +25,8 @@ import torch
 from torch import nn
 
 from offload_runtime.loaders.groups import GroupSpec, find_groups
+from offload_runtime.loaders.moe import parse_slice_name
+from offload_runtime.loaders.reassemble import ReassembledSource
 from offload_runtime.native import GroupLayout
 
 __all__ = [
@@ -63,20 +70,81 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 500000.0,
     },
     "llama-70b": {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, **_LLAMA3},
+    # mixtures of experts: 93 GB and 61 GB in bf16; a token reads 2 of 8 and 8 of 128 experts per layer
+    "mixtral-8x7b": {
+        "model_type": "mixtral",
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,  # one expert's MLP
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "rope_theta": 1000000.0,
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 48,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,  # dense MLP width of the config; every layer here is MoE
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+    "tiny-mixtral": {
+        "model_type": "mixtral",
+        "num_hidden_layers": 3,
+        "hidden_size": 64,
+        "intermediate_size": 32,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+    },
+    "tiny-qwen3-moe": {
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 3,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 256,
+    },
+}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
 def synthetic_config(name: str, **overrides: Any):
-    """The ``LlamaConfig`` of synthetic shape ``name`` (a key of :data:`SYNTHETIC_SHAPES`).
+    """The config of synthetic shape ``name`` (a key of :data:`SYNTHETIC_SHAPES`): a ``LlamaConfig``, or
+    for a mixture of experts a ``MixtralConfig`` / ``Qwen3MoeConfig``.
 
     Args:
-        name (`str`): ``"tiny"``, ``"llama-2b"``, ``"llama-8b"`` or ``"llama-70b"``.
+        name (`str`): ``"tiny"``, ``"llama-2b"``, ``"llama-8b"``, ``"llama-70b"``, ``"mixtral-8x7b"``,
+            ``"qwen3-30b-a3b"``, ``"tiny-mixtral"`` or ``"tiny-qwen3-moe"``.
         overrides: config fields to change (``num_hidden_layers=1``, ``tie_word_embeddings=True``, ...).
 
     Raises:
         ValueError: an unknown shape name, listing the known ones.
     """
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     if name not in SYNTHETIC_SHAPES:
         raise ValueError(f"unknown synthetic shape {name!r}; choose one of {sorted(SYNTHETIC_SHAPES)}")
@@ -87,7 +155,8 @@ def synthetic_config(name: str, **overrides: Any):
         **SYNTHETIC_SHAPES[name],
         **overrides,
     }
-    return LlamaConfig(**fields)
+    model_type = fields.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, architectures=[_ARCHITECTURES[model_type]], **fields)
 
 
 def synthetic_skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -104,11 +173,16 @@ def synthetic_skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module
 
 
 def group_layout(model: nn.Module, group: GroupSpec, dtype: torch.dtype | None = None) -> GroupLayout:
-    """The decoded layout of ``group``: its tensors' shapes, floating ones in ``dtype`` (default: as is)."""
+    """The decoded layout of ``group``: its tensors' shapes, floating ones in ``dtype`` (default: as is).
+
+    An expert group's tensors are slices ``param[e]`` of stacked parameters: the stack's shape less its
+    first dimension.
+    """
     state = model.state_dict(keep_vars=True)
     metas = []
     for name in group.tensors:
-        tensor = state[name]
+        sliced = parse_slice_name(name)
+        tensor = state[name] if sliced is None else state[sliced[0]][0]
         target = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
         metas.append((name, torch.empty(tensor.shape, dtype=target, device="meta")))
     return GroupLayout.from_tensors(metas)
@@ -120,6 +194,8 @@ def group_seed(seed: int, group: str) -> int:
 
 
 def _norm_like(model: nn.Module, name: str) -> bool:
+    sliced = parse_slice_name(name)
+    name = sliced[0] if sliced is not None else name
     owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     return "norm" in type(owner).__name__.lower()
 
@@ -129,9 +205,9 @@ def fill_group(
 ) -> None:
     """Write ``group``'s synthetic tensors into ``buffer`` (uint8, ``layout.size`` bytes, zeroed), in place.
 
-    Floating tensors with 2+ dimensions are drawn from normal(0, :data:`INIT_STD`) by one generator on the
-    buffer's device, in layout order; 1-D floating tensors are ones in norm modules, zeros elsewhere
-    (biases); other tensors stay zero.
+    Floating tensors with 2+ dimensions (an expert's slices of stacked weights included) are drawn from
+    normal(0, :data:`INIT_STD`) by one generator on the buffer's device, in layout order; 1-D floating
+    tensors are ones in norm modules, zeros elsewhere (biases); other tensors stay zero.
     """
     generator = torch.Generator(device=buffer.device)
     generator.manual_seed(group_seed(seed, group.name))
@@ -186,19 +262,33 @@ def materialize(model: nn.Module, seed: int = 0, device: torch.device | str = "c
     Returns:
         `nn.Module`: ``model``, with every stored tensor replaced in place.
     """
-    for group in find_groups(model):
+    stacks: dict[str, torch.Tensor] = {}  # stacked expert parameters, filled slice by slice
+    for group in find_groups(model, experts=True):
         for name, tensor in init_group(model, group, seed, device, dtype=None).items():
-            module_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(module_path) if module_path else model
-            value = tensor.to("cpu", copy=True)
-            if attr in owner._parameters:
-                old = owner._parameters[attr]
-                owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-            else:
-                owner._buffers[attr] = value
+            sliced = parse_slice_name(name)
+            if sliced is not None:
+                param, index = sliced
+                if param not in stacks:
+                    meta = model.get_parameter(param)
+                    stacks[param] = torch.zeros(meta.shape, dtype=meta.dtype)
+                stacks[param][index].copy_(tensor)
+                continue
+            _assign(model, name, tensor.to("cpu", copy=True))
+    for name, value in stacks.items():
+        _assign(model, name, value)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(module_path) if module_path else model
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
 
 
 def synthetic_source(
@@ -211,11 +301,12 @@ def synthetic_source(
 ):
     """A :class:`~offload_runtime.loaders.synthetic_source.SyntheticSource` of ``model``'s synthetic groups.
 
-    Encodes every group once (phase 1), on ``device``; see :func:`dispatch_synthetic`.
+    Encodes every group once (phase 1), on ``device``; see :func:`dispatch_synthetic`. Its groups are those
+    ``pack`` stores: one per routed expert of a mixture of experts.
     """
     from offload_runtime.loaders.synthetic_source import SyntheticSource
 
-    specs = find_groups(model)
+    specs = find_groups(model, experts=True)
     layouts = [group_layout(model, spec, dtype) for spec in specs]
 
     def fill(index: int, buffer: torch.Tensor) -> None:
@@ -234,6 +325,11 @@ def dispatch_synthetic(
     host_budget_gb: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    experts: str = "auto",
+    expert_cache: str = "auto",
+    expert_policy: str = "lru",
+    speculate: bool = False,
+    source: Any = None,
 ) -> nn.Module:
     """A synthetic model of shape ``name_or_config``, dispatched in ``budget_gb`` without materialising it.
 
@@ -243,13 +339,18 @@ def dispatch_synthetic(
     payload checked against the first encoding's CRC-32s. Nothing is written to disk.
 
     Args:
-        name_or_config (`str` or `LlamaConfig`): a key of :data:`SYNTHETIC_SHAPES` or a config.
+        name_or_config (`str` or config): a key of :data:`SYNTHETIC_SHAPES` or a config.
         budget_gb (`float`): see :func:`~offload_runtime.dispatch_compressed`.
         codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans`` or ``int8``.
         device (`torch.device` or `str`, *optional*): CUDA when available, else CPU.
         prefetch (`int`, defaults to 1), host_budget_gb (`float`, *optional*): see ``dispatch_compressed``.
         seed (`int`, defaults to 0): base seed of the weights.
         dtype (`torch.dtype`, defaults to `torch.bfloat16`): dtype of the weights.
+        experts, expert_cache, expert_policy, speculate: a mixture of experts' granularity and expert cache,
+            see :func:`~offload_runtime.dispatch_compressed` (at block granularity each block is streamed
+            with its experts reassembled).
+        source (*optional*): a :func:`synthetic_source` of the same config, seed, codec, device and dtype,
+            already encoded (several dispatches of one shape then encode it once).
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
@@ -259,6 +360,7 @@ def dispatch_synthetic(
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
     from offload_runtime.api import _attach, _refuse_early, _resolve_device
+    from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
     from offload_runtime.validate_args import check_synthetic
 
     check_synthetic(
@@ -273,13 +375,22 @@ def dispatch_synthetic(
     )
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     device = _resolve_device(device)
+    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)
-    _refuse_early(model, budget_gb, prefetch)  # decoded sizes are known on meta: fail before generating
-    source = synthetic_source(model, seed=seed, codec=codec, device=device, dtype=dtype)
+    _refuse_early(model, budget_gb, prefetch, options)  # decoded sizes are known on meta: fail early
+    owned = source is None
+    if source is None:
+        source = synthetic_source(model, seed=seed, codec=codec, device=device, dtype=dtype)
+    stored = source
+    if any(g.expert is not None for g in source.groups) and not expert_granularity(
+        source.groups, device, options
+    ):
+        source = ReassembledSource(source)  # the block runtime streams each block with its experts
     try:
-        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None)
+        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None, options)
     except BaseException:
-        source.close()
+        if owned:
+            stored.close()
         raise
-    source.trim()  # the pinned D2H buffer is only needed while groups are placed
+    stored.trim()  # the pinned D2H buffer is only needed while groups are placed
     return model

@@ -31,11 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from offload_runtime.errors import BudgetError, PlanError
 from offload_runtime.scheduler.sizes import GroupSize
 from offload_runtime.scheduler.tiers import RESIDENT, Tier, tiers_on
+
+if TYPE_CHECKING:
+    from offload_runtime.scheduler.experts_plan import ExpertPlan
 
 T = TypeVar("T")
 
@@ -159,6 +162,7 @@ class Plan:
     prefetch: int
     buffers: Buffers
     groups: list[GroupPlacement] = field(default_factory=list)
+    experts: ExpertPlan | None = None  # the expert part, when experts stream on their own
 
     # the buffers' sizes under the names the rest of the code reads
     nslots = property(lambda self: self.buffers.nslots)
@@ -188,14 +192,20 @@ class Plan:
         return [t for t in tiers_on(self.device) if self.in_tier(t)]
 
     @property
-    def device_bytes(self) -> int:
-        """Everything the runtime holds on the device (never above ``budget_bytes``)."""
+    def groups_device_bytes(self) -> int:
+        """What the groups' runtime holds on the device (its arena): shared buffers and tier bytes."""
         return self.buffers.device_bytes + sum(g.device_bytes for g in self.groups)
 
     @property
+    def device_bytes(self) -> int:
+        """Everything the runtime holds on the device, experts included (never above ``budget_bytes``)."""
+        return self.groups_device_bytes + (self.experts.device_bytes if self.experts else 0)
+
+    @property
     def host_bytes(self) -> int:
-        """Compressed bytes held in host RAM (host tier) plus the host staging ring."""
-        return self.buffers.host_bytes + sum(g.host_bytes for g in self.groups)
+        """Compressed bytes held in host RAM (host tier, expert homes) plus the host staging rings."""
+        experts = self.experts.host_bytes if self.experts else 0
+        return self.buffers.host_bytes + sum(g.host_bytes for g in self.groups) + experts
 
     def tier_bytes(self, tier: Tier) -> int:
         return sum(g.decoded_bytes for g in self.in_tier(tier))
@@ -204,10 +214,11 @@ class Plan:
         """One line: groups per tier, device bytes against the budget, slots (for logs)."""
         tiers = ", ".join(f"{t.name} {len(self.in_tier(t))}" for t in self.tiers)
         b = self.buffers
+        experts = f"; {self.experts.summary()}" if self.experts is not None else ""
         return (
             f"{len(self.groups)} groups ({tiers}) on {self.device}: {_mib(self.device_bytes)} of "
             f"{_mib(self.budget_bytes)} budget, {b.nslots} slots x {_mib(b.slot_bytes)}, "
-            f"{_mib(self.host_bytes)} in host RAM"
+            f"{_mib(self.host_bytes)} in host RAM{experts}"
         )
 
     def __str__(self) -> str:
@@ -250,6 +261,8 @@ class Plan:
             for t in tiers_on(self.device)
         )
         lines.append(f"  totals (decoded / stored): {totals}")
+        if self.experts is not None:
+            lines.append(f"  {self.experts}")
         return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,6 +60,7 @@ class Runtime:
     source: GroupSource
     arena: DeviceArena
     streamed: set[str] = field(default_factory=set)
+    experts: Any = None  # the ExpertRuntime, when experts stream on their own
 
     def decode_fresh(self, name: str) -> dict[str, torch.Tensor]:
         """Decode group ``name`` into a new buffer and return its tensors (for ``remove_offload``)."""
@@ -69,6 +71,8 @@ class Runtime:
 
     def close(self) -> None:
         self.engine.close()
+        if self.experts is not None:
+            self.experts.close()
 
 
 def build_runtime(
@@ -108,7 +112,7 @@ def build_runtime(
         force_streamed=force_streamed,
     )
     stats = OffloadStats()
-    arena = DeviceArena(plan.device_bytes - plan.overhead_bytes, device)
+    arena = DeviceArena(plan.groups_device_bytes - plan.overhead_bytes, device)
     streaming = arena.take(plan.buffers.streaming_region_bytes)  # slots, staging, dispatch window
     region = BumpAllocator(streaming)
     slot_buffers = [region.take(plan.slot_bytes) for _ in range(plan.nslots)]
@@ -125,7 +129,7 @@ def build_runtime(
     _place_groups(source, plan, store_of, loader)
     slots = _make_slots(plan, slot_buffers, loader)
     views = _bind_views(source, plan, store_of, slots)
-    stats.peak_weight_bytes = plan.device_bytes
+    stats.peak_weight_bytes = plan.groups_device_bytes
     order = ExecutionOrder([p.name for p in plan.streamed])
     engine = Engine(
         slots,

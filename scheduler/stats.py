@@ -27,6 +27,51 @@ class TierStats:
 
 
 @dataclass
+class ExpertStats:
+    """What the expert runtime did (``offload_stats.experts``).
+
+    Attributes:
+        steps: experts-module forwards (one per MoE layer per forward pass).
+        requested: experts made ready over all steps (a step counts each routed expert once).
+        hits: requests served by the cache; ``misses`` the others (loaded over PCIe or from disk).
+        uncached: misses that found no free entry (the step routed more experts than the cache holds).
+        h2d_bytes: expert payload bytes copied host -> device; ``disk_bytes`` read from the container.
+        wait_seconds: host time spent making experts ready (routing sync, lookups, enqueueing).
+        speculated: experts prefetched for the next layer on a guess; ``speculated_used``: of those, the
+            ones the next layer did route to (precision = used / speculated).
+    """
+
+    steps: int = 0
+    requested: int = 0
+    hits: int = 0
+    misses: int = 0
+    uncached: int = 0
+    h2d_bytes: int = 0
+    disk_bytes: int = 0
+    wait_seconds: float = 0.0
+    speculated: int = 0
+    speculated_used: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requested if self.requested else 0.0
+
+    @property
+    def speculation_precision(self) -> float:
+        return self.speculated_used / self.speculated if self.speculated else 0.0
+
+    def __str__(self) -> str:
+        text = (
+            f"experts: {self.requested} requested in {self.steps} steps, {self.hits} hits "
+            f"({100 * self.hit_rate:.1f}%), {self.misses} misses, H2D {self.h2d_bytes / 1e6:.1f} MB, "
+            f"waited {self.wait_seconds * 1e3:.1f} ms"
+        )
+        if self.speculated:
+            text += f", speculated {self.speculated} ({100 * self.speculation_precision:.1f}% used)"
+        return text
+
+
+@dataclass
 class OffloadStats:
     """What the runtime did so far.
 
@@ -56,6 +101,7 @@ class OffloadStats:
     demand_loads: int = 0
     peak_weight_bytes: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)
+    experts: ExpertStats | None = None
 
     def tier(self, name: str) -> TierStats:
         """The counters of tier ``name`` (created on first use)."""
@@ -83,4 +129,5 @@ class OffloadStats:
             + "".join(
                 f"; {name}: {t.groups} groups, {t.loads} loads" for name, t in self.tiers.items() if t.groups
             )
+            + (f"; {self.experts}" if self.experts is not None else "")
         )

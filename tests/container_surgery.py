@@ -4,6 +4,8 @@ refuse (used by the error tests, the fuzz test and ``tests/corpus/make_corpus.py
 import json
 import struct
 
+import torch
+
 from offload_runtime.loaders.format import INDEX_CRC_KEY, INDEX_KEY, PAYLOAD_ALIGN, index_crc32
 
 
@@ -23,6 +25,32 @@ def write_tiny_container(path, codec_name="zstd"):
         for spec in find_groups(model):
             layout = GroupLayout.from_tensors((name, state[name]) for name in spec.tensors)
             writer.add_group(spec, layout, codec.encode(layout, layout.pack(state)), codec.name)
+
+
+def write_tiny_moe_container(path, codec_name="zstd"):
+    """A valid mixture-of-experts container (format version 2) at ``path``: one-layer Mixtral, hidden 16,
+    4 experts, each its own group, 1 KiB ``zstd`` or ``raw`` chunks (a few KB)."""
+    from offload_runtime.loaders import ContainerWriter
+    from offload_runtime.loaders.groups import find_groups
+    from offload_runtime.loaders.sources import ModuleSource, SlicedSource
+    from offload_runtime.native.layout import GroupLayout
+    from offload_runtime.native.raw import RawCodec
+    from offload_runtime.native.zstd import ZstdCodec
+    from offload_runtime.tiny import tiny_model
+
+    model = tiny_model("mixtral", num_layers=1, hidden_size=16, intermediate_size=8, vocab_size=64)
+    codec = ZstdCodec(chunk_size=1024) if codec_name == "zstd" else RawCodec(chunk_size=1024)
+    source = SlicedSource(ModuleSource(model.state_dict()))
+    with ContainerWriter(path) as writer:
+        for spec in find_groups(model, experts=True):
+            metas = [(name, source.dtype_shape(name)) for name in spec.tensors]
+            layout = GroupLayout.from_tensors(
+                (name, torch.empty(shape, dtype=dtype, device="meta")) for name, (dtype, shape) in metas
+            )
+            data = torch.zeros(layout.size, dtype=torch.uint8)
+            for name, view in layout.views(data).items():
+                source.fill(name, view)
+            writer.add_group(spec, layout, codec.encode(layout, data.numpy()), codec.name)
 
 
 def split(raw):

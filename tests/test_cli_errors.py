@@ -202,7 +202,9 @@ def test_bench_needs_exactly_one_source(capsys, files):
 
 def test_bench_synthetic_arguments(capsys):
     line = refused(capsys, "bench", "--synthetic", "llama-99b")
-    assert "--synthetic must be one of llama-2b, llama-70b, llama-8b, tiny" in line
+    from offload_runtime.synthetic import SYNTHETIC_SHAPES
+
+    assert f"--synthetic must be one of {', '.join(sorted(SYNTHETIC_SHAPES))}" in line
     assert "--seed must be" in refused(capsys, "bench", "--synthetic", "tiny", "--seed", "-1")
     assert "unknown codec 'lzma'" in refused(capsys, "bench", "--synthetic", "tiny", "--codec", "lzma")
 

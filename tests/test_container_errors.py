@@ -19,7 +19,7 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
 )
 from offload_runtime.loaders import ContainerReader, build_empty_model, check_compatible, pack
-from offload_runtime.loaders.format import INDEX_CRC_KEY, PAYLOAD_ALIGN
+from offload_runtime.loaders.format import INDEX_CRC_KEY, PAYLOAD_ALIGN, index_crc32
 from offload_runtime.scheduler.tiers import HOST
 from offload_runtime.tiny import tiny_model
 
@@ -617,3 +617,91 @@ def test_containers_without_an_index_checksum_still_open(container):
     rewrite_header(path, edit_header=lambda header: header["__metadata__"].pop(INDEX_CRC_KEY))
     with ContainerReader(path) as reader:
         assert reader.groups
+
+
+# -- fused12: plane offsets and sizes in the params are validated like chunk tables ----------------------
+
+
+@pytest.fixture(scope="module")
+def fused12_packed(tmp_path_factory):
+    """A fused12 container of a bf16 tiny llama (2-D weights as planes, norms verbatim)."""
+    model = tiny_model("llama", num_layers=2, dtype=torch.bfloat16)
+    return pack(
+        model, tmp_path_factory.mktemp("fused12") / "f.ort", codec="fused12", progress=False, device="cpu"
+    )
+
+
+@pytest.fixture
+def fused12_container(fused12_packed, tmp_path):
+    path = tmp_path / "f.ort"
+    path.write_bytes(fused12_packed.read_bytes())
+    return path
+
+
+def _fused12_rows(index):
+    return _group(index)["params"]["tensors"]
+
+
+def _offset(index, plane):
+    return _fused12_rows(index)[0]["offsets"][plane]
+
+
+def _first_verbatim(index):
+    return next(row for row in _fused12_rows(index) if row["kind"] == "verbatim")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda ix: _fused12_rows(ix)[0]["offsets"].update(codes=_offset(ix, "codes") + 128),
+         ("not where the packer puts them", "chunk=0")),
+        (lambda ix: _fused12_rows(ix)[1]["offsets"].update(sm=-128),
+         ("not where the packer puts them", "chunk=1")),
+        (lambda ix: _fused12_rows(ix)[0].update(escapes=10**12), ("escape count",)),
+        (lambda ix: _fused12_rows(ix)[0].update(escapes=True), ("escape count",)),
+        (lambda ix: _fused12_rows(ix)[0].update(kind="lzma"), ("unknown kind",)),
+        (lambda ix: _first_verbatim(ix).update(kind="planes", escapes=0), ("only 2-D bf16",)),
+        (lambda ix: _fused12_rows(ix)[0].update(name="model.layers.0.other"), ("does not name the layout",)),
+        (lambda ix: _fused12_rows(ix)[0]["offsets"].update(sm="0"), ("name -> integer",)),
+        (lambda ix: _fused12_rows(ix).pop(), ("one entry per layout tensor",)),
+        (lambda ix: _group(ix)["params"].update(plane_align=16), ("plane alignment",)),
+        (lambda ix: _group(ix)["params"].update(tensors=None), ("one entry per layout tensor",)),
+        (lambda ix: _group(ix)["chunks"][0].__setitem__(1, _group(ix)["chunks"][0][1] - 128),
+         ("does not cover the region", "chunk=0")),
+    ],
+)  # fmt: skip
+def test_fused12_params_forged(fused12_container, edit, fragments):
+    path = fused12_container
+    rewrite_header(path, edit_index=edit)
+    _open_fails(path, CorruptCheckpointError, "fused12", "group=model.layers.0", *fragments)
+
+
+def test_fused12_damaged_planes_with_resealed_crcs_are_a_typed_error(fused12_container):
+    """A payload edit whose chunk CRC was recomputed still never decodes to wrong weights."""
+    import zlib
+
+    from container_surgery import join, split
+
+    path = fused12_container
+    header, index, data = split(path.read_bytes())
+    group = _group(index)
+    begin = header[group["tensor"]]["data_offsets"][0]
+    codes = begin + _fused12_rows(index)[0]["offsets"]["codes"]
+    data = bytearray(data)
+    data[codes : codes + 4] = b"\xff" * 4  # code 15 (escape) where the escape list has none
+    chunk = group["chunks"][0]
+    chunk[3] = zlib.crc32(bytes(data[begin + chunk[0] : begin + chunk[0] + chunk[1]])) & 0xFFFFFFFF
+    header["__metadata__"][INDEX_CRC_KEY] = index_crc32(json.dumps(index))  # reseal, as a forger would
+    path.write_bytes(join(header, index, bytes(data)))
+    with ContainerReader(path) as reader:
+        out = torch.empty(reader.group("model.layers.0").layout.size, dtype=torch.uint8)
+        with pytest.raises(CorruptCheckpointError) as info:
+            reader.decode_cpu("model.layers.0", out)
+    message = str(info.value)
+    for fragment in (
+        "escape list disagrees with the code plane",
+        str(path),
+        "group=model.layers.0",
+        "chunk=0",
+    ):
+        assert fragment in message, message

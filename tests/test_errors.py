@@ -12,6 +12,7 @@ from offload_runtime.errors import (
     CodecUnavailableError,
     CorruptCheckpointError,
     DeviceMemoryError,
+    ExpertRoutingError,
     MissingFileError,
     OffloadError,
     PlanError,
@@ -32,6 +33,7 @@ from offload_runtime.errors import (
         (MissingFileError, (UsageError, OffloadError, FileNotFoundError, ValueError)),
         (CodecCallError, (OffloadError, RuntimeError)),
         (PlanError, (OffloadError, RuntimeError)),
+        (ExpertRoutingError, (OffloadError,)),
     ],
 )
 def test_hierarchy(cls, parents):
@@ -117,6 +119,7 @@ def test_all_is_complete():
         "MissingFileError",
         "CodecCallError",
         "PlanError",
+        "ExpertRoutingError",
     }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from container_surgery import join, split, write_tiny_container
+from container_surgery import join, split, write_tiny_container, write_tiny_moe_container
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,10 @@ EXAMPLE_SECONDS = 10  # one open + decode of the tiny container takes millisecon
 
 
 def _tiny_container(path: Path, codec_name: str) -> dict[str, torch.Tensor]:
-    write_tiny_container(path, codec_name)
+    if codec_name == "moe":  # expert groups (format version 2), decoded reassembled into whole blocks
+        write_tiny_moe_container(path)
+    else:
+        write_tiny_container(path, codec_name)
     with ContainerReader(path) as reader:
         return load_state_dict(reader)
 
@@ -35,7 +38,7 @@ def originals(tmp_path_factory):
     """codec -> (container bytes, decoded state dict)."""
     root = tmp_path_factory.mktemp("fuzz")
     result = {}
-    for codec in ("zstd", "raw"):
+    for codec in ("zstd", "raw", "moe"):
         state = _tiny_container(root / f"{codec}.ort", codec)
         result[codec] = ((root / f"{codec}.ort").read_bytes(), state)
     return result
@@ -172,7 +175,7 @@ def _same(state: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> 
     )
 
 
-@pytest.mark.parametrize("codec", ["zstd", "raw"])
+@pytest.mark.parametrize("codec", ["zstd", "raw", "moe"])
 def test_fuzz_open_and_decode(originals, codec, tmp_path):
     raw, original = originals[codec]
     path = tmp_path / "fuzzed.ort"

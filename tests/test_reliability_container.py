@@ -24,6 +24,7 @@ from offload_runtime.loaders import ContainerReader, ContainerWriter, check_comp
 from offload_runtime.loaders import reader as reader_module
 from offload_runtime.loaders.format import PAYLOAD_ALIGN
 from offload_runtime.loaders.groups import find_groups
+from offload_runtime.native import chunking as chunking_module
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.raw import RawCodec
 from offload_runtime.native.zstd import ZstdCodec
@@ -295,7 +296,6 @@ def test_flip_that_still_decodes_is_caught_by_the_decoded_crc(copy_of, small):
 @pytest.fixture
 def crc_calls(monkeypatch):
     """Every CRC-32 computed: the reader's of compressed chunks, the codecs' one check of decoded chunks."""
-    from offload_runtime.native import chunking
 
     calls = []
     original = reader_module.crc32
@@ -304,8 +304,8 @@ def crc_calls(monkeypatch):
         calls.append(len(data))
         return original(data)
 
-    monkeypatch.setattr(reader_module, "crc32", counted)
-    monkeypatch.setattr(chunking, "crc32", counted)
+    monkeypatch.setattr(reader_module, "crc32", counted)  # compressed chunks
+    monkeypatch.setattr(chunking_module, "crc32", counted)  # decoded chunks (check_decoded_crcs)
     return calls
 
 

@@ -10,7 +10,7 @@ import torch
 
 from offload_runtime import load_compressed, remove_offload
 from offload_runtime.errors import BudgetError, CorruptCheckpointError
-from offload_runtime.loaders import pack
+from offload_runtime.loaders import ContainerReader, pack
 from offload_runtime.loaders.groups import find_groups
 from offload_runtime.native import int8 as int8_module
 from offload_runtime.native.zstd import ZstdCodec
@@ -31,7 +31,10 @@ SHAPES = {
     "tiny": synthetic_config("tiny"),
     "tied-5": synthetic_config("tiny", num_hidden_layers=5, tie_word_embeddings=True),
     "wide": synthetic_config("tiny", hidden_size=96, intermediate_size=288, num_attention_heads=6),
+    "tiny-mixtral": synthetic_config("tiny-mixtral"),
+    "tiny-qwen3-moe": synthetic_config("tiny-qwen3-moe"),
 }
+MOE_SHAPES = ("tiny-mixtral", "tiny-qwen3-moe")
 
 
 def run(model):
@@ -186,3 +189,40 @@ def test_cli_bench_synthetic_tiny():
     assert result.returncode == 0, result.stderr
     assert "offload plan on cpu" in result.stdout
     assert "tok/s" in result.stdout and "model.layers.0" in result.stdout
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES)
+def test_moe_source_holds_the_groups_pack_stores(shape, tmp_path):
+    """Expert groups included: same names, kinds, expert records, layouts and bytes as a packed container
+    of the materialised model (read at expert granularity)."""
+    config = SHAPES[shape]
+    source = synthetic_source(synthetic_skeleton(config), codec="raw")
+    path = pack(materialize(synthetic_skeleton(config)), tmp_path / "m.ort", codec="raw", progress=False)
+    with ContainerReader(path, granularity="expert") as reader:
+        packed = reader.groups
+        assert [(g.name, g.kind, g.expert, g.layout) for g in source.groups] == [
+            (g.name, g.kind, g.expert, g.layout) for g in packed
+        ]
+        assert [g.chunks for g in source.groups] == [g.chunks for g in packed]  # raw: same bytes, same CRCs
+    experts = [g for g in source.groups if g.kind == "expert"]
+    num_experts = config.num_local_experts if shape == "tiny-mixtral" else config.num_experts
+    assert len(experts) == config.num_hidden_layers * num_experts
+    model = synthetic_skeleton(config)
+    expert = init_group(
+        model, next(s for s in find_groups(model, experts=True) if s.kind == "expert"), 0, "cpu"
+    )
+    assert all(t.dim() == 2 and abs(t.float().std().item() - 0.02) < 0.004 for t in expert.values())
+
+
+def test_moe_shapes_have_the_published_sizes():
+    from offload_runtime.loaders.groups import find_groups as groups_of
+    from offload_runtime.synthetic import group_layout
+
+    sizes = {}
+    for shape in ("mixtral-8x7b", "qwen3-30b-a3b"):
+        model = synthetic_skeleton(synthetic_config(shape))
+        specs = groups_of(model, experts=True)
+        sizes[shape] = sum(group_layout(model, s).size for s in specs) / 1e9
+        experts = [s for s in specs if s.kind == "expert"]
+        assert len(experts) == {"mixtral-8x7b": 32 * 8, "qwen3-30b-a3b": 48 * 128}[shape]
+    assert 92 < sizes["mixtral-8x7b"] < 94 and 60 < sizes["qwen3-30b-a3b"] < 62

@@ -162,7 +162,10 @@ def test_dispatch_refuses_a_non_module():
 
 def test_synthetic_shape_seed_and_dtype(monkeypatch):
     monkeypatch.setattr("offload_runtime.synthetic.synthetic_skeleton", _must_not_run)
-    with pytest.raises(UsageError, match="name_or_config must be one of llama-2b, llama-70b, llama-8b, tiny"):
+    from offload_runtime.synthetic import SYNTHETIC_SHAPES
+
+    known = ", ".join(sorted(SYNTHETIC_SHAPES))
+    with pytest.raises(UsageError, match=f"name_or_config must be one of {known}"):
         dispatch_synthetic("llama-99b", 1)
     with pytest.raises(UsageError, match="seed must be an integer of 0 or more"):
         dispatch_synthetic("tiny", 1, device="cpu", seed=-1)

@@ -15,13 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared container helpers
-from container_surgery import join, split, write_tiny_container
+from container_surgery import join, split, write_tiny_container, write_tiny_moe_container
 
 HERE = Path(__file__).parent
 
 
 def valid_container(path: Path, codec_name: str = "zstd") -> bytes:
-    write_tiny_container(path, codec_name)
+    if codec_name == "moe":
+        write_tiny_moe_container(path)
+    else:
+        write_tiny_container(path, codec_name)
     data = path.read_bytes()
     path.unlink()
     return data
@@ -64,6 +67,74 @@ def shape_overflow(h: dict, ix: dict) -> None:
     group["chunks"][-1][2] -= shrink
 
 
+EXPERT = 3  # group position of expert 1 in the MoE container: embed, block 0, expert 0, expert 1, ...
+
+
+def expert_set(fn: Callable[[dict], None], position: int = EXPERT) -> Callable[[dict, dict], None]:
+    return lambda h, ix: fn(ix["groups"][position])
+
+
+def set_index(record: dict, value: int) -> None:
+    record["expert"]["index"] = value
+    for s in record["expert"]["slices"]:
+        s["index"] = value
+
+
+def moe_cases(moe: bytes) -> dict[str, tuple[bytes, str, str]]:
+    """Expert records (format version 2) damaged one way each."""
+
+    def version_1(h: dict, ix: dict) -> None:
+        h["__metadata__"]["format_version"] = "1"
+        ix["format_version"] = 1
+
+    def drop_expert(h: dict, ix: dict) -> None:
+        ix["groups"].pop(EXPERT)  # its payload stays: the index is checked before unreferenced payloads
+
+    return {
+        "expert_index_out_of_range.ort": (
+            edit(moe, expert_set(lambda g: set_index(g, 7))),
+            "CorruptCheckpointError",
+            "expert index out of range",
+        ),
+        "expert_stored_twice.ort": (
+            edit(moe, expert_set(lambda g: set_index(g, 0))),
+            "CorruptCheckpointError",
+            "is stored twice",
+        ),
+        "expert_missing.ort": (edit(moe, drop_expert), "CorruptCheckpointError", "lacks experts [1]"),
+        "expert_slice_shape_disagrees.ort": (
+            edit(moe, expert_set(lambda g: g["expert"]["slices"][0]["shape"].__setitem__(1, 99))),
+            "CorruptCheckpointError",
+            "does not fit its stacked parameter",
+        ),
+        "expert_num_experts_huge.ort": (
+            edit(moe, expert_set(lambda g: g["expert"].update(num_experts=2**40))),
+            "CorruptCheckpointError",
+            "num_experts is out of range",
+        ),
+        "expert_record_in_version_1.ort": (
+            edit(moe, version_1),
+            "CorruptCheckpointError",
+            "expert record in a format version 1 index",
+        ),
+        "expert_kind_without_record.ort": (
+            edit(moe, expert_set(lambda g: g.pop("expert"))),
+            "CorruptCheckpointError",
+            "exactly when it has an expert record",
+        ),
+        "expert_record_malformed.ort": (
+            edit(moe, expert_set(lambda g: g["expert"]["slices"][0].update(param=5))),
+            "CorruptCheckpointError",
+            "malformed expert record",
+        ),
+        "reassembled_codec_on_disk.ort": (
+            edit(moe, lambda h, ix: ix["groups"][1].update(codec="reassembled")),
+            "CorruptCheckpointError",
+            "never stored",
+        ),
+    }
+
+
 def cases(zstd: bytes, raw: bytes) -> dict[str, tuple[bytes, str, str]]:
     """file name -> (bytes, error class name, message fragment)."""
     (n,) = struct.unpack("<Q", zstd[:8])
@@ -100,7 +171,7 @@ def cases(zstd: bytes, raw: bytes) -> dict[str, tuple[bytes, str, str]]:
             "not valid JSON",
         ),
         "unknown_format_version.ort": (
-            edit(zstd, lambda h, ix: h["__metadata__"].update(format_version="2")),
+            edit(zstd, lambda h, ix: h["__metadata__"].update(format_version="99")),
             "CheckpointError",
             "unknown container format version",
         ),
@@ -168,8 +239,9 @@ def cases(zstd: bytes, raw: bytes) -> dict[str, tuple[bytes, str, str]]:
 def main() -> None:
     zstd = valid_container(HERE / "_valid_zstd.ort", "zstd")
     raw = valid_container(HERE / "_valid_raw.ort", "raw")
+    moe = valid_container(HERE / "_valid_moe.ort", "moe")
     expected = {}
-    for name, (data, error, fragment) in cases(zstd, raw).items():
+    for name, (data, error, fragment) in {**cases(zstd, raw), **moe_cases(moe)}.items():
         (HERE / name).write_bytes(data)
         expected[name] = {"error": error, "fragment": fragment}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,258 @@
+"""``fused_linear``: ``y = x W^T (+ b)`` straight from ``fused12`` planes, the kernel chosen per shape.
+
+Three paths compute the same product of the exact weights with fp32 accumulation; they differ in speed:
+
+* ``"gemv"`` (:mod:`~offload_runtime.native.fused12_gemv_kernel`): FMA kernel for 1 to 8 rows of ``x``;
+* ``"dot"`` (:mod:`~offload_runtime.native.fused12_dot_kernel`): tensor-core tile kernel, any number of
+  rows, bf16 ``x``;
+* ``"decode"``: exact decode of ``W`` into a scratch bf16 buffer
+  (:mod:`~offload_runtime.native.fused12_decode_kernel`), then ``torch.nn.functional.linear`` (cuBLAS).
+
+Which one runs comes from a table measured on the GPU by ``bench/fused_kernels.py`` (``fused12_table.json``
+beside this module, or the file named by ``$OFFLOAD_RUNTIME_FUSED12_TABLE``): per weight shape ``(N, K)``,
+rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else
+the largest). Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows with a split-K that
+gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above.
+
+Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
+demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
+end of every kernel). On the CPU every path is the reference decode + ``torch.nn.functional.linear``
+unless ``path`` forces a kernel (Triton's interpreter runs them there, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload_runtime.native import fused12_format as fmt
+from offload_runtime.native.fused12_format import Planes
+
+TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
+TABLE_PATH = Path(__file__).with_name("fused12_table.json")
+PATHS = ("gemv", "dot", "decode")
+GEMV_MAX_ROWS = 8
+DOT_DEFAULT_MAX_ROWS = 64
+PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A path and its config (a dict of the kernel's config dataclass fields; ``None`` for ``decode``)."""
+
+    path: str
+    config: dict[str, int] | None = None
+
+
+def _check_choice(row: Any, where: str) -> Choice:
+    if not isinstance(row, dict) or row.get("path") not in PATHS:
+        raise ValueError(f"{where}: 'path' must be one of {PATHS}")
+    config = row.get("config")
+    if row["path"] == "decode":
+        return Choice("decode")
+    if not isinstance(config, dict) or not all(isinstance(v, int) and v > 0 for v in config.values()):
+        raise ValueError(f"{where}: 'config' must map field names to positive integers")
+    return Choice(row["path"], dict(config))
+
+
+def parse_table(obj: Any, source: str = "table") -> dict[tuple[int, int], list[tuple[int, Choice]]]:
+    """``{(N, K): [(m bucket, choice), ...] sorted by m}`` from the JSON object a benchmark wrote.
+
+    Raises:
+        ValueError: for a malformed table, naming ``source`` and the entry.
+    """
+    entries = obj.get("entries") if isinstance(obj, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: not a fused12 kernel table (no 'entries' list)")
+    table: dict[tuple[int, int], list[tuple[int, Choice]]] = {}
+    for i, row in enumerate(entries):
+        where = f"{source} entry {i}"
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), int) and row[k] > 0 for k in "nkm"):
+            raise ValueError(f"{where}: 'n', 'k' and 'm' must be positive integers")
+        table.setdefault((row["n"], row["k"]), []).append((row["m"], _check_choice(row, where)))
+    for rows in table.values():
+        rows.sort(key=lambda item: item[0])
+    return table
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str | None = None) -> dict[tuple[int, int], list[tuple[int, Choice]]]:
+    """The kernel table at ``path`` (default: ``$OFFLOAD_RUNTIME_FUSED12_TABLE``, else the packaged one);
+    empty when there is no such file."""
+    path = path or os.environ.get(TABLE_ENV) or str(TABLE_PATH)
+    if not Path(path).is_file():
+        return {}
+    return parse_table(json.loads(Path(path).read_text()), source=path)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_split(rows: int, cols: int, block_pairs: int, block_words: int, device: torch.device) -> int:
+    """Split-K that gives the SMs about :data:`PROGRAMS_PER_SM` programs, each with >= 4 steps of K."""
+    blocks = _cdiv((rows + 1) // 2, block_pairs)
+    steps = _cdiv(_cdiv(cols, 4), block_words)
+    wanted = _cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
+    return max(1, min(wanted, steps // 4))
+
+
+def default_choice(m: int, rows: int, cols: int, device: torch.device) -> Choice:
+    """The path for a shape the table does not list (see the module docstring)."""
+    if m <= GEMV_MAX_ROWS:  # 32 x 32 words: 4.4 instructions/weight, 80 registers on sm_90 (SASS report)
+        split = auto_split(rows, cols, 32, 32, device)
+        config = {"block_pairs": 32, "block_words": 32, "split": split, "num_warps": 4, "num_stages": 1}
+        return Choice("gemv", config)
+    if m <= DOT_DEFAULT_MAX_ROWS:
+        block_m = 16 if m <= 16 else 64
+        split = auto_split(rows, cols, 32, 16, device) if m <= 16 else 1
+        config = {"block_m": block_m, "block_pairs": 32, "block_words": 16, "split": split}
+        return Choice("dot", {**config, "num_warps": 4, "num_stages": 2})
+    return Choice("decode")
+
+
+def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.device, table=None) -> Choice:
+    """The path and config for ``m`` rows of ``x`` times a ``rows x cols`` weight."""
+    table = load_table() if table is None else table
+    options = table.get((rows, cols))
+    if options:
+        choice = next((c for bucket, c in options if bucket >= m), options[-1][1])
+    else:
+        choice = default_choice(m, rows, cols, device)
+    if choice.path == "gemv" and m > GEMV_MAX_ROWS:
+        choice = default_choice(m, rows, cols, device) if m > DOT_DEFAULT_MAX_ROWS else Choice("decode")
+    if choice.path == "dot" and x_dtype != torch.bfloat16:
+        choice = default_choice(m, rows, cols, device) if m <= GEMV_MAX_ROWS else Choice("decode")
+    return choice
+
+
+class _Buffers:
+    """Per (device, stream): split-K partials and counters (counters start at 0), decode scratch."""
+
+    def __init__(self) -> None:
+        self.partials: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
+        self.scratch: torch.Tensor | None = None
+
+    def workspace(self, need: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.partials is None or self.partials.numel() < need[0]:
+            self.partials = torch.empty(max(need[0], 1), dtype=torch.float32, device=device)
+        if self.counters is None or self.counters.numel() < need[1]:
+            self.counters = torch.zeros(max(need[1], 1), dtype=torch.int32, device=device)
+        return self.partials, self.counters
+
+    def weight(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        if self.scratch is None or self.scratch.numel() < rows * cols:
+            self.scratch = torch.empty(rows * cols, dtype=torch.bfloat16, device=device)
+        return self.scratch[: rows * cols].view(rows, cols)
+
+
+_BUFFERS: dict[tuple[str, int], _Buffers] = {}
+
+
+def _buffers(device: torch.device) -> _Buffers:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = _Buffers()
+    return _BUFFERS[key]
+
+
+def release_buffers() -> None:
+    """Drop every cached workspace and scratch buffer (they are re-made on the next call)."""
+    _BUFFERS.clear()
+
+
+def fused_linear(
+    x: torch.Tensor,
+    planes: Planes,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    path: str | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for the weight ``W [N, K]`` stored as ``planes`` (on ``x``'s device).
+
+    Args:
+        x (`torch.Tensor`): ``[..., K]``.
+        planes (`Planes`): the weight, e.g. views into a device-resident ``fused12`` payload
+            (:func:`offload_runtime.native.fused12.tensor_views`).
+        bias (`torch.Tensor`, *optional*): ``[N]``.
+        out (`torch.Tensor`, *optional*): ``[..., N]`` of ``x``'s dtype with contiguous rows, written and
+            returned (``None`` allocates it).
+        path (`str`, *optional*): ``"gemv"``, ``"dot"`` or ``"decode"`` instead of the table's choice.
+        config (`dict`, *optional*): the kernel config with ``path`` (fields of ``GemvConfig`` or
+            ``DotConfig``); ``None`` takes the table's or the default one.
+
+    Returns:
+        `torch.Tensor`: ``[..., N]`` in ``x``'s dtype. Weights are exact; the summation order differs from
+        cuBLAS's, so the result is not bitwise that of ``F.linear`` with the decoded weight.
+    """
+    rows, cols = planes.rows, planes.cols
+    if x.shape[-1] != cols:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {rows} x {cols} takes {cols}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, rows, dtype=x.dtype, device=x.device) if out is None else out.view(m, rows)
+    if m == 0:
+        return y.view(*lead, rows)
+    if path is None:
+        on_cpu = x.device.type == "cpu"
+        choice = Choice("decode") if on_cpu else choose(m, rows, cols, x.dtype, x.device)
+    else:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        choice = Choice(path, config)
+    _run(choice, x2, planes, bias, y)
+    return y.view(*lead, rows)
+
+
+def _run(choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    device = x.device
+    if choice.path == "decode":
+        if device.type == "cpu":
+            weight = fmt.decode(planes)
+        else:
+            from offload_runtime.native.fused12_decode_kernel import decode_into
+
+            weight = _buffers(device).weight(planes.rows, planes.cols, device)
+            decode_into(planes, weight)
+        weight = weight.to(x.dtype)
+        if bias is None:  # what F.linear runs (mm / addmm), writing into y
+            torch.mm(x, weight.T, out=y)
+        else:
+            torch.addmm(bias.to(x.dtype), x, weight.T, out=y)
+        return
+    if choice.path == "gemv":
+        from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv, workspace_needs
+
+        fields = choice.config or default_choice(1, planes.rows, planes.cols, device).config
+        config = GemvConfig(**fields)
+        need = workspace_needs(x.shape[0], planes, config)
+        gemv(
+            x, planes, y, bias, config, _buffers(device).workspace(need, device) if config.split > 1 else None
+        )
+        return
+    from offload_runtime.native.fused12_dot_kernel import DotConfig, dot, workspace_needs
+
+    fields = choice.config or default_choice(16, planes.rows, planes.cols, device).config
+    config = DotConfig(**fields)
+    need = workspace_needs(x.shape[0], planes, config)
+    dot(x, planes, y, bias, config, _buffers(device).workspace(need, device) if config.split > 1 else None)

@@ -1,0 +1,228 @@
+"""Replacement policy of an expert cache: which experts keep an entry, step by step. Pure Python.
+
+The cache has a fixed number of *entries* (the runtime's buffers, each holding one expert, decoded or
+compressed; the planner sizes the count from bytes). It knows keys (e.g. ``(module, expert)``) and entry
+indices, never bytes, so it is the same for every runtime and testable on its own.
+
+Protocol, per step (one experts module's forward):
+
+1. ``lookup(keys)`` with every key the step needs (unique). Each is a **hit** (it has an entry), or a
+   **miss**: a miss takes a free entry, else the entry of a **victim** chosen by the policy among cached
+   keys that no unreleased step holds. The step's keys are **pinned** (held) until ``release(step)``: a
+   key a step holds is never evicted, so a runtime may still be reading its entry. A miss that finds
+   neither a free entry nor an evictable key is an **overflow**: the step needs more entries than the
+   cache can give now, and says so; the caller decodes it straight into its slot, uncached.
+2. The caller loads each miss into its entry (``Lookup.entries``), computes, then ``release(step)``.
+
+Policies (by name): ``"lru"`` evicts the least recently used key; ``"lfu"`` evicts the least frequently
+used, with aging (every ``aging_interval`` lookups all counts halve, so yesterday's favourites fade) and
+least recent first among equal counts. Counters: requests, hits, misses (overflows included), evictions,
+overflows; ``requests == hits + misses`` always.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+Key = Hashable
+
+
+@dataclass
+class Lookup:
+    """The answer to one step's :meth:`ExpertCache.lookup`.
+
+    Attributes:
+        step: the step's id (pass it to :meth:`ExpertCache.release`).
+        hits: keys that already had an entry.
+        misses: keys that had none (to load), overflows included, in request order.
+        victims: keys evicted to make room, in eviction order (their entries now belong to misses).
+        overflow: misses that got no entry (decode them uncached).
+        entries: entry index of every hit and every cached miss.
+    """
+
+    step: int
+    hits: list[Key] = field(default_factory=list)
+    misses: list[Key] = field(default_factory=list)
+    victims: list[Key] = field(default_factory=list)
+    overflow: list[Key] = field(default_factory=list)
+    entries: dict[Key, int] = field(default_factory=dict)
+
+
+@dataclass
+class CacheStats:
+    """Counters since construction."""
+
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    overflows: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+class _LRU:
+    """Recency of the cached keys, oldest first."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        """A use of cached ``key``."""
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def seen(self, key: Key) -> None:
+        """A use of ``key`` that got no entry (an overflow)."""
+
+    def evict(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, evictable: set[Key]) -> Key | None:
+        return next((k for k in self.order if k in evictable), None)
+
+    def tick(self) -> None:
+        """One lookup passed (LRU keeps no counts)."""
+
+
+class _LFU(_LRU):
+    """Frequency with aging; recency breaks ties (and counts survive eviction, so a returning expert
+    keeps its history)."""
+
+    def __init__(self, aging_interval: int) -> None:
+        super().__init__()
+        self.counts: dict[Key, float] = {}
+        self.aging_interval = aging_interval
+        self.lookups = 0
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self.seen(key)
+
+    def seen(self, key: Key) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + 1.0
+
+    def victim(self, evictable: set[Key]) -> Key | None:
+        rank = {k: i for i, k in enumerate(self.order)}  # position in recency: lower is older
+        candidates = [k for k in evictable if k in rank]
+        return min(candidates, key=lambda k: (self.counts.get(k, 0.0), rank[k]), default=None)
+
+    def tick(self) -> None:
+        self.lookups += 1
+        if self.lookups % self.aging_interval == 0:
+            self.counts = {k: c / 2 for k, c in self.counts.items() if c >= 1 / 64}
+
+
+POLICIES = ("lru", "lfu")
+
+
+class ExpertCache:
+    """Which keys hold which of ``capacity`` entries (see the module docstring).
+
+    Args:
+        capacity (`int`): number of entries (>= 0).
+        policy (`str`, defaults to `"lru"`): ``"lru"`` or ``"lfu"``.
+        aging_interval (`int`, *optional*): LFU halves every count every this many lookups; defaults to
+            ``max(capacity, 1)``.
+
+    Attributes:
+        stats: :class:`CacheStats`.
+    """
+
+    def __init__(self, capacity: int, policy: str = "lru", *, aging_interval: int | None = None) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {policy!r}; choose one of {POLICIES}")
+        self.capacity = capacity
+        self.policy_name = policy
+        interval = aging_interval if aging_interval is not None else max(capacity, 1)
+        self._policy = _LRU() if policy == "lru" else _LFU(max(1, interval))
+        self._entry: dict[Key, int] = {}
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self._held: dict[int, set[Key]] = {}  # unreleased step -> its keys
+        self._pins: dict[Key, int] = {}  # key -> number of unreleased steps holding it
+        self._next_step = 0
+        self.stats = CacheStats()
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertCache(capacity={self.capacity}, policy={self.policy_name!r}, cached={len(self)}, "
+            f"held_steps={len(self._held)}, {self.stats})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._entry)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entry
+
+    def entry(self, key: Key) -> int | None:
+        """The entry index of ``key``, or None when it is not cached."""
+        return self._entry.get(key)
+
+    def pinned(self, key: Key) -> bool:
+        """Whether an unreleased step holds ``key``."""
+        return key in self._pins
+
+    def lookup(self, keys: Iterable[Key]) -> Lookup:
+        """Hits, misses (with their entries), victims and overflow for one step's ``keys``; pins them."""
+        wanted = list(dict.fromkeys(keys))
+        result = Lookup(self._next_step)
+        self._next_step += 1
+        self._held[result.step] = set(wanted)
+        for key in wanted:
+            self._pins[key] = self._pins.get(key, 0) + 1
+        self._policy.tick()
+        for key in wanted:
+            if key in self._entry:
+                result.hits.append(key)
+                result.entries[key] = self._entry[key]
+                self._policy.touch(key)
+        for key in wanted:
+            if key in self._entry:
+                continue
+            result.misses.append(key)
+            index = self._take_entry(result)
+            if index is None:
+                result.overflow.append(key)
+                self._policy.seen(key)  # its use still counts in a frequency history
+                continue
+            self._entry[key] = index
+            result.entries[key] = index
+            self._policy.touch(key)
+        s = self.stats
+        s.requests += len(wanted)
+        s.hits += len(result.hits)
+        s.misses += len(result.misses)
+        s.evictions += len(result.victims)
+        s.overflows += len(result.overflow)
+        return result
+
+    def release(self, step: int) -> None:
+        """The step's forward is issued: its keys may be evicted from now on.
+
+        Raises:
+            KeyError: ``step`` is unknown or already released.
+        """
+        for key in self._held.pop(step):
+            left = self._pins[key] - 1
+            if left:
+                self._pins[key] = left
+            else:
+                del self._pins[key]
+
+    def _take_entry(self, result: Lookup) -> int | None:
+        if self._free:
+            return self._free.pop()
+        evictable = {k for k in self._entry if k not in self._pins}
+        victim = self._policy.victim(evictable)
+        if victim is None:
+            return None
+        result.victims.append(victim)
+        self._policy.evict(victim)  # LFU keeps its count: history survives eviction
+        return self._entry.pop(victim)

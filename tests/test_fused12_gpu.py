@@ -1,0 +1,110 @@
+"""``fused12`` on a GPU: the decode-to-slot decoder (exact, checked, allocation-free) and the compiled
+kernels on Llama-sized shapes. (``test_fused12_kernels.py`` also runs compiled when CUDA is present.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload_runtime.errors import CorruptCheckpointError
+from offload_runtime.native import GroupLayout, get_codec
+from offload_runtime.native import fused12_format as fmt
+from offload_runtime.native.fused12 import parse_params
+
+pytestmark = pytest.mark.gpu
+
+
+def _group():
+    tensors = {
+        "q.weight": (torch.randn(512, 384) * 0.02).bfloat16(),
+        "down.weight": (torch.randn(385, 1030) * 0.02).bfloat16(),  # odd shape
+        "norm.weight": torch.ones(384, dtype=torch.bfloat16),
+        "bias": torch.randn(385),
+    }
+    tensors["q.weight"][0, :3] = torch.tensor([0.0, float("nan"), float("inf")])
+    layout = GroupLayout.from_tensors(tensors.items())
+    data = layout.pack(tensors)
+    return layout, data, get_codec("fused12").encode(layout, data)
+
+
+def test_gpu_decoder_is_exact_checked_and_allocation_free():
+    layout, data, encoded = _group()
+    device = torch.device("cuda")
+    decoder = get_codec("fused12").gpu_decoder(encoded.chunks, encoded.params, layout, device)
+    src = torch.from_numpy(encoded.payload).to(device)
+    out = torch.full((layout.size,), 0xAB, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream()
+    decoder.decode(src, out, stream, check=True).result()
+    assert torch.equal(out.cpu(), torch.from_numpy(data))
+    out.fill_(0xCD)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    check = decoder.decode(src, out, stream, check=True)
+    assert torch.cuda.memory_allocated() == before  # steady state: nothing allocated
+    check.result()
+    assert torch.equal(out.cpu(), torch.from_numpy(data))
+
+
+def test_gpu_decoder_check_names_the_damaged_chunk():
+    layout, _, encoded = _group()
+    device = torch.device("cuda")
+    entries = parse_params(encoded.params, layout, encoded.chunks)
+    payload = encoded.payload.copy()
+    payload[entries[1].offsets["sm"] + 40] ^= 0x10  # a mantissa bit of down.weight (chunk 1)
+    decoder = get_codec("fused12").gpu_decoder(encoded.chunks, encoded.params, layout, device)
+    out = torch.empty(layout.size, dtype=torch.uint8, device=device)
+    check = decoder.decode(torch.from_numpy(payload).to(device), out, torch.cuda.Stream(), check=True)
+    with pytest.raises(CorruptCheckpointError, match="chunk=1"):
+        check.result()
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(8192, 8192), (1024, 8192), (4097, 4100), (1, 28672)])
+def test_kernels_on_llama_shapes(rows, cols):
+    from offload_runtime.native.fused12_decode_kernel import decode_into
+    from offload_runtime.native.fused12_linear import fused_linear
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    weight = (torch.randn(rows, cols, device="cuda") * 0.02).bfloat16()
+    weight.view(-1)[::9973] = 0.0
+    planes = fmt.encode(weight)
+    decoded = torch.empty_like(weight)
+    decode_into(planes, decoded)
+    assert torch.equal(decoded.view(torch.int16), weight.view(torch.int16))
+    for m in (1, 4, 8, 96):
+        x = torch.randn(m, cols, device="cuda").bfloat16()
+        reference = x.float() @ weight.float().T
+        magnitude = x.float().abs() @ weight.float().abs().T
+        paths = ["gemv", "dot", "decode"] if m <= 8 else ["dot", "decode"]
+        for path in paths:
+            out = torch.empty(m, rows, device="cuda")
+            y = (
+                fused_linear(x, planes, out=out, path=path)
+                if path != "decode"
+                else fused_linear(x, planes, path=path)
+            )
+            error = float(((y.float() - reference).abs() / magnitude.clamp_min(1e-30)).max())
+            assert error <= (2.0**-16 if path != "decode" else 2.0**-7), (path, m, error)
+
+
+def test_fused_linear_is_capturable_in_a_cuda_graph():
+    from offload_runtime.native.fused12_linear import fused_linear
+
+    weight = (torch.randn(2048, 4096, device="cuda") * 0.02).bfloat16()
+    planes = fmt.encode(weight)
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    y = torch.empty(1, 2048, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fused_linear(x, planes, out=y)  # compile and allocate this stream's workspace outside the capture
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fused_linear(x, planes, out=y)
+    expected = y.clone()
+    y.zero_()
+    graph.replay()
+    graph.replay()  # split-K counters re-armed by every launch
+    torch.cuda.synchronize()
+    assert torch.equal(y, expected)
+    assert np.isfinite(y.float().cpu().numpy()).all()

@@ -1,0 +1,129 @@
+"""``fused_linear``: the table and default choices, and every path against the reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import triton_cpu  # selects the interpreter before the kernel modules are imported
+
+from offload_runtime.native import fused12_format as fmt
+from offload_runtime.native import fused12_linear as fl
+
+CPU = torch.device("cpu")
+TABLE = {
+    "entries": [
+        {
+            "n": 64,
+            "k": 128,
+            "m": 1,
+            "path": "gemv",
+            "config": {"block_pairs": 8, "block_words": 8, "split": 2},
+        },
+        {
+            "n": 64,
+            "k": 128,
+            "m": 8,
+            "path": "dot",
+            "config": {"block_m": 16, "block_pairs": 16, "block_words": 8},
+        },
+        {"n": 64, "k": 128, "m": 512, "path": "decode"},
+    ]
+}
+
+
+def test_table_buckets_pick_the_smallest_bucket_at_least_m():
+    table = fl.parse_table(TABLE)
+    assert fl.choose(1, 64, 128, torch.bfloat16, CPU, table).path == "gemv"
+    assert fl.choose(2, 64, 128, torch.bfloat16, CPU, table).path == "dot"
+    assert fl.choose(8, 64, 128, torch.bfloat16, CPU, table).path == "dot"
+    assert fl.choose(9, 64, 128, torch.bfloat16, CPU, table).path == "decode"
+    assert fl.choose(4096, 64, 128, torch.bfloat16, CPU, table).path == "decode"  # past the last bucket
+    # dot multiplies bf16 x only: fp32 x falls back to the gemv default for few rows
+    assert fl.choose(4, 64, 128, torch.float32, CPU, table).path == "gemv"
+    assert fl.choose(4, 64, 64, torch.bfloat16, CPU, table).path == "gemv"  # shape not in the table
+
+
+def test_defaults_and_split_k_fill_the_sms():
+    assert fl.default_choice(1, 4096, 4096, CPU).path == "gemv"
+    assert fl.default_choice(16, 4096, 4096, CPU).path == "dot"
+    assert fl.default_choice(512, 4096, 4096, CPU).path == "decode"
+    # 4 SMs on the CPU: a 1024 x 8192 weight has 32 row blocks of 16 pairs: no split needed
+    assert fl.auto_split(1024, 8192, 16, 32, CPU) == 1
+    assert fl.auto_split(32, 8192, 16, 32, CPU) == 16  # one row block: split K 16 ways (4 steps each)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"entries": [{"n": 1, "k": 1, "m": 1, "path": "magic"}]}, "'path' must be one of"),
+        ({"entries": [{"n": 1, "k": 0, "m": 1, "path": "decode"}]}, "positive integers"),
+        ({"entries": [{"n": 1, "k": 1, "m": 1, "path": "gemv", "config": {"split": -1}}]}, "'config'"),
+        ({"rows": []}, "no 'entries' list"),
+    ],
+)
+def test_malformed_tables_are_refused(table, message):
+    with pytest.raises(ValueError, match=message):
+        fl.parse_table(table, source="t.json")
+
+
+def test_table_file_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(TABLE))
+    monkeypatch.setenv(fl.TABLE_ENV, str(path))
+    fl.load_table.cache_clear()
+    try:
+        assert fl.load_table()[(64, 128)][0][1].path == "gemv"
+    finally:
+        fl.load_table.cache_clear()
+
+
+def _case(rows=37, cols=130, m=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, cols, generator=generator) * 0.02).bfloat16()
+    weight[0, 0] = 0.0
+    weight[5, 7] = 2.0  # escapes: a zero and an outlier
+    x = torch.randn(m, cols, generator=generator).bfloat16()
+    return weight, x, torch.randn(rows, generator=generator).bfloat16()
+
+
+def test_cpu_decode_path_is_f_linear_of_the_decoded_weight():
+    weight, x, bias = _case()
+    planes = fmt.encode(weight)
+    x3 = x.view(1, *x.shape)
+    assert torch.equal(fl.fused_linear(x3, planes, bias), torch.nn.functional.linear(x3, weight, bias))
+    assert torch.equal(fl.fused_linear(x, planes), torch.nn.functional.linear(x, weight))
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    assert fl.fused_linear(x, planes, out=out).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.skipif(not triton_cpu.AVAILABLE, reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("path", "config", "dtype"),
+    [
+        ("gemv", {"block_pairs": 4, "block_words": 8, "split": 3}, torch.bfloat16),
+        ("gemv", {"block_pairs": 4, "block_words": 8, "split": 1}, torch.float32),
+        ("dot", {"block_m": 16, "block_pairs": 16, "block_words": 8, "split": 2}, torch.bfloat16),
+        ("decode", None, torch.bfloat16),
+    ],
+)
+def test_forced_kernel_paths_match_the_reference(path, config, dtype):
+    weight, x, bias = _case()
+    device = triton_cpu.DEVICE
+    planes = fmt.encode(weight.to(device))
+    x, bias = x.to(device, dtype), bias.to(device)
+    reference = x.float() @ weight.to(device).float().T + bias.float()
+    for _ in range(2):  # the second call reuses the split-K workspace: its counters were re-armed
+        y = fl.fused_linear(x, planes, bias, path=path, config=config)
+        assert y.dtype == dtype and y.shape == reference.shape
+        tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-20  # bf16 output rounding, else summation
+        assert torch.allclose(y.float(), reference, rtol=tolerance, atol=1e-5)
+
+
+def test_wrong_feature_count_is_refused():
+    planes = fmt.encode(torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="features"):
+        fl.fused_linear(torch.zeros(2, 9, dtype=torch.bfloat16), planes)
+    with pytest.raises(ValueError, match="path must be one of"):
+        fl.fused_linear(torch.zeros(2, 8, dtype=torch.bfloat16), planes, path="cublas")
