@@ -148,6 +148,9 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # freed pinned buffers stay in torch's host cache: hand them back, or the next row's host budget
+        # (a share of the available RAM) is smaller than this row's was
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
     return result, tokens
 
 

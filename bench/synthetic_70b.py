@@ -236,6 +236,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--execute-compressed",
+        action="store_true",
+        help="with --codec fused12: linear layers compute from the compressed planes (not bitwise: the "
+        "comparison with the reference reports max |logit difference| and top-1 agreement)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny shape, zstd, on the CPU")
     args = parser.parse_args()
 
@@ -308,7 +314,13 @@ def measure(args: argparse.Namespace, config, device: torch.device, ids: torch.T
     results["budget_GiB"] = budget
     start = time.perf_counter()
     model = dispatch_synthetic(
-        config, budget, codec=args.codec, device=device, host_budget_gb=args.host_budget_gb, seed=args.seed
+        config,
+        budget,
+        codec=args.codec,
+        device=device,
+        host_budget_gb=args.host_budget_gb,
+        seed=args.seed,
+        execute_compressed=args.execute_compressed,
     )
     results["dispatch_seconds"] = time.perf_counter() - start
     plan = model.offload_plan

@@ -165,6 +165,8 @@ class GroupCodec(ABC):
         requires_gpu: encoding and decoding both need CUDA and nvCOMP (``ans``).
         stores_verbatim: chunks are the decoded bytes themselves, back to back (``raw``): the container
             validator then requires ``size == decoded_size`` and contiguous offsets.
+        executes_compressed: kernels compute from the stored payload itself (``fused12``):
+            :meth:`compute_views` gives each tensor in the form they take.
     """
 
     name: ClassVar[str]
@@ -172,6 +174,7 @@ class GroupCodec(ABC):
     encodes_on_device: ClassVar[bool] = False
     requires_gpu: ClassVar[bool] = False
     stores_verbatim: ClassVar[bool] = False
+    executes_compressed: ClassVar[bool] = False
 
     def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
         """Whether a group stored with ``params`` has a CPU decoder (``int8`` asks its inner codec)."""
@@ -183,6 +186,20 @@ class GroupCodec(ABC):
         """Device memory :meth:`gpu_decoder` will take for this group, without allocating (no device needed
         for codecs without per-group device state; nvCOMP's temp size is a host-only library query)."""
         return DecoderSizes()
+
+    def compute_views(
+        self, payload: torch.Tensor, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> dict[str, Any]:
+        """Zero-copy views of every tensor of a payload held on a device, in the form kernels compute from
+        (codecs that ``executes_compressed``): a tensor stored in a compute format maps to its format's
+        object, any other to a typed tensor view."""
+        raise NotImplementedError(f"codec {self.name!r} does not execute compressed")
+
+    def compute_tensors(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> set[str]:
+        """Names of the tensors :meth:`compute_views` gives in a compute format (not as plain tensors)."""
+        return set()
 
     def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes | None:
         """Device memory of :meth:`batch_decoder` (a pure query), or ``None`` when the codec has none."""

@@ -186,6 +186,17 @@ class Fused12Codec(GroupCodec):
 
     name = "fused12"
     lossless = True
+    executes_compressed = True
+
+    def compute_views(
+        self, payload: torch.Tensor, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> dict[str, fmt.Planes | torch.Tensor]:
+        return tensor_views(payload, params, layout, chunks)
+
+    def compute_tensors(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> set[str]:
+        return {e.spec.name for e in parse_params(params, layout, chunks) if e.kind == PLANES}
 
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         data = np.ascontiguousarray(data, dtype=np.uint8)

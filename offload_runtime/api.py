@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from offload_runtime import compressed_linear
 from offload_runtime.display import ReadProgress
 from offload_runtime.errors import BudgetError
 from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity, prepare_experts
@@ -118,6 +119,9 @@ def _bind(model: nn.Module, runtime: Runtime, groups: list) -> None:
         bound: dict[str, torch.Tensor] = {}
         for name, view in runtime.views[entry.name].items():
             module, attr = _owner(model, name)
+            if not isinstance(view, torch.Tensor):  # a weight kept in a compute format (executed compressed)
+                compressed_linear.bind(module, view, entry.layout.spec(name).torch_dtype)
+                continue
             value = nn.Parameter(view, requires_grad=False) if attr in module._parameters else view
             _set_tensor(model, name, value)
             bound[name] = value
@@ -143,6 +147,7 @@ def _attach(
     host_budget_gb: float | None,
     tmpdir: str | None,
     options: ExpertOptions | None = None,
+    execute_compressed: bool = False,
 ) -> nn.Module:
     budget = round(budget_gb * GIB)  # to the nearest byte: budget_gb = minimum / GIB must pass
     host_budget = _host_budget(host_budget_gb)
@@ -158,6 +163,7 @@ def _attach(
             prefetch=prefetch,
             host_budget_bytes=host_budget,
             keep_resident=_nested_groups(model, groups),
+            executable=compressed_linear.executable_groups(model, groups) if execute_compressed else (),
         )
     except BudgetError as exc:
         if not reserved:
@@ -283,6 +289,7 @@ def dispatch_compressed(
     expert_cache: str = "auto",
     expert_policy: str = "lru",
     speculate: bool = False,
+    execute_compressed: bool = False,
 ) -> nn.Module:
     """Run ``model`` with its weights compressed and streamed through at most ``budget_gb`` of device memory.
 
@@ -308,6 +315,11 @@ def dispatch_compressed(
         expert_policy (`str`, defaults to `"lru"`): the expert cache's replacement policy, ``"lru"`` or
             ``"lfu"``.
         speculate (`bool`, defaults to `False`): prefetch the next MoE layer's likely experts (CUDA).
+        execute_compressed (`bool`, defaults to `False`): groups stored with a codec that executes
+            compressed (``codec="fused12"``) whose compressed tensors are all ``nn.Linear`` weights are kept
+            compressed in VRAM and their linear layers compute from the planes (the ``executed_compressed``
+            tier): exact weights, another summation order than cuBLAS (outputs are not bitwise those of the
+            resident model).
 
     Returns:
         `nn.Module`: ``model``, with ``offload_plan`` and ``offload_stats`` attributes.
@@ -348,7 +360,9 @@ def dispatch_compressed(
     try:
         if tmpdir is None:
             check_compatible(reader, model)
-        return _attach(model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir, options)
+        return _attach(
+            model, reader, budget_gb, device, prefetch, host_budget_gb, tmpdir, options, execute_compressed
+        )
     except BaseException:
         reader.close()
         if tmpdir is not None:
@@ -368,6 +382,7 @@ def load_compressed(
     expert_cache: str = "auto",
     expert_policy: str = "lru",
     speculate: bool = False,
+    execute_compressed: bool = False,
     progress: bool = False,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
@@ -378,8 +393,8 @@ def load_compressed(
     Args:
         path (`str` or `os.PathLike`): a container made by ``pack``.
         budget_gb (`float`): see :func:`dispatch_compressed`.
-        device, prefetch, host_budget_gb, verify, experts, expert_cache, expert_policy, speculate: see
-            :func:`dispatch_compressed`.
+        device, prefetch, host_budget_gb, verify, experts, expert_cache, expert_policy, speculate,
+            execute_compressed: see :func:`dispatch_compressed`.
         progress (`bool`, defaults to `False`): show on stderr the MiB read while the model loads
             (resident groups decoded, host-tier payloads copied into RAM).
 
@@ -402,7 +417,17 @@ def load_compressed(
     try:
         model = build_empty_model(reader)
         check_compatible(reader, model)
-        return _attach(model, source or reader, budget_gb, device, prefetch, host_budget_gb, None, options)
+        return _attach(
+            model,
+            source or reader,
+            budget_gb,
+            device,
+            prefetch,
+            host_budget_gb,
+            None,
+            options,
+            execute_compressed,
+        )
     except BaseException:
         reader.close()
         raise
@@ -452,6 +477,8 @@ def remove_offload(model: nn.Module) -> nn.Module:
     runtime = state.runtime
     for module, hook in attached_hooks(model):
         hook.detach(module)
+    for module in model.modules():
+        compressed_linear.unbind(module)
     runtime.engine.close()
     if runtime.experts is not None:
         _restore_experts(model, runtime, state)

@@ -330,6 +330,7 @@ def dispatch_synthetic(
     expert_policy: str = "lru",
     speculate: bool = False,
     source: Any = None,
+    execute_compressed: bool = False,
 ) -> nn.Module:
     """A synthetic model of shape ``name_or_config``, dispatched in ``budget_gb`` without materialising it.
 
@@ -351,6 +352,8 @@ def dispatch_synthetic(
             with its experts reassembled).
         source (*optional*): a :func:`synthetic_source` of the same config, seed, codec, device and dtype,
             already encoded (several dispatches of one shape then encode it once).
+        execute_compressed (`bool`, defaults to `False`): see :func:`~offload_runtime.dispatch_compressed`
+            (with ``codec="fused12"``).
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
@@ -387,7 +390,7 @@ def dispatch_synthetic(
     ):
         source = ReassembledSource(source)  # the block runtime streams each block with its experts
     try:
-        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None, options)
+        _attach(model, source, budget_gb, device, prefetch, host_budget_gb, None, options, execute_compressed)
     except BaseException:
         if owned:
             stored.close()

@@ -233,7 +233,7 @@ class Plan:
             where = "CPU RAM holding decoded weights"
         else:
             where = "device memory"
-            in_vram = sum(g.device_bytes for g in self.groups if g.tier.uses_slot and g.tier.payload_in_vram)
+            in_vram = sum(g.device_bytes for g in self.groups if g.tier.payload_in_vram)  # slot or executed
             held += [
                 f"compressed in VRAM {_mib(in_vram)} stored",
                 f"staging {_mib(b.staging_bytes)}",
@@ -361,7 +361,7 @@ class _Placer:
         self.groups, self.budget, self.device, self.prefetch = list(groups), budget, device, prefetch
         self.force_streamed = set(force_streamed)
         tiers = tiers_on(device)
-        self.slotless = RESIDENT  # where forced and promoted groups go: decoded, no slot
+        self.slotless_tiers = [t for t in tiers if not t.uses_slot]
         self.in_vram_tiers = [t for t in tiers if t.uses_slot and t.payload_in_vram]
         self.off_device_tiers = [t for t in tiers if t.uses_slot and not t.payload_in_vram]
         largest = max((g.decoded_bytes for g in groups), default=0)
@@ -377,6 +377,10 @@ class _Placer:
             (g for g in groups if g.name not in forced_names), key=lambda g: -g.decoded_bytes
         )
 
+    def slotless(self, g: GroupSize) -> Tier:
+        """The tier a group goes to when it takes no slot: the first slotless tier that accepts it."""
+        return next((t for t in self.slotless_tiers if t.accepts(g)), RESIDENT)
+
     # -- costs ---------------------------------------------------------------------------------------
     def buffers(self, resident: set[str], in_vram: set[str]) -> Buffers:
         slot_groups = [g for g in self.candidates if g.name not in resident]
@@ -387,15 +391,19 @@ class _Placer:
         )
 
     def dispatch(self, resident_groups: Sequence[GroupSize]) -> list[GroupSize]:
-        """Resident groups decoded on the device at dispatch: CUDA, and no CPU decoder."""
-        return [g for g in resident_groups if self.device == "cuda" and not g.decodes_on_cpu]
+        """Resident groups decoded on the device at dispatch: CUDA, decoded resident, no CPU decoder."""
+        return [
+            g
+            for g in resident_groups
+            if self.device == "cuda" and not g.decodes_on_cpu and self.slotless(g) is RESIDENT
+        ]
 
     def cost(self, resident: set[str], in_vram: frozenset[str] | set[str] = frozenset()) -> int:
         """Device bytes when ``resident`` are resident and ``in_vram`` payloads stay on the device."""
-        held = sum(self.slotless.device_bytes(g) for g in self.forced)
+        held = sum(self.slotless(g).device_bytes(g) for g in self.forced)
         for g in self.candidates:
             if g.name in resident:
-                held += self.slotless.device_bytes(g)
+                held += self.slotless(g).device_bytes(g)
             elif g.name in in_vram:
                 held += self.in_vram_tiers[0].device_bytes(g)
         return held + self.buffers(resident, set(in_vram)).device_bytes
@@ -428,7 +436,7 @@ class _Placer:
         )
         terms = [
             slots_term,
-            f"resident groups {sum(self.slotless.device_bytes(g) for g in resident):,} "
+            f"resident groups {sum(self.slotless(g).device_bytes(g) for g in resident):,} "
             f"({len(resident)} of {len(self.groups)} groups)",
             f"staging {b.staging_bytes:,}",
             f"codec scratch {b.scratch_bytes:,}",
@@ -453,16 +461,29 @@ class _Placer:
         (their copies, made ahead, overlap the groups decoded from VRAM)."""
         if not self.in_vram_tiers:
             return set()
-        everything = {g.name for g in streamed}
-        if self.cost(resident, everything) <= self.budget:
+        # a group a slotless tier keeps compressed (executed_compressed) is kept there rather than in a slot
+        executed = {g.name for g in streamed if self.slotless(g).payload_in_vram}
+        everything = {g.name for g in streamed} - executed
+        if self.cost(resident | executed, everything) <= self.budget:
+            resident |= executed
             return everything
         in_vram: set[str] = set()
         leftover = self.budget - self.cost(resident)
         for g in reversed(spread_order([g for g in self.groups if g in streamed])):
-            size = self.in_vram_tiers[0].device_bytes(g)
-            if size <= leftover:
+            size = (
+                self.slotless(g).device_bytes(g)
+                if g.name in executed
+                else self.in_vram_tiers[0].device_bytes(g)
+            )
+            if size > leftover:
+                continue
+            if g.name in executed:
+                if self.cost(resident | {g.name}, in_vram) > self.budget:
+                    continue
+                resident.add(g.name)
+            else:
                 in_vram.add(g.name)
-                leftover -= size
+            leftover = self.budget - self.cost(resident, in_vram)
         return in_vram
 
     def promote(self, resident: set[str], in_vram: set[str], streamed: list[GroupSize]) -> None:
@@ -546,6 +567,7 @@ def plan_placement(
     if not options:  # unreachable: the minimum structure fits whenever budget >= minimum
         raise PlanError("no placement fits although the budget is above the minimum", actual=budget_bytes)
     _, resident, in_vram = min(options, key=lambda option: option[0])
+    slotless = {g.name: placer.slotless(g) for g in groups if g.name in resident or g in placer.forced}
 
     forced = {g.name for g in placer.forced}
     streamed = [g for g in groups if g.name not in forced and g.name not in resident]
@@ -559,6 +581,7 @@ def plan_placement(
         dispatch_decoded=placer.dispatch([g for g in groups if g.name not in tiers]),
         disk=[g for g in streamed if tiers[g.name].reads_disk],
     )
+    tiers.update(slotless)
     return Plan(device, budget_bytes, minimum, prefetch, buffers, _placements(groups, tiers, buffers.nslots))
 
 
@@ -566,7 +589,7 @@ def _placements(groups: Sequence[GroupSize], tiers: dict[str, Tier], nslots: int
     """One placement per group; slots are assigned statically: the j-th slot group uses slot j % nslots."""
     placements, j = [], 0
     for g in groups:
-        tier = tiers.get(g.name, RESIDENT)
+        tier = tiers[g.name]
         slot = None
         if tier.uses_slot:
             slot, j = j % nslots, j + 1

@@ -41,7 +41,8 @@ class Runtime:
         plan: the placement.
         engine: the prefetch engine (slot groups).
         stats: counters (``model.offload_stats``).
-        views: group -> {stored tensor name -> typed view into its resident buffer or slot}.
+        views: group -> {stored tensor name -> typed view into its resident buffer or slot, or the compute
+            format's object (fused12 planes) for a group executed compressed}.
         stores: tier -> its store (what the tier holds for its groups).
         slots: the slot pool.
         device: where weights are decoded to.
@@ -85,6 +86,7 @@ def build_runtime(
     keep_resident: Collection[str] = (),
     force_streamed: Collection[str] = (),
     threaded: bool | None = None,
+    executable: Collection[str] = (),
 ) -> Runtime:
     """Plan and allocate the runtime of ``source`` on ``device``.
 
@@ -98,12 +100,14 @@ def build_runtime(
         force_streamed (`Collection[str]`): groups that must be streamed even when they would fit.
         threaded (`bool`, *optional*): run loads on a prefetch thread; by default only when a load can
             block the host (CPU decodes, disk reads), else inline on the compute thread (see the engine).
+        executable (`Collection[str]`): groups whose linear layers may compute from their payload (the
+            ``executed_compressed`` tier takes them when it fits).
 
     Raises:
         BudgetError: when the budget is below the minimum working set.
     """
     plan = plan_placement(
-        measure_groups(source.groups, device),
+        measure_groups(source.groups, device, executable),
         budget_bytes,
         device=device.type,
         prefetch=prefetch,
@@ -199,9 +203,14 @@ def _make_slots(plan: Plan, buffers: list[torch.Tensor], loader: Loader) -> list
 def _bind_views(
     source: GroupSource, plan: Plan, store_of: dict[str, TierStore], slots: list[Slot]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Every group's tensors as views: into its tier's buffer, or into its slot (permanent views)."""
+    """Every group's tensors as views: into its tier's buffer, or into its slot (permanent views); a group
+    kept in a compute format gives its tensors in that format (planes for its linear layers)."""
     views = {}
     for p in plan.groups:
+        computed = None if p.streamed else store_of[p.name].compute_views(p.name)
+        if computed is not None:
+            views[p.name] = computed
+            continue
         buffer = slots[p.slot].buffer if p.streamed else store_of[p.name].buffer(p.name)
         views[p.name] = source.group(p.name).layout.views(buffer)
     return views

@@ -7,7 +7,7 @@ its own arrays (``scratch_bytes``, from the codec's size query) and the shared d
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ class GroupSize:
             (nvCOMP temp space, int8 stored bytes). Decodes are serialised on one stream, so the runtime
             keeps one buffer per kind, as large as the largest need: charged once.
         decodes_on_cpu: its codec has a CPU decoder, so making it resident needs no device scratch.
+        executable: its linear layers can compute from its payload (the ``executed_compressed`` tier).
     """
 
     name: str
@@ -39,21 +40,25 @@ class GroupSize:
     scratch_bytes: int = 0
     workspace: tuple[tuple[str, int], ...] = ()
     decodes_on_cpu: bool = True
+    executable: bool = False
 
 
-def measure_group(entry: GroupEntry, device: torch.device) -> GroupSize:
+def measure_group(entry: GroupEntry, device: torch.device, executable: bool = False) -> GroupSize:
     """The :class:`GroupSize` of ``entry`` as the runtime on ``device`` will allocate it (pure queries)."""
     codec = get_codec(entry.codec)
     decoded, stored = arena_size(entry.decoded_size), arena_size(entry.stored_size)
     on_cpu = codec.decodes_on_cpu(entry.params)
     if device.type != "cuda":
-        return GroupSize(entry.name, decoded, stored, decodes_on_cpu=on_cpu)
+        return GroupSize(entry.name, decoded, stored, decodes_on_cpu=on_cpu, executable=executable)
     sizes = codec.gpu_decoder_sizes(entry.chunks, entry.params, entry.layout)
     scratch = sum(arena_size(piece) for piece in sizes.pieces)
     workspace = tuple(sorted((kind, arena_size(n)) for kind, n in sizes.workspace if n > 0))
-    return GroupSize(entry.name, decoded, stored, scratch, workspace, on_cpu)
+    return GroupSize(entry.name, decoded, stored, scratch, workspace, on_cpu, executable)
 
 
-def measure_groups(entries: Iterable[GroupEntry], device: torch.device) -> list[GroupSize]:
-    """:func:`measure_group` of every entry, in order."""
-    return [measure_group(entry, device) for entry in entries]
+def measure_groups(
+    entries: Iterable[GroupEntry], device: torch.device, executable: Collection[str] = ()
+) -> list[GroupSize]:
+    """:func:`measure_group` of every entry, in order; ``executable`` names the groups whose linear layers
+    may compute from their payload."""
+    return [measure_group(entry, device, entry.name in executable) for entry in entries]

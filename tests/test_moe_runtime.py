@@ -51,7 +51,7 @@ def half_cache_budget(path) -> int:
     [("minimum", "lru", None), ("half the experts", "lfu", None), ("half the experts", "lru", 0.0)],
 )
 def test_routed_experts_stream_bit_identical_within_budget(packed, batch, regime, policy, host):
-    arch, reference, path, minimum = packed
+    _arch, reference, path, minimum = packed
     budget = minimum if regime == "minimum" else half_cache_budget(path)
     ids = torch.randint(3, 200, (batch, 6), generator=torch.Generator().manual_seed(batch))
     want_logits, want_tokens = outputs(reference, ids)
@@ -86,7 +86,7 @@ def test_routed_experts_stream_bit_identical_within_budget(packed, batch, regime
 
 
 def test_block_granularity_on_request(packed):
-    arch, reference, path, minimum = packed
+    _arch, reference, path, _minimum = packed
     ids = torch.randint(3, 200, (2, 5))
     want_logits, want_tokens = outputs(reference, ids)
     model = load_compressed(path, 1.0, device="cpu", experts="block")

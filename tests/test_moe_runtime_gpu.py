@@ -17,7 +17,7 @@ from offload_runtime.tiny import TINY_MOE_ARCHITECTURES, tiny_model
 
 pytestmark = pytest.mark.gpu
 
-# a Qwen3-MoE whose expert tensors are whole 256 KiB ANS chunks (gate_up 512 KiB, down 256 KiB): the direct path
+# a Qwen3-MoE whose expert tensors are whole 256 KiB ANS chunks (gate_up 512 KiB, down 256 KiB): direct path
 ALIGNED = {"hidden_size": 512, "moe_intermediate_size": 256, "intermediate_size": 1024, "head_dim": 64}
 
 
@@ -56,7 +56,8 @@ def test_experts_stream_bit_identical_on_cuda(tmp_path, arch, regime, cache, spe
     if regime == "half":
         full = load_compressed(path, 1.0, device="cuda").offload_plan
         experts = full.experts
-        budget = full.groups_device_bytes + experts.fixed_bytes + len(experts.experts) // 2 * experts.entry_bytes
+        half = len(experts.experts) // 2 * experts.entry_bytes
+        budget = full.groups_device_bytes + experts.fixed_bytes + half
         del full
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

@@ -10,19 +10,24 @@ from __future__ import annotations
 from offload_runtime.scheduler.tiers.base import Tier, TierContext, TierStore
 from offload_runtime.scheduler.tiers.device import DeviceCompressedTier
 from offload_runtime.scheduler.tiers.disk import DiskTier
+from offload_runtime.scheduler.tiers.executed import ExecutedCompressedTier
 from offload_runtime.scheduler.tiers.host import HostTier
 from offload_runtime.scheduler.tiers.resident import ResidentTier
 
 RESIDENT = ResidentTier()
+EXECUTED_COMPRESSED = ExecutedCompressedTier()
 DEVICE_COMPRESSED = DeviceCompressedTier()
 HOST = HostTier()
 DISK = DiskTier()
 
-TIERS: tuple[Tier, ...] = (RESIDENT, DEVICE_COMPRESSED, HOST, DISK)
+# executed_compressed accepts only the groups a dispatch opted in (execute_compressed=True): for them it
+# comes before resident (no decoded copy; batch-1 kernels at or above cuBLAS speed on large shapes)
+TIERS: tuple[Tier, ...] = (EXECUTED_COMPRESSED, RESIDENT, DEVICE_COMPRESSED, HOST, DISK)
 
 __all__ = [
     "DEVICE_COMPRESSED",
     "DISK",
+    "EXECUTED_COMPRESSED",
     "HOST",
     "RESIDENT",
     "TIERS",

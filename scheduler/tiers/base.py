@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -75,6 +75,10 @@ class TierStore:
 
     def buffer(self, name: str) -> torch.Tensor | None:
         """The decoded buffer of a group that needs no slot (``None`` for slot tiers)."""
+        return None
+
+    def compute_views(self, name: str) -> dict[str, Any] | None:
+        """A slotless group kept in a compute format: its tensors' views (``None`` for other tiers)."""
         return None
 
     def decode_cpu(self, entry: GroupEntry, out: torch.Tensor, staging: torch.Tensor) -> None:
