@@ -11,7 +11,9 @@ def test_pack_throughput(benchmark, minilm, codec, tmp_path):
     model, _ = minilm
     out = tmp_path / "m.ort"
 
-    benchmark.pedantic(pack, args=(model, out), kwargs={"codec": codec, "progress": False}, rounds=3)
+    # overwrite=True: each round replaces the previous round's container
+    kwargs = {"codec": codec, "progress": False, "overwrite": True}
+    benchmark.pedantic(pack, args=(model, out), kwargs=kwargs, rounds=3)
 
     with ContainerReader(out) as reader:
         state = load_state_dict(reader)

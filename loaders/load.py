@@ -49,7 +49,15 @@ def empty_model_from_config(config: dict, model_class: str | None, *, file=None,
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("stored config has no model_type", file=file)
-    hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} cannot build the stored config: {exc}",
+            file=file,
+            actual=model_type,
+            hint="upgrade transformers, or check the config's model_type",
+        ) from exc
     class_name = model_class or (hf_config.architectures or [None])[0]
     cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:
@@ -144,6 +152,7 @@ def load_tokenizer(path: str | os.PathLike | ContainerReader):
         path (`str`, `os.PathLike` or `ContainerReader`): the container.
 
     Raises:
+        UsageError: ``path`` is a folder or a GGUF file (``MissingFileError``: it does not exist).
         CheckpointError: the container holds no tokenizer.
     """
     from transformers import AutoTokenizer
@@ -151,7 +160,9 @@ def load_tokenizer(path: str | os.PathLike | ContainerReader):
     if isinstance(path, ContainerReader):
         files, where = path.index.tokenizer, path.path
     else:
-        with ContainerReader(path) as reader:
+        from offload_runtime.validate_args import container_file
+
+        with ContainerReader(container_file(path, "path")) as reader:
             files, where = reader.index.tokenizer, reader.path
     if not files:
         raise CheckpointError("container holds no tokenizer", file=where, hint="pack it with tokenizer=...")

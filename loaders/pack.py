@@ -26,36 +26,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offload_runtime.errors import CheckpointMismatchError
+from offload_runtime.display import ByteBar
+from offload_runtime.errors import CheckpointMismatchError, UsageError
 from offload_runtime.loaders.format import TOKENIZER_BINARY_SUFFIX, TP_SLICE_KIND, TpSlice, tp_slice_name
 from offload_runtime.loaders.groups import GroupSpec, find_groups
 from offload_runtime.loaders.legacy_experts import ConversionRules, StackedFromExperts
 from offload_runtime.loaders.moe import parse_slice_name
-from offload_runtime.loaders.sources import (
-    ModuleSource,
-    SafetensorsSource,
-    SlicedSource,
-    TensorSource,
-    checkpoint_files,
-)
+from offload_runtime.loaders.pack_source import PackSource
+from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, SlicedSource, TensorSource
 from offload_runtime.loaders.tp import local_state_dict, planned_shard_dims, shard_specs
 from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, slice_group
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-BINARY_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # sentencepiece
+from offload_runtime.validate_args import check_pack
 
 
 @dataclass
@@ -79,20 +63,30 @@ def pack(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     tp_slices: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Pack a model into a container at ``out``, atomically.
 
+    Every argument is checked before anything is read (``offload_runtime.validate_args.check_pack``):
+    ``pack`` never writes over a file it reads (the weights, an index and its shards, the config, the
+    tokenizer files; compared by resolved path and by inode), nor over any existing file unless
+    ``overwrite``.
+
     Args:
         src (`nn.Module`, `str` or `os.PathLike`): a model, an HF model directory (``config.json`` and
-            ``model.safetensors`` or a sharded ``model.safetensors.index.json``) or one ``.safetensors``
-            file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes).
-        out (`str` or `os.PathLike`): the container to write.
+            ``model.safetensors`` or a sharded ``model.safetensors.index.json``), one ``.safetensors``
+            file (with a ``config.json`` beside it if any; otherwise groups come from name prefixes), or
+            a GGUF file (loaded through transformers: quantised tensors are de-quantised to ``dtype``,
+            float32 by default, so the container is lossless relative to the de-quantised weights and
+            larger than the GGUF file; the tokenizer it carries is stored too).
+        out (`str` or `os.PathLike`): the container to write, in an existing folder.
         codec (`str`, defaults to `"auto"`): ``auto``, ``raw``, ``zstd``, ``ans``, ``int8`` or
             ``fused12``; ``auto`` picks per group (``offload_runtime.native.resolve_codec``).
-        progress (`bool`, defaults to `True`): show a tqdm bar (groups, bytes, ratio so far).
+        progress (`bool`, defaults to `True`): show a progress bar on stderr (MiB, groups, ratio so far).
         tokenizer (*optional*): a tokenizer whose files are stored in the container (``load_tokenizer``
             rebuilds it). For a directory source, tokenizer files found there are stored when this is None.
-        dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first.
+        dtype (`torch.dtype`, *optional*): convert floating tensors to this dtype first (a GGUF source:
+            the dtype quantised tensors are de-quantised to; float32 when ``None``).
         device (`torch.device` or `str`, *optional*): where the container will be decoded; ``auto`` (and
             ``int8``'s inner codec) then pick codecs that decode there (``"cpu"``: never ``ans``). ``None``
             means the GPU when there is one.
@@ -100,28 +94,33 @@ def pack(
             many slices (format version 3), so that ``load_compressed`` on each of ``N`` ranks of a
             tensor-parallel run, ``N`` dividing ``tp_slices``, reads only its slices. ``src`` must be the
             unsharded model (or its directory) and have a ``tp_plan``.
+        overwrite (`bool`, defaults to `False`): replace ``out`` if it exists (never when it is an input).
 
     Returns:
         `pathlib.Path`: ``out``.
 
     Raises:
-        FileNotFoundError: ``src`` does not exist. CodecUnavailableError: unknown codec.
+        MissingFileError: ``src`` does not exist or lacks its weights or config (naming what is missing).
+        UsageError: ``out`` is a folder, is in a folder that does not exist or cannot be written, is one
+            of the files ``src`` reads, or exists and ``overwrite`` is False; a bad ``dtype`` or device.
+        CodecUnavailableError: an unknown codec, or one that cannot run here.
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
         ValueError: ``tp_slices`` out of range, or a source without a tensor-parallel plan.
     """
-    if codec != "auto":
-        _resolve_codec(codec, None, device)  # fail on an unknown or unusable codec before reading anything
+    source, out = check_pack(
+        src, out, codec=codec, dtype=dtype, device_=device, overwrite=overwrite, tokenizer=tokenizer
+    )
     if tp_slices is not None and not 2 <= tp_slices <= MAX_TP_SLICES:
         raise ValueError(f"tp_slices must be between 2 and {MAX_TP_SLICES}, got {tp_slices}")
     if tp_slices is not None and isinstance(src, nn.Module) and shard_specs(src):
         raise ValueError("tp_slices slices an unsharded model; this one is already tensor parallel")
-    plan = _plan(src)
+    plan = _plan(src if source is None else source, dtype, progress)
     try:
         if tp_slices is not None and not plan.shard_dims:
             raise ValueError(f"tp_slices needs a model with a tensor-parallel plan (tp_plan); {src} has none")
         if tokenizer is not None:
             plan.tokenizer = tokenizer_files(tokenizer)
-        return _write(plan, Path(out), codec, progress, dtype, device, tp_slices)
+        return _write(plan, out, codec, progress, dtype, device, tp_slices)
     finally:
         for fn in plan.cleanup:
             fn()
@@ -136,17 +135,21 @@ def _write(
     device: torch.device | str | None = None,
     tp_slices: int | None = None,
 ) -> Path:
-    from tqdm.auto import tqdm
-
     layouts = [_layout(spec, plan.source, dtype) for spec in plan.groups]
     stored_dtype = _main_float_dtype(layouts)
     config = dict(plan.config) if plan.config is not None else None
     if config is not None and stored_dtype is not None:
         config["dtype"] = stored_dtype
     total = sum(layout.size for layout in layouts)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress)
+    try:
+        writer = ContainerWriter(out)
+    except OSError as exc:  # the writer's temporary file beside ``out`` cannot be created: name ``out``
+        raise UsageError(
+            f"cannot write {out}: {exc.strerror or exc}", file=out, hint="choose a folder you can write to"
+        ) from exc
+    bar = ByteBar(total, f"pack {out.name}", enabled=progress)
     decoded = stored = 0
-    with bar, ContainerWriter(out) as writer:
+    with bar, writer:
         writer.set_model_info(
             model_class=plan.model_class,
             config=config,
@@ -243,17 +246,19 @@ def _resolve_codec(
 # -- sources -----------------------------------------------------------------------------------------
 
 
-def _plan(src) -> _Plan:
+def _plan(src: nn.Module | PackSource, dtype: torch.dtype | None, progress: bool) -> _Plan:
     if isinstance(src, nn.Module):
         return _plan_module(src)
-    path = Path(src)
-    if not path.exists():
-        raise FileNotFoundError(2, "no such file or directory", str(path))
-    if path.is_dir():
-        return _plan_pretrained(path, checkpoint_files(path))
-    if (path.parent / "config.json").is_file():
-        return _plan_pretrained(path.parent, [path])
-    return _plan_bare_file(path)
+    if src.kind == "gguf":
+        from offload_runtime.loaders.gguf import load_gguf
+
+        model, tokenizer = load_gguf(src.path, dtype, progress)
+        plan = _plan_module(model)
+        plan.tokenizer = tokenizer_files(tokenizer)
+        return plan
+    if src.config_dir is not None:
+        return _plan_pretrained(src, src.weights)
+    return _plan_bare_file(src.path)
 
 
 def _model_info(model: nn.Module) -> dict:
@@ -273,10 +278,11 @@ def _plan_module(model: nn.Module) -> _Plan:
     return plan
 
 
-def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
+def _plan_pretrained(src: PackSource, files: list[Path]) -> _Plan:
     """Groups from the model the config describes (built on ``meta``), tensors from the safetensors files."""
     from offload_runtime.loaders.load import empty_model_from_config
 
+    directory = src.config_dir
     config = json.loads((directory / "config.json").read_text())
     model = empty_model_from_config(config, None, file=directory / "config.json")
     if (directory / "generation_config.json").is_file():
@@ -313,9 +319,8 @@ def _plan_pretrained(directory: Path, files: list[Path]) -> _Plan:
         )
     plan = _Plan(groups, SlicedSource(renamed), **_model_info(model), cleanup=[source.close])
     plan.shard_dims = planned_shard_dims(model)
-    found = [directory / f for f in TOKENIZER_FILES + BINARY_TOKENIZER_FILES if (directory / f).is_file()]
-    if found:
-        plan.tokenizer = dict(_tokenizer_entry(f) for f in found)
+    if src.tokenizer_files:
+        plan.tokenizer = dict(_tokenizer_entry(f) for f in src.tokenizer_files)
     return plan
 
 

@@ -194,15 +194,3 @@ def _read_index(file: Path) -> dict[str, _Entry]:
             )
         entries[name] = _Entry(file, dtype, shape, data_start + begin, end - begin)
     return entries
-
-
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of an HF model directory (single file or sharded with an index)."""
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / f for f in dict.fromkeys(weight_map.values())]
-    raise FileNotFoundError(2, "no model.safetensors or model.safetensors.index.json", str(directory))

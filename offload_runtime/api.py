@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from offload_runtime import compressed_linear
+from offload_runtime.display import ReadProgress
 from offload_runtime.errors import BudgetError
 from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity, prepare_experts
 from offload_runtime.hooks import GroupHook, attached_hooks
@@ -45,6 +46,7 @@ from offload_runtime.native import GroupLayout
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.planner import GIB, GroupSize, plan_placement
 from offload_runtime.scheduler.runtime import Runtime, build_runtime
+from offload_runtime.validate_args import check_dispatch, check_load
 
 __all__ = ["dispatch_compressed", "load_compressed", "load_tokenizer", "remove_offload"]
 
@@ -367,9 +369,22 @@ def dispatch_compressed(
         `nn.Module`: ``model``, with ``offload_plan`` and ``offload_stats`` attributes.
 
     Raises:
+        UsageError: an argument that cannot work, before any work: a budget that is not a positive finite
+            number, a device this machine lacks, a ``checkpoint`` that is a folder; ``TypeError`` for an
+            argument of the wrong type.
         BudgetError: the budget is below the minimum working set (nothing is changed).
         CheckpointMismatchError: ``checkpoint`` does not hold this model's tensors.
     """
+    check_dispatch(
+        model,
+        budget_gb,
+        checkpoint=checkpoint,
+        device_=device,
+        codec=codec,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        verify=verify,
+    )
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
@@ -416,6 +431,7 @@ def load_compressed(
     speculate: bool = False,
     execute_compressed: bool = False,
     tensor_parallel: bool | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Build the model stored in container ``path`` and dispatch it, never materialising all its weights.
 
@@ -436,10 +452,20 @@ def load_compressed(
             execute_compressed: see :func:`dispatch_compressed`.
         tensor_parallel (`bool`, *optional*): shard the model over the default process group; by default
             when one is initialised with more than one rank.
+        progress (`bool`, defaults to `False`): show on stderr the MiB read while the model loads
+            (resident groups decoded, host-tier payloads copied into RAM).
 
     Returns:
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan`` and ``offload_stats``.
+
+    Raises:
+        UsageError: see :func:`dispatch_compressed`; ``MissingFileError`` when ``path`` does not exist.
+        CheckpointError: ``path`` is not a valid container, or holds no model config.
+        BudgetError: the budget is below the minimum working set.
     """
+    check_load(
+        path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
+    )
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     tp = tensor_parallel or (tensor_parallel is None and tp_world() is not None)
     if tp:
@@ -448,6 +474,7 @@ def load_compressed(
     else:
         device = _resolve_device(device)
         reader = _open(path, verify, device, options)
+    source = None
     try:
         model = build_empty_model(reader)
         if tp:
@@ -455,12 +482,25 @@ def load_compressed(
             _shard_reader(reader, model)
             device = _resolve_device(device)
         check_compatible(reader, model)
+        # without a bar the runtime reads the reader itself: nothing is added to the streaming path
+        source = ReadProgress(reader, f"load {reader.path.name}") if progress else None
         return _attach(
-            model, reader, budget_gb, device, prefetch, host_budget_gb, None, options, execute_compressed
+            model,
+            source or reader,
+            budget_gb,
+            device,
+            prefetch,
+            host_budget_gb,
+            None,
+            options,
+            execute_compressed,
         )
     except BaseException:
         reader.close()
         raise
+    finally:
+        if source is not None:
+            source.finish()
 
 
 def _restore_experts(model: nn.Module, runtime: Runtime, state: _Dispatch) -> None:

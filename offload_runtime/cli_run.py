@@ -1,24 +1,18 @@
-"""``offload-runtime generate``, ``bench`` and ``demo``: run a container."""
+"""``offload-runtime generate`` and ``demo``: run a container, and the packaged demo."""
 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
 
-BENCH_PROMPT = "Write a short story about a lighthouse keeper."
+from offload_runtime import validate_args as check
+from offload_runtime.cli_args import DEVICE_HELP, add_budget, add_checkpoint, add_run_options, check_run_args
 
 
-def _existing(path: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(2, "No such file or directory", path)
-    return p
-
-
-def _prompt_ids(tokenizer, prompt: str):
+def prompt_ids(tokenizer, prompt: str):
+    """The prompt's token ids (1, n): through the chat template when the tokenizer has one."""
     import torch
 
     if getattr(tokenizer, "chat_template", None):
@@ -29,149 +23,137 @@ def _prompt_ids(tokenizer, prompt: str):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def add_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="container written by `offload-runtime pack`")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument(
-        "--budget-gb", type=float, default=1.0, help="weight memory budget in GiB (default 1)"
+def check_generative_container(path: Path, name: str = "CHECKPOINT"):
+    """Open container ``path`` and check it holds what text generation needs: a config, a model class
+    that can generate, and a tokenizer. Returns the tokenizer and the positions the model handles (or
+    ``None``); no weights are read."""
+    import transformers
+
+    import offload_runtime
+    from offload_runtime.loaders import ContainerReader
+
+    with ContainerReader(path) as reader:
+        index = reader.index
+        if index.config is None:
+            raise check.usage_error(
+                f"{name} {path} holds no model config (packed from a bare .safetensors file)",
+                "pack a model folder with config.json, or a .gguf file",
+            )
+        class_name = index.model_class or (index.config.get("architectures") or [None])[0]
+        cls = getattr(transformers, class_name, None) if class_name else None
+        if cls is not None and not cls.can_generate():
+            raise check.usage_error(
+                f"{name} {path} holds a {class_name}, which cannot generate text",
+                "generate and bench need a causal language model (a ...ForCausalLM); load this one in "
+                "Python with offload_runtime.load_compressed",
+            )
+        if not index.tokenizer:
+            raise check.usage_error(
+                f"{name} {path} holds no tokenizer",
+                "pack a model folder that holds its tokenizer files (tokenizer.json, ...), or a .gguf file",
+            )
+        return offload_runtime.load_tokenizer(reader), _max_positions(index.config)
+
+
+def _max_positions(config: dict) -> int | None:
+    """The positions the stored config says the model handles (``n_positions`` for GPT-2, ...)."""
+    import transformers
+
+    config = dict(config)
+    try:
+        hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    except (KeyError, ValueError, TypeError):
+        return None  # load_compressed reports a config it cannot build
+    value = getattr(hf_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Refuse a generation longer than the positions the model handles (learned position embeddings
+    would index past their table), naming the longest ``--max-new-tokens`` that fits."""
+    if max_positions is None or prompt_tokens + max_new_tokens <= max_positions:
+        return
+    if prompt_tokens >= max_positions:
+        raise check.usage_error(
+            f"the prompt is {prompt_tokens} tokens; the model handles {max_positions} positions",
+            "give a shorter prompt",
+        )
+    raise check.usage_error(
+        f"--max-new-tokens {max_new_tokens} after a prompt of {prompt_tokens} tokens exceeds the "
+        f"{max_positions} positions the model handles",
+        f"give --max-new-tokens {max_positions - prompt_tokens} or less",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def add_generate(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint(parser)
+    parser.add_argument(
+        "--prompt", required=True, help="the text to answer (through the chat template, if any)"
+    )
+    add_budget(parser)
+    add_run_options(parser, max_new_tokens=64)
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the generated text: no progress bar, plan, load time or tok/s on stderr",
+    )
     parser.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    check_run_args(args)
+    path = check.container_file(args.checkpoint, "CHECKPOINT")
+    if not args.prompt.strip():
+        raise check.usage_error("--prompt is empty", "give the text to answer, e.g. --prompt 'Hello'")
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
     from transformers import TextStreamer
 
     import offload_runtime
 
-    path = _existing(args.checkpoint)
-    tokenizer = offload_runtime.load_tokenizer(path)
-    model = offload_runtime.load_compressed(path, budget_gb=args.budget_gb, device=args.device)
-    ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
-    return 0
-
-
-def add_bench(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "checkpoint", nargs="?", default=None, help="container written by `offload-runtime pack`"
-    )
-    parser.add_argument(
-        "--synthetic",
-        metavar="SHAPE",
-        default=None,
-        help="instead of a container: a synthetic Llama-shaped model generated on the device, nothing "
-        "written to disk (llama-70b, llama-8b, llama-2b, tiny)",
-    )
-    parser.add_argument(
-        "--budget-gb", type=float, nargs="+", default=[1.0], help="one or several budgets (GiB)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--codec", default="auto", help="--synthetic only: auto, raw, zstd, ans or int8")
-    parser.add_argument("--host-budget-gb", type=float, default=None, help="--synthetic only")
-    parser.add_argument("--seed", type=int, default=0, help="--synthetic only: seed of the weights")
-    parser.set_defaults(func=run_bench)
-
-
-def _timed_generate(model, ids, max_new_tokens: int) -> tuple[float, int]:
-    """(seconds, new tokens) of one greedy generation after a 2-token warm-up."""
-    import torch
-
-    model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: execution order, allocator
+    tokenizer, max_positions = check_generative_container(path)
+    ids = prompt_ids(tokenizer, args.prompt)
+    check_length(ids.shape[1], args.max_new_tokens, max_positions)
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
-    if ids.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out.shape[1] - ids.shape[1]
-
-
-def run_bench_synthetic(args: argparse.Namespace) -> int:
-    """``bench --synthetic``: a generated model per budget; prints each plan and tok/s, writes nothing."""
-    import torch
-
-    from offload_runtime.synthetic import dispatch_synthetic, synthetic_config
-
-    try:
-        config = synthetic_config(args.synthetic)
-    except ValueError as exc:
-        raise SystemExit(f"offload-runtime bench: {exc}") from None
-    rows = []
-    for budget in args.budget_gb:
-        start = time.perf_counter()
-        model = dispatch_synthetic(
-            config,
-            budget,
-            codec=args.codec,
-            device=args.device,
-            host_budget_gb=args.host_budget_gb,
-            seed=args.seed,
-        )
-        build = time.perf_counter() - start
-        # a fixed prompt of token ids: a synthetic model has no tokenizer
-        ids = (torch.arange(1, 17) * 7919 % config.vocab_size).unsqueeze(0).to(model.device)
-        with torch.inference_mode():
-            seconds, tokens = _timed_generate(model, ids, args.max_new_tokens)
-        plan = model.offload_plan
-        print(
-            f"\nsynthetic {args.synthetic}, codec {args.codec}, budget {budget} GiB (built in {build:.1f} s)"
-        )
-        print(plan)
-        rows.append((budget, tokens / seconds, _split(plan)))
-        # not remove_offload: it would decode every group at once (the whole model, on the device)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    print("\n| budget GiB | tok/s | split |\n|---:|---:|---|")
-    for budget, tok_s, split in rows:
-        print(f"| {budget:g} | {tok_s:.2f} | {split} |")
-    return 0
-
-
-def _split(plan) -> str:
-    """Groups per tier, e.g. ``resident 3, device_compressed 70, host 10``."""
-    return ", ".join(f"{t.name} {len(plan.in_tier(t))}" for t in plan.tiers)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    import offload_runtime
-
-    if args.synthetic is not None:
-        if args.checkpoint is not None:
-            raise SystemExit("offload-runtime bench: give a CHECKPOINT or --synthetic, not both")
-        return run_bench_synthetic(args)
-    if args.checkpoint is None:
-        raise SystemExit("offload-runtime bench: give a CHECKPOINT (or --synthetic SHAPE)")
-    path = _existing(args.checkpoint)
-    tokenizer = offload_runtime.load_tokenizer(path)
-    rows = []
-    for budget in args.budget_gb:
-        model = offload_runtime.load_compressed(path, budget_gb=budget, device=args.device)
-        ids = _prompt_ids(tokenizer, BENCH_PROMPT).to(model.device)
-        seconds, tokens = _timed_generate(model, ids, args.max_new_tokens)
-        print(f"\nbudget {budget} GiB\n{model.offload_plan}")
-        rows.append((budget, tokens / seconds, model.offload_plan))
-        offload_runtime.remove_offload(model)
-        del model
-    print("\n| budget GiB | tok/s |\n|---:|---:|")
-    for budget, tok_s, _ in rows:
-        print(f"| {budget:g} | {tok_s:.2f} |")
+    model = offload_runtime.load_compressed(
+        path,
+        budget_gb=args.budget_gb,
+        device=args.device,
+        prefetch=args.prefetch,
+        host_budget_gb=args.host_budget_gb,
+        progress=not args.quiet,
+    )
+    say(f"loaded {path.name} in {time.perf_counter() - start:.1f} s; plan: {model.offload_plan.summary()}")
+    ids = ids.to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    seconds = time.perf_counter() - start
+    tokens = out.shape[1] - ids.shape[1]
+    say(f"{tokens} tokens in {seconds:.1f} s: {tokens / seconds:.2f} tok/s")
     return 0
 
 
 def add_demo(parser: argparse.ArgumentParser) -> None:
+    add_budget(parser, default=None, default_text="default 40%% of the model's size")
     parser.add_argument(
-        "--budget-gb", type=float, default=None, help="budget in GiB (default: 40%% of the model)"
+        "--max-new-tokens",
+        type=int,
+        default=40,
+        metavar="N",
+        help="length of each answer, 1 or more (default 40)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--device", default=None, help=f"{DEVICE_HELP}; the GPU needs nvCOMP for the ans codec"
+    )
     parser.set_defaults(func=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    check_run_args(args)
     from offload_runtime.demo import run_demo
 
     result = run_demo(

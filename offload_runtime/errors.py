@@ -15,7 +15,9 @@ Hierarchy::
     ├── ExpertRoutingError             an experts module's call does not say which experts it routes to
     ├── CodecUnavailableError          a codec cannot run here (no CUDA, no nvCOMP, ...)
     ├── CodecCallError                 a codec library call failed (nvCOMP status; also a RuntimeError)
-    └── PlanError                      the runtime's allocations exceed its plan (a bug; also a RuntimeError)
+    ├── PlanError                      the runtime's allocations exceed its plan (a bug; also a RuntimeError)
+    └── UsageError                     a bad argument, refused before any work (also ValueError)
+        └── MissingFileError           an input path that does not exist (also FileNotFoundError)
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ __all__ = [
     "CorruptCheckpointError",
     "DeviceMemoryError",
     "ExpertRoutingError",
+    "MissingFileError",
     "OffloadError",
     "PlanError",
+    "UsageError",
 ]
 
 
@@ -192,6 +196,32 @@ class CodecUnavailableError(OffloadError):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"codec": self.codec, "missing": self.missing, "alternative": self.alternative}
+
+
+class UsageError(OffloadError, ValueError):
+    """An argument of the right type with a value that cannot work: a budget that is not a positive number,
+    a device this machine does not have, an output path that would overwrite an input, ...
+
+    Raised before any work, with the fix in ``hint``. Also a ``ValueError``, so callers that catch that
+    keep working (an argument of the wrong *type* raises ``TypeError``).
+    """
+
+    def _fields(self) -> list[tuple[str, Any]]:  # a path the summary already names is not repeated
+        return [(k, v) for k, v in super()._fields() if not (k == "file" and v and v in self.summary)]
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """An input file or folder does not exist, or lacks what it must hold (also a ``FileNotFoundError``).
+
+    ``file`` (and ``filename``, as for any ``FileNotFoundError``) is the path.
+    """
+
+    def __init__(self, summary: str, **fields: Any) -> None:
+        super().__init__(summary, **fields)
+        self.filename = self.file
+
+    def __str__(self) -> str:  # not OSError's "[Errno None] ..." form
+        return self._render()
 
 
 class CodecCallError(OffloadError, RuntimeError):

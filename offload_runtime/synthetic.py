@@ -411,11 +411,23 @@ def dispatch_synthetic(
         `transformers.PreTrainedModel`: the model, in eval mode, with ``offload_plan``, ``offload_stats``.
 
     Raises:
+        UsageError: an unknown shape name, or an argument that cannot work (see ``dispatch_compressed``).
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
     from offload_runtime.api import _attach, _refuse_early, _resolve_device, _tensor_parallel_options
     from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
+    from offload_runtime.validate_args import check_synthetic
 
+    check_synthetic(
+        name_or_config,
+        budget_gb,
+        codec=codec,
+        device_=device,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        seed=seed,
+        dtype=dtype,
+    )
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)

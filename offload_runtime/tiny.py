@@ -168,3 +168,17 @@ def tiny_model(
     # (rotary inv_freq) into ``dtype``, unlike the same model loaded from a checkpoint
     model = factory.from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 256):
+    """A word-level tokenizer for the tiny models (no hub access): words ``w0``, ``w1``, ... and ``<eos>``.
+
+    Text of other words maps to ``<unk>``; enough to exercise tokenizer round trips and generation.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")

@@ -28,6 +28,7 @@ The plan is plain data, printable with ``print(plan)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -221,13 +222,31 @@ class Plan:
         )
 
     def __str__(self) -> str:
+        # the header says what each number counts: decoded bytes (slots, resident groups) or stored
+        # (compressed) bytes (payloads kept in VRAM, in host RAM, on disk); the totals line shows both
         b = self.buffers
+        held = [
+            f"{b.nslots} slots x {_mib(b.slot_bytes)} decoded",
+            f"resident {_mib(self.tier_bytes(RESIDENT))} decoded",
+        ]
+        if self.device == "cpu":
+            where = "CPU RAM holding decoded weights"
+        else:
+            where = "device memory"
+            in_vram = sum(g.device_bytes for g in self.groups if g.tier.payload_in_vram)  # slot or executed
+            held += [
+                f"compressed in VRAM {_mib(in_vram)} stored",
+                f"staging {_mib(b.staging_bytes)}",
+                f"scratch {_mib(b.scratch_bytes)} + shared workspace {_mib(b.workspace_bytes)}",
+                f"dispatch window {_mib(b.window_bytes)}",
+                f"allocator slack {_mib(b.overhead_bytes)}",
+            ]
         lines = [
             f"offload plan on {self.device}: {_mib(self.device_bytes)} of {_mib(self.budget_bytes)} budget "
-            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}, "
-            f"{b.nslots} slots x {_mib(b.slot_bytes)}, staging {_mib(b.staging_bytes)}, "
-            f"scratch {_mib(b.scratch_bytes)} + shared workspace {_mib(b.workspace_bytes)}, "
-            f"host {_mib(self.host_bytes)}",
+            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}",
+            f"  in the budget ({where}): {', '.join(held)}",
+            f"  host RAM, outside the budget: {_mib(self.host_bytes)} = compressed payloads of host tier "
+            f"groups {_mib(self.host_bytes - b.host_bytes)} stored + staging ring {_mib(b.host_bytes)}",
             f"  {'group':<40} {'tier':<18} {'decoded':>12} {'stored':>12} {'slot':>5}",
         ]
         for g in self.groups:
@@ -237,13 +256,19 @@ class Plan:
                 f"{_mib(g.stored_bytes):>12} {slot:>5}"
             )
         totals = ", ".join(
-            f"{t.name} {len(self.in_tier(t))} groups/{_mib(self.tier_bytes(t))}"
+            f"{t.name} {len(self.in_tier(t))} groups {_mib(self.tier_bytes(t))} / "
+            f"{_mib(sum(g.stored_bytes for g in self.in_tier(t)))}"
             for t in tiers_on(self.device)
         )
-        lines.append(f"  totals: {totals}")
+        lines.append(f"  totals (decoded / stored): {totals}")
         if self.experts is not None:
             lines.append(f"  {self.experts}")
         return "\n".join(lines)
+
+
+def budget_gb_for(nbytes: int) -> float:
+    """The smallest budget in GiB, to 4 decimals, that covers ``nbytes`` (rounded up, so it passes)."""
+    return math.ceil(nbytes / GIB * 1e4) / 1e4
 
 
 def _mib(n: int) -> str:
@@ -394,19 +419,40 @@ class _Placer:
         promotable = [g for g in self.candidates if g.name not in self.force_streamed]
         return [{g.name for g in promotable[:k]} for k in range(len(promotable) + 1)]
 
-    def refuse_below_minimum(self, minimum: int) -> None:
+    def refuse_below_minimum(self, minimum: int, base: set[str]) -> None:
+        """Raise the BudgetError when the budget is below ``minimum``, the cost of structure ``base``:
+        its message lists every term of that cost, so they add up to it."""
         if self.budget >= minimum:
             return
-        biggest = self.candidates[0] if self.candidates else max(self.groups, key=lambda g: g.decoded_bytes)
+        b = self.buffers(base, set())
+        slot_groups = [g for g in self.candidates if g.name not in base]
+        resident = [*self.forced, *(g for g in self.candidates if g.name in base)]
+        biggest = slot_groups[0] if slot_groups else max(self.groups, key=lambda g: g.decoded_bytes)
+        slots_term = (
+            f"{b.nslots} slots x {b.slot_bytes:,} (prefetch={self.prefetch}; each slot holds the largest "
+            f"streamed group, {biggest.name!r})"
+            if slot_groups
+            else "0 slots (every group resident)"
+        )
+        terms = [
+            slots_term,
+            f"resident groups {sum(self.slotless(g).device_bytes(g) for g in resident):,} "
+            f"({len(resident)} of {len(self.groups)} groups)",
+            f"staging {b.staging_bytes:,}",
+            f"codec scratch {b.scratch_bytes:,}",
+            f"decode workspace {b.workspace_bytes:,}",
+            f"dispatch window {b.window_bytes:,}",
+            f"allocator slack {b.overhead_bytes:,}",
+        ]
+        # prefetch=1 needs min(2, streamed) slots: naming prefetch only makes sense when that is fewer
+        fewer = f", or lower prefetch (now {self.prefetch})" if b.nslots > min(2, len(slot_groups)) else ""
         raise BudgetError(
-            f"budget {self.budget / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB "
-            f"(largest group {biggest.name!r} decodes to {biggest.decoded_bytes} bytes; "
-            f"{min(self.prefetch + 1, max(len(self.candidates), 1))} slots needed "
-            f"with prefetch={self.prefetch})",
+            f"budget {self.budget:,} bytes ({self.budget / GIB:.4f} GiB) is below the minimum working set "
+            f"of {minimum:,} bytes ({minimum / GIB:.4f} GiB) on {self.device} = " + " + ".join(terms),
             group=biggest.name,
             expected=minimum,
             actual=self.budget,
-            hint=f"raise budget_gb to at least {minimum / GIB:.4f}, or lower prefetch",
+            hint=f"raise budget_gb to at least {budget_gb_for(minimum)}{fewer}",
         )
 
     def keep_payloads_in_vram(self, resident: set[str], streamed: list[GroupSize]) -> set[str]:
@@ -516,7 +562,7 @@ def plan_placement(
     structures = placer.structures()
     costs = [placer.cost(s) for s in structures]
     minimum = min(costs)
-    placer.refuse_below_minimum(minimum)
+    placer.refuse_below_minimum(minimum, structures[costs.index(minimum)])
     options = [placer.fill(s) for s, c in zip(structures, costs, strict=True) if c <= budget_bytes]
     if not options:  # unreachable: the minimum structure fits whenever budget >= minimum
         raise PlanError("no placement fits although the budget is above the minimum", actual=budget_bytes)

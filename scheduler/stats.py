@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIB, GIB = 1 << 20, 1 << 30
+
 
 @dataclass
 class TierStats:
@@ -113,14 +115,17 @@ class OffloadStats:
     def decode_gbps(self) -> float:
         return self.decode_bytes / self.decode_seconds / 1e9 if self.decode_seconds else 0.0
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # binary units, like the plan and every size the CLI prints
+        def rate(nbytes: int, seconds: float) -> str:
+            return f"{nbytes / seconds / GIB:.1f} GiB/s" if seconds else "- GiB/s"
+
         return (
             f"offload stats: {self.loads} loads ({self.demand_loads} on demand), "
-            f"disk {self.disk_bytes / 1e6:.1f} MB, "
-            f"H2D {self.h2d_bytes / 1e6:.1f} MB at {self.h2d_gbps:.1f} GB/s, "
-            f"decode {self.decode_bytes / 1e6:.1f} MB at {self.decode_gbps:.1f} GB/s, "
+            f"disk {self.disk_bytes / MIB:.1f} MiB, "
+            f"H2D {self.h2d_bytes / MIB:.1f} MiB at {rate(self.h2d_bytes, self.h2d_seconds)}, "
+            f"decode {self.decode_bytes / MIB:.1f} MiB at {rate(self.decode_bytes, self.decode_seconds)}, "
             f"compute waited {self.wait_seconds * 1e3:.1f} ms, peak weight memory "
-            f"{self.peak_weight_bytes / 1e6:.1f} MB"
+            f"{self.peak_weight_bytes / MIB:.1f} MiB"
             + "".join(
                 f"; {name}: {t.groups} groups, {t.loads} loads" for name, t in self.tiers.items() if t.groups
             )

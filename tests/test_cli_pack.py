@@ -18,7 +18,7 @@ def test_pack_then_inspect(tmp_path):
     out = tmp_path / "m.ort"
     proc = _cli("pack", str(tmp_path / "hf"), str(out), "--codec", "zstd", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in proc.stdout
+    assert f"wrote {out}: 6 groups" in proc.stdout and "MiB stored for" in proc.stdout
     with ContainerReader(out) as reader:
         groups = reader.groups
     proc = _cli("inspect", str(out))
@@ -29,17 +29,25 @@ def test_pack_then_inspect(tmp_path):
         row = next(line for line in lines if line.startswith(group.name + " "))
         cells = row.split()
         assert cells[2] == "zstd"
-        assert cells[3] == f"{group.decoded_size:,}" and cells[4] == f"{group.stored_size:,}"
-        assert cells[6] == str(len(group.chunks)) and cells[7] == "yes"
+        assert cells[3:7] == [
+            f"{group.decoded_size / 2**20:.2f}",
+            "MiB",
+            f"{group.stored_size / 2**20:.2f}",
+            "MiB",
+        ]
+        assert cells[8] == str(len(group.chunks)) and cells[9] == "stored"  # stored, not "yes": not checked
     total = next(line for line in lines if line.startswith("total")).split()
-    assert total[1] == f"{sum(g.decoded_size for g in groups):,}"
-    assert total[2] == f"{sum(g.stored_size for g in groups):,}"
+    assert total[1] == f"{sum(g.decoded_size for g in groups) / 2**20:.2f}"
+    assert total[3] == f"{sum(g.stored_size for g in groups) / 2**20:.2f}"
+    assert lines[-1].startswith("payloads not read") and f"offload-runtime verify {out}" in lines[-1]
 
 
 def test_pack_missing_source_exits_2(tmp_path):
     proc = _cli("pack", str(tmp_path / "nope"), str(tmp_path / "m.ort"))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"offload-runtime pack: error: no such file: {tmp_path / 'nope'}"
+    assert (
+        proc.stderr.strip() == f"offload-runtime pack: error: no such file or directory: {tmp_path / 'nope'}"
+    )
     assert not (tmp_path / "m.ort").exists()
 
 
@@ -57,3 +65,4 @@ def test_inspect_corrupt_container_exits_2(tmp_path):
     proc = _cli("inspect", str(bad))
     assert proc.returncode == 2
     assert "offload-runtime inspect: error: file too short" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -50,6 +50,27 @@ def test_generate_streams_the_same_tokens_as_the_unoffloaded_model(chat_containe
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == expected_text.strip()
+    # what a person reads, on stderr: progress while loading, the plan, load time and speed
+    assert "load tiny.safetensors:" in proc.stderr and " MiB" in proc.stderr
+    assert "loaded tiny.safetensors in " in proc.stderr and "plan: 6 groups (" in proc.stderr
+    assert "12 tokens in " in proc.stderr and "tok/s" in proc.stderr
+
+    quiet = _cli(
+        "generate", str(path), "--prompt", "Hello there", "--budget-gb", "0.03", "--max-new-tokens", "12"
+    )
+    assert quiet.returncode == 0 and quiet.stdout == proc.stdout
+    quiet = _cli(
+        "generate",
+        str(path),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    assert quiet.returncode == 0 and quiet.stdout == proc.stdout and quiet.stderr == ""
 
 
 def test_bench_prints_a_row_per_budget(chat_container):
@@ -66,16 +87,16 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"offload-runtime generate: error: no such file: {tmp_path / 'nope.safetensors'}"
+        == f"offload-runtime generate: error: no such file or directory: {tmp_path / 'nope.safetensors'}"
     )
 
 
 def test_budget_below_minimum_names_the_minimum(chat_container):
     path, _, _ = chat_container
     proc = _cli("generate", str(path), "--prompt", "hi", "--budget-gb", "0.000001", "--device", "cpu")
-    assert proc.returncode == 2
-    assert "BudgetError" in proc.stderr or "budget" in proc.stderr.lower()
-    assert "expected=" in proc.stderr  # the minimum working set
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "below the minimum working set" in proc.stderr
+    assert "expected=" in proc.stderr and "raise --budget-gb to at least" in proc.stderr
 
 
 def test_ans_without_nvcomp_says_which_extra_to_install(tmp_path):

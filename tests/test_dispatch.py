@@ -13,7 +13,7 @@ from memory_source import MemorySource
 from offload_runtime import dispatch_compressed, load_compressed, remove_offload
 from offload_runtime.errors import BudgetError, CheckpointMismatchError, DeviceMemoryError
 from offload_runtime.hooks import attached_hooks
-from offload_runtime.loaders import pack
+from offload_runtime.loaders import ContainerReader, pack
 from offload_runtime.scheduler.planner import GIB, plan_placement
 from offload_runtime.scheduler.sizes import measure_groups
 from offload_runtime.scheduler.tiers import DISK, HOST, RESIDENT
@@ -177,12 +177,30 @@ def test_load_compressed_runs_a_model_several_times_the_budget(tmp_path):
     assert torch.equal(outputs(model, ids, "llama"), outputs(reference, ids, "llama"))
 
 
+def test_load_compressed_shows_the_mib_read_while_loading(tmp_path, capsys):
+    reference = tiny_model("llama", num_layers=4)
+    path = pack(reference, tmp_path / "m.safetensors", codec="zstd", progress=False)
+    with ContainerReader(path) as reader:
+        stored = sum(g.stored_size for g in reader.groups)
+    capsys.readouterr()
+    model = load_compressed(path, 1.0, device="cpu", progress=True)  # everything resident: all of it read
+    err = capsys.readouterr().err
+    assert "load m.safetensors:" in err and f"{stored / 2**20:.1f} MiB" in err
+    ids = torch.randint(3, 256, (1, 5))
+    assert torch.equal(generate(model, ids), generate(reference, ids))
+    assert capsys.readouterr().err == ""  # the bar closed when loading ended: streaming draws nothing
+    remove_offload(model)
+    model = load_compressed(path, 1.0, device="cpu")
+    assert capsys.readouterr().err == ""  # no bar unless asked
+    remove_offload(model)
+
+
 def test_plan_and_stats_are_printable(tiny_llama):
     dispatch_compressed(tiny_llama, budget_gb(tiny_llama, 1, "stream"), device="cpu", codec="raw")
     outputs(tiny_llama, torch.randint(3, 256, (1, 4)), "llama")
     plan, stats = str(tiny_llama.offload_plan), str(tiny_llama.offload_stats)
-    assert "model.layers.2" in plan and "host" in plan and "totals:" in plan
-    assert "loads" in stats and "decode" in stats and "GB/s" in stats
+    assert "model.layers.2" in plan and "host" in plan and "totals (decoded / stored):" in plan
+    assert "loads" in stats and "decode" in stats and "GiB/s" in stats and " MB" not in stats
     hook = next(h for _, h in attached_hooks(tiny_llama) if h.groups)
     assert "GroupHook(groups=[" in repr(hook)
 

@@ -28,7 +28,7 @@ CODECS = ["ans", "zstd"]
 def minimum_gb(model, path: Path, prefetch: int = 1) -> float:
     """The smallest budget the runtime accepts for the container at ``path`` (from the BudgetError)."""
     with pytest.raises(BudgetError) as info:
-        dispatch_compressed(copy.deepcopy(model), 0.0, checkpoint=path, device="cuda", prefetch=prefetch)
+        dispatch_compressed(copy.deepcopy(model), 1e-9, checkpoint=path, device="cuda", prefetch=prefetch)
     return info.value.expected / GIB
 
 

@@ -13,8 +13,10 @@ from offload_runtime.errors import (
     CorruptCheckpointError,
     DeviceMemoryError,
     ExpertRoutingError,
+    MissingFileError,
     OffloadError,
     PlanError,
+    UsageError,
 )
 
 
@@ -27,6 +29,8 @@ from offload_runtime.errors import (
         (BudgetError, (OffloadError,)),
         (CodecUnavailableError, (OffloadError,)),
         (DeviceMemoryError, (OffloadError, torch.OutOfMemoryError)),
+        (UsageError, (OffloadError, ValueError)),
+        (MissingFileError, (UsageError, OffloadError, FileNotFoundError, ValueError)),
         (CodecCallError, (OffloadError, RuntimeError)),
         (PlanError, (OffloadError, RuntimeError)),
         (ExpertRoutingError, (OffloadError,)),
@@ -92,6 +96,8 @@ def test_codec_unavailable_names_missing_and_alternative():
         CorruptCheckpointError("bad", file="f", group="g", chunk=1, expected=2, actual=3),
         CheckpointMismatchError("bad", file="f", mismatches=["x"]),
         CodecUnavailableError("bad", codec="ans", missing="nvCOMP", alternative="zstd"),
+        UsageError("budget_gb must be positive", actual=-1, hint="give e.g. budget_gb=2"),
+        MissingFileError("no such file or directory", file="/nope"),
     ],
 )
 def test_errors_survive_pickling(err):
@@ -109,6 +115,8 @@ def test_all_is_complete():
         "BudgetError",
         "DeviceMemoryError",
         "CodecUnavailableError",
+        "UsageError",
+        "MissingFileError",
         "CodecCallError",
         "PlanError",
         "ExpertRoutingError",

@@ -68,7 +68,7 @@ def test_without_the_option_fused12_groups_decode_like_any_codec():
     reference = tiny_model("llama", num_layers=4, dtype=torch.bfloat16)
     model = copy.deepcopy(reference)
     with pytest.raises(BudgetError) as info:
-        dispatch_compressed(copy.deepcopy(reference), 0.0, device="cpu", codec="fused12")
+        dispatch_compressed(copy.deepcopy(reference), 1e-9, device="cpu", codec="fused12")
     dispatch_compressed(model, info.value.expected / GIB, device="cpu", codec="fused12")
     assert not model.offload_plan.in_tier(EXECUTED_COMPRESSED) and model.offload_plan.streamed
     ids = torch.randint(3, 200, (1, 5))

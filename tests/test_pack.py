@@ -115,7 +115,7 @@ def test_pack_is_atomic_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources.ModuleSource, "fill", failing_fill)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        pack(model, out, codec="raw", progress=False)
+        pack(model, out, codec="raw", progress=False, overwrite=True)
     assert out.read_bytes() == b"previous container"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ort"]  # no temp files
 
@@ -140,6 +140,8 @@ def test_pack_progress_bar(tiny_llama, tmp_path, capsys):
     pack(tiny_llama, tmp_path / "m.ort", codec="zstd", progress=True)
     err = capsys.readouterr().err
     assert "pack m.ort" in err and "ratio=" in err and "groups=6/6" in err
+    total = sum(p.numel() * p.element_size() for p in tiny_llama.parameters()) / 2**20
+    assert " MiB" in err and " MB" not in err and f"/{total:.1f} MiB" in err  # one unit family
 
 
 def test_pack_directory_peak_rss_is_about_two_groups(tmp_path):

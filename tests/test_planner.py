@@ -117,8 +117,22 @@ def test_plan_prints_every_group_with_tier_and_totals():
     text = str(plan)
     for p in plan.groups:
         assert p.name in text
-    assert "resident" in text and "host" in text and "totals:" in text
+    assert "resident" in text and "host" in text and "totals (decoded / stored):" in text
     assert f"{plan.nslots} slots" in text
+
+
+def test_plan_header_and_totals_say_whether_they_count_decoded_or_stored_bytes():
+    plan = plan_placement(model_groups(), 350 * MIB, prefetch=1, host_budget_bytes=150 * MIB)
+    lines = str(plan).splitlines()
+    host = [p for p in plan.groups if p.tier == HOST]
+    host_stored = f"{sum(p.stored_bytes for p in host) / MIB:.2f} MiB"
+    host_decoded = f"{sum(p.decoded_bytes for p in host) / MIB:.2f} MiB"
+    assert host and host_stored != host_decoded
+    ring = f"{plan.host_staging_bytes / MIB:.2f} MiB"
+    assert f"host RAM, outside the budget: {plan.host_bytes / MIB:.2f} MiB" in lines[2]
+    assert f"host tier groups {host_stored} stored + staging ring {ring}" in lines[2]
+    assert f"host {len(host)} groups {host_decoded} / {host_stored}" in lines[-1]
+    assert f"{plan.nslots} slots x {plan.slot_bytes / MIB:.2f} MiB decoded" in lines[1]
 
 
 def test_prefetch_must_be_positive():
@@ -252,3 +266,59 @@ def test_cuda_prefers_more_groups_in_vram_over_more_resident_bytes():
     # slots (2 x 100) + staging (2 x 50) leave ~300 MiB: six payloads of 50, not three resident blocks
     assert len(in_vram) == 6 and over_pcie == 6 * 50 * MIB, str(plan)
     assert all(p.tier == DEVICE_COMPRESSED for p in in_vram)
+
+
+def _terms_total(message: str) -> int:
+    """Sum of the terms a BudgetError lists after '='; 'N slots x S' counts N * S."""
+    import re
+
+    total = 0
+    for term in message.split(" = ", 1)[1].split(" [")[0].split(" + "):
+        numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", term.split("(")[0])]
+        total += numbers[0] * numbers[1] if "slots x" in term else numbers[-1]
+    return total
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_budget_error_terms_add_up_to_the_minimum(device, prefetch):
+    groups = [GroupSize("embed", 40 * MIB, 30 * MIB, MIB, (("nvcomp-ans", 3 * MIB),))]
+    groups += [
+        GroupSize(f"layers.{i}", 100 * MIB, 70 * MIB, MIB, (("nvcomp-ans", 5 * MIB),)) for i in range(8)
+    ]
+    groups += [GroupSize("norm", 4096, 4096)]
+    with pytest.raises(BudgetError) as info:
+        plan_placement(groups, 10 * MIB, device=device, prefetch=prefetch)
+    assert "0 slots" not in str(info.value)  # streaming is the cheapest structure here
+    message = str(info.value)
+    assert _terms_total(message) == info.value.expected
+    for word in (
+        "slots x",
+        "resident groups",
+        "staging",
+        "codec scratch",
+        "decode workspace",
+        "dispatch window",
+        "allocator slack",
+    ):
+        assert word in message
+    assert f"{info.value.expected:,} bytes" in message and f"budget {10 * MIB:,} bytes" in message
+    # the hint's budget passes: it is rounded up, not down
+    need = float(message.split("raise budget_gb to at least ")[1].split(",")[0])
+    plan_placement(groups, round(need * GIB), device=device, prefetch=prefetch)
+    assert ("lower prefetch" in message) == (prefetch > 1)
+
+
+def test_budget_error_does_not_suggest_lowering_prefetch_that_cannot_help():
+    with pytest.raises(BudgetError) as info:
+        plan_placement(blocks(2), MIB, prefetch=4)  # 2 streamed groups: 2 slots whatever the prefetch
+    assert "prefetch" not in info.value.hint
+
+
+def test_budget_error_when_everything_resident_is_the_minimum():
+    with pytest.raises(BudgetError) as info:
+        plan_placement(
+            [GroupSize("a", 100 * MIB, 70 * MIB), GroupSize("b", 100 * MIB, 70 * MIB)], MIB, device="cuda"
+        )
+    assert "0 slots (every group resident)" in str(info.value)
+    assert _terms_total(str(info.value)) == info.value.expected == 200 * MIB + MIB  # + allocator slack

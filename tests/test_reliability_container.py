@@ -440,7 +440,7 @@ torch.manual_seed(0)
 model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(12)])  # 190 MB: ~1 s of zstd
 print("ready", flush=True)
 sys.stdin.readline()
-pack(model, sys.argv[1], codec="zstd", progress=False)
+pack(model, sys.argv[1], codec="zstd", progress=False, overwrite=True)  # replaces a previous container
 print("done", flush=True)
 """
 
@@ -464,13 +464,14 @@ def test_pack_killed_mid_write_leaves_no_valid_looking_file(tmp_path):
     out = tmp_path / "model.ort"
     previous, _ = write_small_container(tmp_path / "previous.ort")
     previous_bytes = previous.read_bytes()
-    # how long one pack takes here (in this process, same model), to spread the kills over it
-    namespace = {}
-    exec(_PACK_SCRIPT.split('print("ready"')[0], namespace)
+    # how long one pack takes here, measured the way the victims run (a process told to go), so the kills
+    # spread over the pack itself and not over work done before it (imports on first use, checks)
+    timing = _start_pack(tmp_path / "timing.ort")
+    _go(timing)
     began = time.perf_counter()
-    pack(namespace["model"], tmp_path / "timing.ort", codec="zstd", progress=False)
+    assert timing.stdout.readline().strip() == "done"
     duration = time.perf_counter() - began
-    del namespace
+    timing.wait(timeout=60)
     victims = [_start_pack(out) for _ in range(3)]  # all start (import, build) at once; pack when told
     try:
         rng = random.Random(3)
@@ -502,7 +503,7 @@ def test_pack_killed_mid_write_leaves_no_valid_looking_file(tmp_path):
                 proc.wait()
 
     # a later pack of the same path removes the stale temporaries of dead writers and succeeds
-    pack(tiny_model("llama", num_layers=1), out, codec="raw", progress=False)
+    pack(tiny_model("llama", num_layers=1), out, codec="raw", progress=False, overwrite=True)
     assert [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")] == []
     ContainerReader(out).close()
 
