@@ -45,7 +45,8 @@ def add_budget(
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
-    """``--max-new-tokens``, ``--device``, ``--prefetch`` and ``--host-budget-gb``."""
+    """``--max-new-tokens``, ``--device``, ``--prefetch``, ``--host-budget-gb``, ``--experts``,
+    ``--speculate`` and ``--execute-compressed``."""
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -69,6 +70,33 @@ def add_run_options(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> 
         help="GiB of compressed payloads kept in host RAM, 0 or more; the rest is read from the container "
         "on every use (default: 80%% of the available RAM)",
     )
+    parser.add_argument(
+        "--experts",
+        choices=("auto", "expert", "block"),
+        default="auto",
+        help="mixtures of experts: stream only the routed experts through an expert cache (auto, when the "
+        "container stores experts as groups; expert: require it) or whole blocks (block) (default auto)",
+    )
+    parser.add_argument(
+        "--speculate",
+        action="store_true",
+        help="mixtures of experts on CUDA: prefetch the next layer's likely experts",
+    )
+    parser.add_argument(
+        "--execute-compressed",
+        action="store_true",
+        help="fused12 containers: linear layers compute from the compressed weights kept in VRAM (exact "
+        "weights, not bitwise the resident model's outputs)",
+    )
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``load_compressed``/``dispatch_synthetic`` that ``add_run_options`` adds."""
+    return {
+        "experts": args.experts,
+        "speculate": args.speculate,
+        "execute_compressed": args.execute_compressed,
+    }
 
 
 def check_run_args(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import gc
 import time
 
 from offload_runtime import validate_args as check
-from offload_runtime.cli_args import add_budget, add_checkpoint, add_run_options, check_run_args
+from offload_runtime.cli_args import add_budget, add_checkpoint, add_run_options, check_run_args, run_options
 
 BENCH_PROMPT = "Write a short story about a lighthouse keeper."
 SHAPES = "tiny, llama-2b, llama-8b, llama-70b; MoE: tiny-mixtral, tiny-qwen3-moe, mixtral-8x7b, qwen3-30b-a3b"
@@ -90,6 +90,7 @@ def run_bench_synthetic(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             host_budget_gb=args.host_budget_gb,
             seed=seed,
+            **run_options(args),
         )
         build = time.perf_counter() - start
         # a fixed prompt of token ids: a synthetic model has no tokenizer
@@ -135,6 +136,7 @@ def run_bench(args: argparse.Namespace) -> int:
             device=args.device,
             prefetch=args.prefetch,
             host_budget_gb=args.host_budget_gb,
+            **run_options(args),
         )
         ids = prompt.to(model.device)
         seconds, tokens = _timed_generate(model, ids, args.max_new_tokens)

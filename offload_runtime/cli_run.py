@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from offload_runtime import validate_args as check
-from offload_runtime.cli_args import DEVICE_HELP, add_budget, add_checkpoint, add_run_options, check_run_args
+from offload_runtime.cli_args import (
+    DEVICE_HELP,
+    add_budget,
+    add_checkpoint,
+    add_run_options,
+    check_run_args,
+    run_options,
+)
 
 
 def prompt_ids(tokenizer, prompt: str):
@@ -125,6 +132,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         host_budget_gb=args.host_budget_gb,
         progress=not args.quiet,
+        **run_options(args),
     )
     say(f"loaded {path.name} in {time.perf_counter() - start:.1f} s; plan: {model.offload_plan.summary()}")
     ids = ids.to(model.device)

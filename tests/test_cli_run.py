@@ -109,3 +109,26 @@ def test_ans_without_nvcomp_says_which_extra_to_install(tmp_path):
     proc = _cli("pack", str(model_dir), str(tmp_path / "out.safetensors"), "--codec", "ans")
     assert proc.returncode == 2
     assert "offload-runtime[cu12]" in proc.stderr and "offload-runtime[cu13]" in proc.stderr
+
+
+@pytest.mark.parametrize(("experts", "expert_plan"), [("auto", True), ("block", False)])
+def test_bench_streams_experts_on_their_own_unless_asked_for_blocks(experts, expert_plan):
+    args = ["--synthetic", "tiny-qwen3-moe", "--budget-gb", "0.001", "--device", "cpu", "--codec", "zstd"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "offload_runtime",
+            "bench",
+            *args,
+            "--max-new-tokens",
+            "2",
+            "--experts",
+            experts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("expert plan on cpu" in result.stdout) is expert_plan, result.stdout
