@@ -22,7 +22,12 @@ from torch import nn
 from offload_runtime import compressed_linear
 from offload_runtime.display import ReadProgress
 from offload_runtime.errors import BudgetError
-from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity, prepare_experts
+from offload_runtime.expert_dispatch import (
+    ExpertOptions,
+    expert_granularity,
+    experts_budget_error,
+    prepare_experts,
+)
 from offload_runtime.hooks import GroupHook, attached_hooks
 from offload_runtime.loaders import (
     ContainerReader,
@@ -185,15 +190,7 @@ def _attach(
     except BudgetError as exc:
         if not reserved:
             raise
-        raise BudgetError(
-            f"budget {budget / GIB:.4f} GiB is below the minimum working set "
-            f"{(exc.expected + reserved) / GIB:.4f} GiB: {exc.expected} bytes for the groups other than the "
-            f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
-            group=exc.group,
-            expected=exc.expected + reserved,
-            actual=budget,
-            hint=f"raise budget_gb to at least {(exc.expected + reserved) / GIB:.4f}",
-        ) from None
+        raise experts_budget_error(exc, reserved, budget) from None
     if experts is not None:
         try:
             left_on_host = host_budget - runtime.plan.host_bytes
@@ -262,15 +259,7 @@ def _refuse_early(model: nn.Module, budget_gb: float, prefetch: int, options: Ex
     except BudgetError as exc:
         if not reserved:
             raise
-        raise BudgetError(
-            f"budget {budget / GIB:.4f} GiB is below the minimum working set "
-            f"{(exc.expected + reserved) / GIB:.4f} GiB: {exc.expected} bytes for the groups other than the "
-            f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
-            group=exc.group,
-            expected=exc.expected + reserved,
-            actual=budget,
-            hint=f"raise budget_gb to at least {(exc.expected + reserved) / GIB:.4f}",
-        ) from None
+        raise experts_budget_error(exc, reserved, budget) from None
 
 
 def _open(

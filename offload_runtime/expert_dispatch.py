@@ -36,6 +36,8 @@ from offload_runtime.scheduler.runtime import Runtime
 
 logger = logging.getLogger("offload_runtime")
 
+GIB = 1 << 30
+
 GRANULARITY_CHOICES = ("auto", "expert", "block")
 
 
@@ -80,6 +82,21 @@ def expert_granularity(groups: Sequence[GroupEntry], device: torch.device, optio
         raise ValueError(f"experts='expert' is not possible here: {reason}; use experts='block'")
     logger.warning("offload_runtime: experts stream with their blocks (block granularity): %s", reason)
     return False
+
+
+def experts_budget_error(exc: BudgetError, reserved: int, budget: int) -> BudgetError:
+    """The BudgetError of the groups other than experts, planned in the budget less the experts' minimum
+    ``reserved``, restated for the whole budget: the minimum is both parts, each named."""
+    minimum = exc.expected + reserved
+    return BudgetError(
+        f"budget {budget / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB: "
+        f"{exc.expected} bytes for the groups other than the experts and {reserved} bytes for the experts "
+        "(their slot and one cache entry)",
+        group=exc.group,
+        expected=minimum,
+        actual=budget,
+        hint=f"raise budget_gb to at least {minimum / GIB:.4f}",
+    )
 
 
 class WithoutExperts:

@@ -8,6 +8,7 @@ replacement policies; every architecture of the tiny MoE configs."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -144,3 +145,14 @@ def test_chunks_decode_straight_into_the_slot_when_each_lies_inside_a_tensor(tmp
         assert torch.equal(slot.params[attr][5], owner._parameters[attr][5].detach())
     one_chunk = [Chunk(0, entry.decoded_size, entry.decoded_size, 0, 0)]
     assert _Expert(replace(entry, chunks=one_chunk), slot).direct is None
+
+
+def test_budget_error_names_both_parts_of_the_minimum(packed):
+    _arch, _reference, path, minimum = packed
+    with pytest.raises(BudgetError) as info:
+        load_compressed(path, (minimum - 1) / GIB, device="cpu")
+    message = str(info.value)
+    assert info.value.expected == minimum and "groups other than the experts" in message
+    assert "for the experts (their slot and one cache entry)" in message
+    other, experts = (int(n) for n in re.findall(r"(\d+) bytes for", message))
+    assert other + experts == minimum  # the terms add up
