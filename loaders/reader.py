@@ -39,6 +39,7 @@ from offload_runtime.errors import (
 )
 from offload_runtime.loaders import reassemble
 from offload_runtime.loaders.format import ContainerIndex, GroupEntry
+from offload_runtime.loaders.source import GroupSource
 from offload_runtime.loaders.validate import read_container_header
 from offload_runtime.loaders.verify import DECODED, PAYLOAD, VERIFY_POLICIES, VerifyPolicy
 from offload_runtime.loaders.writer import is_temporary_name, temporary_target
@@ -348,6 +349,24 @@ def locate_error(exc: OffloadError, path: Path | None, group: str) -> OffloadErr
     if isinstance(exc, CodecUnavailableError) and not state["hint"] and gpu_codecs_unavailable_reason():
         state["hint"] = f"to decode it on a GPU, {NVCOMP_EXTRA_HINT}"
     return cls(summary, **state, **extra)
+
+
+def decode_held_payload(
+    source: GroupSource, entry: GroupEntry, payload: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Decode ``entry`` on the CPU from ``payload``, its copy already in host memory (read through
+    ``source``, which checked the compressed CRCs then), into ``out``; the decoded CRCs are checked per the
+    source's policy, and an error names the file and group."""
+    policy = source.policy
+    check = policy.due(DECODED, entry.name)
+    try:
+        get_codec(entry.codec).decode_cpu(
+            memoryview(payload.numpy()), entry.chunks, entry.params, entry.layout, out, verify_decoded=check
+        )
+    except OffloadError as exc:  # the codec knows the chunk: add the file and group
+        raise locate_error(exc, source.path, entry.name) from exc
+    if check:
+        policy.passed(DECODED, entry.name)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

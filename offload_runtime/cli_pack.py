@@ -6,6 +6,7 @@ import argparse
 
 from offload_runtime import validate_args as check
 from offload_runtime.cli_args import DEVICE_HELP, add_checkpoint, check_run_args
+from offload_runtime.display import mib
 
 CODEC_CHOICES = ("auto", "raw", "zstd", "ans", "int8", "fused12")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -99,10 +100,6 @@ def register_inspect(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_inspect)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     path = check.container_file(args.checkpoint, "CHECKPOINT")
     from offload_runtime.loaders import ContainerReader
@@ -118,12 +115,12 @@ def run_inspect(args: argparse.Namespace) -> int:
             ratio = g.decoded_size / g.stored_size if g.stored_size else 1.0
             checks = "stored" if g.chunks else "-"
             print(
-                f"{g.name:<32} {g.kind:<6} {g.codec:<5} {_mib(g.decoded_size):>12} {_mib(g.stored_size):>12} "
+                f"{g.name:<32} {g.kind:<6} {g.codec:<5} {mib(g.decoded_size):>12} {mib(g.stored_size):>12} "
                 f"{ratio:>6.3f} {len(g.chunks):>6}  {checks}"
             )
             decoded, stored, chunks = decoded + g.decoded_size, stored + g.stored_size, chunks + len(g.chunks)
         total_ratio = decoded / stored if stored else 1.0
-        sizes = f"{_mib(decoded):>12} {_mib(stored):>12}"
+        sizes = f"{mib(decoded):>12} {mib(stored):>12}"
         print(f"{'total':<32} {'':<6} {'':<5} {sizes} {total_ratio:>6.3f} {chunks:>6}")
         if index.tokenizer:
             print(f"tokenizer: {', '.join(sorted(index.tokenizer))}")

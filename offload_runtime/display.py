@@ -20,6 +20,11 @@ def format_bytes(n: float) -> str:
     return f"{n / MIB:.2f} MiB" if n < 10 * MIB else f"{n / MIB:.1f} MiB"
 
 
+def mib(n: float) -> str:
+    """``n`` bytes in MiB to two decimals, whatever the size (table columns: plans, ``inspect``)."""
+    return f"{n / MIB:.2f} MiB"
+
+
 class ByteBar:
     """A tqdm progress bar counting bytes, shown in MiB.
 

@@ -39,7 +39,7 @@ from offload_runtime.errors import CorruptCheckpointError, OffloadError
 from offload_runtime.experts import ExpertHook, ExpertSlot
 from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.loaders.moe import ExpertsModule
-from offload_runtime.loaders.reader import locate_error
+from offload_runtime.loaders.reader import decode_held_payload
 from offload_runtime.loaders.source import GroupSource
 from offload_runtime.loaders.verify import DECODED
 from offload_runtime.native import get_codec
@@ -203,6 +203,16 @@ class ExpertRuntime:
         self.loads.close()
 
 
+def _read_homes(rt: ExpertRuntime, pinned: bool) -> dict[str, torch.Tensor]:
+    """The payloads of the experts whose plan home is host RAM, read in once (pinned on CUDA)."""
+    homes = {}
+    for expert in rt.experts.values():
+        if rt.plan.homes.get(expert.name) == "host":
+            buf = torch.empty(expert.entry.stored_size, dtype=torch.uint8, pin_memory=pinned)
+            homes[expert.name] = rt.source.read_into(expert.name, buf)
+    return homes
+
+
 class _SpeculatingHook(ExpertHook):
     """An expert hook that, once its step is enqueued, guesses the next layer's experts (CUDA)."""
 
@@ -222,12 +232,7 @@ class CpuExpertLoads:
         self.rt = rt
         self.scratch = torch.empty(max(e.entry.decoded_size for e in rt.experts.values()), dtype=torch.uint8)
         self.staging = torch.empty(rt.plan.host_ring_each, dtype=torch.uint8)
-        self.homes: dict[str, torch.Tensor] = {}
-        for expert in rt.experts.values():
-            if rt.plan.homes.get(expert.name) == "host":
-                buf = torch.empty(expert.entry.stored_size, dtype=torch.uint8)
-                rt.source.read_into(expert.name, buf)
-                self.homes[expert.name] = buf
+        self.homes = _read_homes(rt, pinned=False)
 
     def place_all_in_cache(self) -> None:
         """Decoded entries fill on first use."""
@@ -253,16 +258,7 @@ class CpuExpertLoads:
             rt.source.decode_cpu(expert.name, out, staging=self.staging)
             rt.stats.disk_bytes += entry.stored_size
             return
-        policy = rt.source.policy
-        check = policy.due(DECODED, entry.name)
-        try:
-            get_codec(entry.codec).decode_cpu(
-                memoryview(home.numpy()), entry.chunks, entry.params, entry.layout, out, verify_decoded=check
-            )
-        except OffloadError as exc:
-            raise locate_error(exc, rt.source.path, entry.name) from exc
-        if check:
-            policy.passed(DECODED, entry.name)
+        decode_held_payload(rt.source, entry, home, out)
 
     def fill(self, keys: list[Key], look: Any) -> None:
         """No speculation on the CPU."""
@@ -302,12 +298,7 @@ class CudaExpertLoads:
         self.scratch = arena.take(plan.scratch_bytes)
         self.entry_ready = [torch.cuda.Event() for _ in rt.entries]
         self.entry_read: list[torch.cuda.Event | None] = [None] * len(rt.entries)
-        self.homes: dict[str, torch.Tensor] = {}
-        for expert in rt.experts.values():
-            if plan.homes.get(expert.name) == "host":
-                buf = torch.empty(expert.entry.stored_size, dtype=torch.uint8, pin_memory=True)
-                rt.source.read_into(expert.name, buf)
-                self.homes[expert.name] = buf
+        self.homes = _read_homes(rt, pinned=True)
         self.ring = [
             torch.empty(plan.host_ring_each, dtype=torch.uint8, pin_memory=True)
             for _ in range(plan.host_ring_count)

@@ -28,11 +28,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from offload_runtime.display import mib
 from offload_runtime.errors import BudgetError
 from offload_runtime.scheduler.arena import arena_size
-from offload_runtime.scheduler.planner import CUDA_ALLOCATOR_SLACK, DEVICE_STAGING_BUFFERS, HOST_RING_BUFFERS
+from offload_runtime.scheduler.planner import (
+    CUDA_ALLOCATOR_SLACK,
+    DEVICE_STAGING_BUFFERS,
+    GIB,
+    HOST_RING_BUFFERS,
+)
+from offload_runtime.scheduler.sizes import arena_decoder_sizes
 
-GIB = 1 << 30
 ENTRY_MODES = ("compressed", "decoded")
 BATCH_EXPERTS = 16  # experts per batched decode call (a step routing more makes several calls)
 
@@ -131,22 +137,18 @@ class ExpertPlan:
         homes = ", ".join(f"{home} {n}" for home, n in counts.items() if n)
         return (
             f"experts: {len(self.experts)} groups (homes: {homes}); cache {self.capacity} {self.mode} "
-            f"entries x {_mib(self.entry_bytes)} ({self.policy}), slot {_mib(self.slot_bytes)}, "
-            f"{_mib(self.device_bytes)} of {_mib(self.budget_bytes)}"
+            f"entries x {mib(self.entry_bytes)} ({self.policy}), slot {mib(self.slot_bytes)}, "
+            f"{mib(self.device_bytes)} of {mib(self.budget_bytes)}"
         )
 
     def __str__(self) -> str:
         return (
             f"expert plan on {self.device}: {self.summary()}\n"
-            f"  fixed {_mib(self.fixed_bytes)} (slot {_mib(self.slot_bytes)}, staging "
-            f"{self.staging_count} x {_mib(self.staging_each)}, decoder {_mib(self.decoder_bytes)}, "
-            f"workspace {_mib(sum(n for _, n in self.workspace))}, scratch {_mib(self.scratch_bytes)}), host "
-            f"{_mib(self.host_bytes)}"
+            f"  fixed {mib(self.fixed_bytes)} (slot {mib(self.slot_bytes)}, staging "
+            f"{self.staging_count} x {mib(self.staging_each)}, decoder {mib(self.decoder_bytes)}, "
+            f"workspace {mib(sum(n for _, n in self.workspace))}, scratch {mib(self.scratch_bytes)}), host "
+            f"{mib(self.host_bytes)}"
         )
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.2f} MiB"
 
 
 def plan_experts(
@@ -193,8 +195,7 @@ def plan_experts(
         max_chunk = max(e.max_chunk for e in experts)
         sizes = decoder_sizes(plan.batch_chunks, max_chunk) if decoder_sizes else None
         if sizes is not None:
-            plan.decoder_bytes = sum(arena_size(p) for p in sizes.pieces)
-            plan.workspace = tuple(sorted((k, arena_size(n)) for k, n in sizes.workspace if n > 0))
+            plan.decoder_bytes, plan.workspace = arena_decoder_sizes(sizes)
         plan.scratch_bytes = largest_decoded  # experts whose chunks straddle tensors decode here first
         plan.overhead_bytes = CUDA_ALLOCATOR_SLACK
     left = budget_bytes - plan.fixed_bytes

@@ -33,6 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from offload_runtime.display import mib
 from offload_runtime.errors import BudgetError, PlanError
 from offload_runtime.scheduler.sizes import GroupSize
 from offload_runtime.scheduler.tiers import RESIDENT, Tier, tiers_on
@@ -216,9 +217,9 @@ class Plan:
         b = self.buffers
         experts = f"; {self.experts.summary()}" if self.experts is not None else ""
         return (
-            f"{len(self.groups)} groups ({tiers}) on {self.device}: {_mib(self.device_bytes)} of "
-            f"{_mib(self.budget_bytes)} budget, {b.nslots} slots x {_mib(b.slot_bytes)}, "
-            f"{_mib(self.host_bytes)} in host RAM{experts}"
+            f"{len(self.groups)} groups ({tiers}) on {self.device}: {mib(self.device_bytes)} of "
+            f"{mib(self.budget_bytes)} budget, {b.nslots} slots x {mib(b.slot_bytes)}, "
+            f"{mib(self.host_bytes)} in host RAM{experts}"
         )
 
     def __str__(self) -> str:
@@ -226,8 +227,8 @@ class Plan:
         # (compressed) bytes (payloads kept in VRAM, in host RAM, on disk); the totals line shows both
         b = self.buffers
         held = [
-            f"{b.nslots} slots x {_mib(b.slot_bytes)} decoded",
-            f"resident {_mib(self.tier_bytes(RESIDENT))} decoded",
+            f"{b.nslots} slots x {mib(b.slot_bytes)} decoded",
+            f"resident {mib(self.tier_bytes(RESIDENT))} decoded",
         ]
         if self.device == "cpu":
             where = "CPU RAM holding decoded weights"
@@ -235,29 +236,29 @@ class Plan:
             where = "device memory"
             in_vram = sum(g.device_bytes for g in self.groups if g.tier.payload_in_vram)  # slot or executed
             held += [
-                f"compressed in VRAM {_mib(in_vram)} stored",
-                f"staging {_mib(b.staging_bytes)}",
-                f"scratch {_mib(b.scratch_bytes)} + shared workspace {_mib(b.workspace_bytes)}",
-                f"dispatch window {_mib(b.window_bytes)}",
-                f"allocator slack {_mib(b.overhead_bytes)}",
+                f"compressed in VRAM {mib(in_vram)} stored",
+                f"staging {mib(b.staging_bytes)}",
+                f"scratch {mib(b.scratch_bytes)} + shared workspace {mib(b.workspace_bytes)}",
+                f"dispatch window {mib(b.window_bytes)}",
+                f"allocator slack {mib(b.overhead_bytes)}",
             ]
         lines = [
-            f"offload plan on {self.device}: {_mib(self.device_bytes)} of {_mib(self.budget_bytes)} budget "
-            f"(minimum {_mib(self.minimum_bytes)}), prefetch={self.prefetch}",
+            f"offload plan on {self.device}: {mib(self.device_bytes)} of {mib(self.budget_bytes)} budget "
+            f"(minimum {mib(self.minimum_bytes)}), prefetch={self.prefetch}",
             f"  in the budget ({where}): {', '.join(held)}",
-            f"  host RAM, outside the budget: {_mib(self.host_bytes)} = compressed payloads of host tier "
-            f"groups {_mib(self.host_bytes - b.host_bytes)} stored + staging ring {_mib(b.host_bytes)}",
+            f"  host RAM, outside the budget: {mib(self.host_bytes)} = compressed payloads of host tier "
+            f"groups {mib(self.host_bytes - b.host_bytes)} stored + staging ring {mib(b.host_bytes)}",
             f"  {'group':<40} {'tier':<18} {'decoded':>12} {'stored':>12} {'slot':>5}",
         ]
         for g in self.groups:
             slot = "-" if g.slot is None else str(g.slot)
             lines.append(
-                f"  {g.name:<40} {g.tier.name:<18} {_mib(g.decoded_bytes):>12} "
-                f"{_mib(g.stored_bytes):>12} {slot:>5}"
+                f"  {g.name:<40} {g.tier.name:<18} {mib(g.decoded_bytes):>12} "
+                f"{mib(g.stored_bytes):>12} {slot:>5}"
             )
         totals = ", ".join(
-            f"{t.name} {len(self.in_tier(t))} groups {_mib(self.tier_bytes(t))} / "
-            f"{_mib(sum(g.stored_bytes for g in self.in_tier(t)))}"
+            f"{t.name} {len(self.in_tier(t))} groups {mib(self.tier_bytes(t))} / "
+            f"{mib(sum(g.stored_bytes for g in self.in_tier(t)))}"
             for t in tiers_on(self.device)
         )
         lines.append(f"  totals (decoded / stored): {totals}")
@@ -269,10 +270,6 @@ class Plan:
 def budget_gb_for(nbytes: int) -> float:
     """The smallest budget in GiB, to 4 decimals, that covers ``nbytes`` (rounded up, so it passes)."""
     return math.ceil(nbytes / GIB * 1e4) / 1e4
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.2f} MiB"
 
 
 def shared_workspace_bytes(groups: Sequence[GroupSize]) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.native import get_codec
+from offload_runtime.native.base import DecoderSizes
 from offload_runtime.scheduler.arena import arena_size
 
 
@@ -51,9 +52,15 @@ def measure_group(entry: GroupEntry, device: torch.device, executable: bool = Fa
     if device.type != "cuda":
         return GroupSize(entry.name, decoded, stored, decodes_on_cpu=on_cpu, executable=executable)
     sizes = codec.gpu_decoder_sizes(entry.chunks, entry.params, entry.layout)
-    scratch = sum(arena_size(piece) for piece in sizes.pieces)
-    workspace = tuple(sorted((kind, arena_size(n)) for kind, n in sizes.workspace if n > 0))
+    scratch, workspace = arena_decoder_sizes(sizes)
     return GroupSize(entry.name, decoded, stored, scratch, workspace, on_cpu, executable)
+
+
+def arena_decoder_sizes(sizes: DecoderSizes) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """A decoder's own arrays (summed) and its ``(kind, bytes)`` workspace needs, as the arena charges
+    them (kinds that need nothing are left out: they take no piece)."""
+    pieces = sum(arena_size(piece) for piece in sizes.pieces)
+    return pieces, tuple(sorted((kind, arena_size(n)) for kind, n in sizes.workspace if n > 0))
 
 
 def measure_groups(

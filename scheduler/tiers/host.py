@@ -11,11 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import GroupEntry
-from offload_runtime.loaders.reader import locate_error
-from offload_runtime.loaders.verify import DECODED
-from offload_runtime.native import get_codec
+from offload_runtime.loaders.reader import decode_held_payload
 from offload_runtime.scheduler.sizes import GroupSize
 from offload_runtime.scheduler.tiers.base import Tier, TierContext, TierStore
 
@@ -36,21 +33,7 @@ class HostPayloadStore(TierStore):
         self.counters.host_bytes += entry.stored_size
 
     def decode_cpu(self, entry: GroupEntry, out: torch.Tensor, staging: torch.Tensor) -> None:
-        policy = self.ctx.source.policy
-        check = policy.due(DECODED, entry.name)
-        try:
-            get_codec(entry.codec).decode_cpu(
-                memoryview(self.payloads[entry.name].numpy()),
-                entry.chunks,
-                entry.params,
-                entry.layout,
-                out,
-                verify_decoded=check,
-            )
-        except OffloadError as exc:  # the codec knows the chunk: add the file and group
-            raise locate_error(exc, self.ctx.source.path, entry.name) from exc
-        if check:
-            policy.passed(DECODED, entry.name)
+        decode_held_payload(self.ctx.source, entry, self.payloads[entry.name], out)
         self.counters.loads += 1
 
     def device_payload(self, entry: GroupEntry, pcie: PcieStager) -> tuple[torch.Tensor, int | None]:
