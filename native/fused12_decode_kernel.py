@@ -10,7 +10,7 @@ Two launches on the current stream, no host synchronisation, no allocation:
    placeholder (stream order makes it run after the first). Entries whose column is outside the matrix
    (a damaged payload) are skipped rather than written out of bounds; the decoded CRC check reports them.
 
-:func:`reference` is the oracle: :func:`offload_runtime.native.fused12_format.decode`.
+The oracle its tests use: :func:`offload_runtime.native.fused12_format.decode`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import exact_pair, rotl8, rotr8
 from offload_runtime.native.fused12_format import Planes
 
@@ -143,8 +142,3 @@ def decode_into(
         _patch_kernel[(triton.cdiv(rows, PATCH_ROWS),)](
             planes.esc_ptr, planes.esc, bits, rows, cols, BR=PATCH_ROWS, EC=PATCH_ENTRIES
         )
-
-
-def reference(planes: Planes) -> torch.Tensor:
-    """The exact bf16 weight (torch, any device): the oracle of :func:`decode_into`."""
-    return fused12_format.decode(planes)

@@ -12,7 +12,7 @@ Split-K (grid axis 2) and the epilogue are those of the GEMV (``reduce_splits`` 
 :mod:`~offload_runtime.native.fused12_bits`).
 ``x`` must be bf16 (tensor cores multiply bf16 by bf16).
 
-:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
     TileConfig,
@@ -155,9 +154,3 @@ def dot(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
-
-
-def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
-    y = x.float() @ fused12_format.decode(planes).float().T
-    return y + bias.float() if bias is not None else y

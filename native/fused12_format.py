@@ -379,10 +379,5 @@ def scaled_weight(planes: Planes) -> tuple[torch.Tensor, torch.Tensor]:
     return scaled, scale
 
 
-def stored_nbytes(weight: torch.Tensor) -> int:
-    """Bytes the planes of ``weight`` take (bf16 2-D), without the alignment between planes."""
-    return encode(weight).nbytes
-
-
 def escape_fraction(planes: Planes) -> float:
     return planes.escapes / max(planes.rows * planes.cols, 1)

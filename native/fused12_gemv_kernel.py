@@ -15,7 +15,7 @@ Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM
 meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
 each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_bits.finish`).
 
-:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
     TileConfig,
@@ -184,9 +183,3 @@ def gemv(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
-
-
-def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
-    y = x.float() @ fused12_format.decode(planes).float().T
-    return y + bias.float() if bias is not None else y
