@@ -35,6 +35,7 @@ from offload_runtime.native.fused12_bits import (
     store_result,
 )
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 DOT_ESCAPE_CHUNK = 32  # escapes per step of the escape terms' fp32 dot (>= 16 for tl.dot)
 
@@ -108,7 +109,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    blocks = triton.cdiv(rows_x, config.block_m) * triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    blocks = cdiv(rows_x, config.block_m) * cdiv((planes.rows + 1) // 2, config.block_pairs)
     return 2 * config.split * rows_x * planes.rows, blocks  # per split: partial sums and escape terms
 
 
@@ -139,8 +140,8 @@ def dot(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     grid = (
-        triton.cdiv(rows_x, config.block_m),
-        triton.cdiv((planes.rows + 1) // 2, config.block_pairs),
+        cdiv(rows_x, config.block_m),
+        cdiv((planes.rows + 1) // 2, config.block_pairs),
         k.split,
     )
     _dot_kernel[grid](

@@ -50,6 +50,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from offload_runtime.errors import CorruptCheckpointError
+from offload_runtime.native.layout import align_up, cdiv
 
 WINDOW = 15  # exponents a row's window holds; code 15 is the escape
 ESCAPE = 15
@@ -76,8 +77,7 @@ PLANE_DTYPES = {
 
 def pitch_words(cols: int) -> int:
     """Words per stored row of a ``cols``-column weight (4 columns per word, a multiple of 4 words)."""
-    words = -(-cols // WORD_COLUMNS)
-    return -(-words // PITCH_WORDS) * PITCH_WORDS
+    return align_up(cdiv(cols, WORD_COLUMNS), PITCH_WORDS)
 
 
 def plane_shapes(rows: int, cols: int, escapes: int) -> dict[str, tuple[int, ...]]:

@@ -39,6 +39,7 @@ from offload_runtime.native.fused12_bits import (
     store_result,
 )
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
 
@@ -141,7 +142,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     if config.split == 1:
         return 0, 0
     partials = 2 * config.split * rows_x * planes.rows  # per split: partial sums and escape terms
-    return partials, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    return partials, cdiv((planes.rows + 1) // 2, config.block_pairs)
 
 
 def gemv(
@@ -171,7 +172,7 @@ def gemv(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     x_words = x.dtype == torch.bfloat16 and cols % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
-    grid = (triton.cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
+    grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
     _gemv_kernel[grid](
         x, x.view(torch.int64) if x_words else x, planes.sm, planes.codes, planes.top, planes.esc_ptr,
         planes.esc, bias if bias is not None else out, out, partials, counters,

@@ -33,6 +33,7 @@ import torch
 
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
 TABLE_PATH = Path(__file__).with_name("fused12_table.json")
@@ -91,10 +92,6 @@ def load_table(path: str | None = None) -> dict[tuple[int, int], list[tuple[int,
     return parse_table(json.loads(Path(path).read_text()), source=path)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -104,9 +101,9 @@ def _sm_count(device: torch.device) -> int:
 
 def auto_split(rows: int, cols: int, block_pairs: int, block_words: int, device: torch.device) -> int:
     """Split-K that gives the SMs about :data:`PROGRAMS_PER_SM` programs, each with >= 4 steps of K."""
-    blocks = _cdiv((rows + 1) // 2, block_pairs)
-    steps = _cdiv(_cdiv(cols, 4), block_words)
-    wanted = _cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
+    blocks = cdiv((rows + 1) // 2, block_pairs)
+    steps = cdiv(cdiv(cols, 4), block_words)
+    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
     return max(1, min(wanted, steps // 4))
 
 
