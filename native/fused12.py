@@ -25,7 +25,14 @@ import torch
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.native import fused12_format as fmt
-from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.base import (
+    Chunk,
+    EncodedGroup,
+    GpuDecoder,
+    GroupCodec,
+    check_cpu_output,
+    register,
+)
 from offload_runtime.native.chunking import check_decoded_crcs, crc32
 from offload_runtime.native.layout import GroupLayout, TensorSpec, align_up
 from offload_runtime.native.workspace import Allocate
@@ -248,15 +255,7 @@ class Fused12Codec(GroupCodec):
         *,
         verify_decoded: bool = False,
     ) -> None:
-        if (
-            out.dtype != torch.uint8
-            or out.dim() != 1
-            or out.device.type != "cpu"
-            or out.numel() < layout.size
-        ):
-            raise ValueError(
-                f"need a 1-D uint8 CPU output of >= {layout.size} bytes, got {out.dtype} {tuple(out.shape)}"
-            )
+        check_cpu_output(out, layout.size)
         entries = parse_params(params, layout, chunks)
         src = np.frombuffer(payload, dtype=np.uint8)
         end = max((e.end for e in entries), default=0)
