@@ -271,7 +271,7 @@ class Fused12Codec(GroupCodec):
             else:
                 planes = _planes(torch.from_numpy(src[entry.start : entry.end].copy()), entry, entry.start)
                 try:
-                    fmt.check(planes)
+                    weight = fmt.checked_decode(planes)
                 except CorruptCheckpointError as exc:
                     raise CorruptCheckpointError(
                         f"{exc.summary} (tensor {entry.spec.name!r})",
@@ -280,7 +280,7 @@ class Fused12Codec(GroupCodec):
                         actual=exc.actual,
                         hint="the container is damaged; re-pack it",
                     ) from None
-                dst[begin : begin + nbytes] = fmt.decode(planes).view(-1).view(torch.uint8).numpy()
+                dst[begin : begin + nbytes] = weight.view(-1).view(torch.uint8).numpy()
             dst[begin + nbytes : stop] = 0
         if verify_decoded:
             check_decoded_crcs(dst, chunks)
@@ -305,11 +305,11 @@ def _planes(region: torch.Tensor, entry: Entry, base: int) -> fmt.Planes:
     """Views of ``entry``'s planes in ``region`` (uint8, starting at payload offset ``base``)."""
     rows, cols = entry.spec.shape
     shapes = fmt.plane_shapes(rows, cols, entry.escapes)
+    nbytes = fmt.plane_nbytes(rows, cols, entry.escapes)
     views = {}
     for name, shape in shapes.items():
         begin = entry.offsets[name] - base
-        nbytes = fmt.plane_nbytes(rows, cols, entry.escapes)[name]
-        views[name] = region[begin : begin + nbytes].view(fmt.PLANE_DTYPES[name]).view(shape)
+        views[name] = region[begin : begin + nbytes[name]].view(fmt.PLANE_DTYPES[name]).view(shape)
     return fmt.Planes(rows=rows, cols=cols, **views)
 
 
