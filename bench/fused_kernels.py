@@ -109,6 +109,7 @@ def _dot(bm: int, bp: int, bw: int, split: int, warps: int, stages: int) -> dict
 def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: bool) -> list[dict]:
     """Configs to try for ``kind`` at ``m`` rows, most promising first; split-K around the SM-filling one."""
     from offload_runtime.native.fused12_linear import auto_split
+    from offload_runtime.native.layout import cdiv
 
     if smoke:
         return [_gemv(4, 4, 2, 4, 1) if kind == "gemv" else _dot(16, 16, 4, 2, 4, 1)]
@@ -116,7 +117,7 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
     if kind == "gemv":
         for bp, bw, warps, stages in GEMV_CONFIGS[m]:
             base = auto_split(n, k, bp, bw, device)
-            steps = _cdiv(_cdiv(k, 4), bw)
+            steps = cdiv(cdiv(k, 4), bw)
             for split in sorted({s for s in (1, base, 2 * base, 4 * base) if s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
         return out
@@ -124,10 +125,6 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
         base = auto_split(n, k, bp, bw, device) if m <= 16 else 1
         out += [_dot(bm, bp, bw, split, warps, stages) for split in sorted({1, base, 2 * base})]
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _clone(planes):

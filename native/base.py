@@ -302,6 +302,17 @@ class GroupCodec(ABC):
         """
 
 
+def check_cpu_output(out: torch.Tensor, size: int) -> None:
+    """Refuse an output :meth:`GroupCodec.decode_cpu` cannot write ``size`` bytes into through numpy.
+
+    Raises:
+        ValueError: unless ``out`` is a 1-D uint8 CPU tensor of at least ``size`` elements.
+    """
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        raise ValueError(f"need a 1-D uint8 CPU output of >= {size} bytes, got {got}")
+
+
 def allocator_or_default(allocate: Allocate | None, device: torch.device) -> Allocate:
     """``allocate``, or plain torch allocations on ``device`` when none is given."""
     return allocate if allocate is not None else device_allocator(device)

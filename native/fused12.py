@@ -25,7 +25,14 @@ import torch
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.native import fused12_format as fmt
-from offload_runtime.native.base import Chunk, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.base import (
+    Chunk,
+    EncodedGroup,
+    GpuDecoder,
+    GroupCodec,
+    check_cpu_output,
+    register,
+)
 from offload_runtime.native.chunking import check_decoded_crcs, crc32
 from offload_runtime.native.layout import GroupLayout, TensorSpec, align_up
 from offload_runtime.native.workspace import Allocate
@@ -248,15 +255,7 @@ class Fused12Codec(GroupCodec):
         *,
         verify_decoded: bool = False,
     ) -> None:
-        if (
-            out.dtype != torch.uint8
-            or out.dim() != 1
-            or out.device.type != "cpu"
-            or out.numel() < layout.size
-        ):
-            raise ValueError(
-                f"need a 1-D uint8 CPU output of >= {layout.size} bytes, got {out.dtype} {tuple(out.shape)}"
-            )
+        check_cpu_output(out, layout.size)
         entries = parse_params(params, layout, chunks)
         src = np.frombuffer(payload, dtype=np.uint8)
         end = max((e.end for e in entries), default=0)
@@ -272,7 +271,7 @@ class Fused12Codec(GroupCodec):
             else:
                 planes = _planes(torch.from_numpy(src[entry.start : entry.end].copy()), entry, entry.start)
                 try:
-                    fmt.check(planes)
+                    weight = fmt.checked_decode(planes)
                 except CorruptCheckpointError as exc:
                     raise CorruptCheckpointError(
                         f"{exc.summary} (tensor {entry.spec.name!r})",
@@ -281,7 +280,7 @@ class Fused12Codec(GroupCodec):
                         actual=exc.actual,
                         hint="the container is damaged; re-pack it",
                     ) from None
-                dst[begin : begin + nbytes] = fmt.decode(planes).view(-1).view(torch.uint8).numpy()
+                dst[begin : begin + nbytes] = weight.view(-1).view(torch.uint8).numpy()
             dst[begin + nbytes : stop] = 0
         if verify_decoded:
             check_decoded_crcs(dst, chunks)
@@ -306,11 +305,11 @@ def _planes(region: torch.Tensor, entry: Entry, base: int) -> fmt.Planes:
     """Views of ``entry``'s planes in ``region`` (uint8, starting at payload offset ``base``)."""
     rows, cols = entry.spec.shape
     shapes = fmt.plane_shapes(rows, cols, entry.escapes)
+    nbytes = fmt.plane_nbytes(rows, cols, entry.escapes)
     views = {}
     for name, shape in shapes.items():
         begin = entry.offsets[name] - base
-        nbytes = fmt.plane_nbytes(rows, cols, entry.escapes)[name]
-        views[name] = region[begin : begin + nbytes].view(fmt.PLANE_DTYPES[name]).view(shape)
+        views[name] = region[begin : begin + nbytes[name]].view(fmt.PLANE_DTYPES[name]).view(shape)
     return fmt.Planes(rows=rows, cols=cols, **views)
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from offload_runtime.native.layout import cdiv
+
 
 def escape_chunk(rows_x_block: int, block_pairs: int) -> int:
     """Escapes handled per step of :func:`~offload_runtime.native.fused12_bits.escape_sums`: its
@@ -70,14 +72,10 @@ class KRange:
 
 def k_range(cols: int, block_words: int, split: int) -> KRange:
     """Split ``cols`` columns into at most ``split`` ranges of whole steps (fewer when steps run out)."""
-    nwords = _cdiv(cols, 4)
-    per_split = max(_cdiv(_cdiv(nwords, split), block_words), 1) * block_words
-    splits = max(_cdiv(nwords, per_split), 1)
+    nwords = cdiv(cols, 4)
+    per_split = max(cdiv(cdiv(nwords, split), block_words), 1) * block_words
+    splits = max(cdiv(nwords, per_split), 1)
     return KRange(nwords, per_split, per_split // block_words, splits, nwords % per_split == 0)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def split_workspace(

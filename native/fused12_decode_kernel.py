@@ -10,7 +10,7 @@ Two launches on the current stream, no host synchronisation, no allocation:
    placeholder (stream order makes it run after the first). Entries whose column is outside the matrix
    (a damaged payload) are skipped rather than written out of bounds; the decoded CRC check reports them.
 
-:func:`reference` is the oracle: :func:`offload_runtime.native.fused12_format.decode`.
+The oracle its tests use: :func:`offload_runtime.native.fused12_format.decode`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import exact_pair, rotl8, rotr8
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 DECODE_PAIRS = 16  # BP: row pairs per program
 DECODE_WORDS = 64  # BW: words (4 columns each) per program
@@ -125,8 +125,8 @@ def decode_into(
     if rows == 0 or cols == 0:
         return
     bits = out.view(torch.int16)
-    nwords = -(-cols // 4)
-    grid = (triton.cdiv((rows + 1) // 2, block_pairs), triton.cdiv(nwords, block_words))
+    nwords = cdiv(cols, 4)
+    grid = (cdiv((rows + 1) // 2, block_pairs), cdiv(nwords, block_words))
     _decode_kernel[grid](
         planes.sm,
         planes.codes,
@@ -140,11 +140,6 @@ def decode_into(
         BW=block_words,
     )
     if planes.escapes:
-        _patch_kernel[(triton.cdiv(rows, PATCH_ROWS),)](
+        _patch_kernel[(cdiv(rows, PATCH_ROWS),)](
             planes.esc_ptr, planes.esc, bits, rows, cols, BR=PATCH_ROWS, EC=PATCH_ENTRIES
         )
-
-
-def reference(planes: Planes) -> torch.Tensor:
-    """The exact bf16 weight (torch, any device): the oracle of :func:`decode_into`."""
-    return fused12_format.decode(planes)

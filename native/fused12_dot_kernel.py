@@ -12,7 +12,7 @@ Split-K (grid axis 2) and the epilogue are those of the GEMV (``reduce_splits`` 
 :mod:`~offload_runtime.native.fused12_bits`).
 ``x`` must be bf16 (tensor cores multiply bf16 by bf16).
 
-:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
     TileConfig,
@@ -36,6 +35,7 @@ from offload_runtime.native.fused12_bits import (
     store_result,
 )
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 DOT_ESCAPE_CHUNK = 32  # escapes per step of the escape terms' fp32 dot (>= 16 for tl.dot)
 
@@ -109,7 +109,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: DotConfig) -> tuple[int
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    blocks = triton.cdiv(rows_x, config.block_m) * triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    blocks = cdiv(rows_x, config.block_m) * cdiv((planes.rows + 1) // 2, config.block_pairs)
     return 2 * config.split * rows_x * planes.rows, blocks  # per split: partial sums and escape terms
 
 
@@ -140,8 +140,8 @@ def dot(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     grid = (
-        triton.cdiv(rows_x, config.block_m),
-        triton.cdiv((planes.rows + 1) // 2, config.block_pairs),
+        cdiv(rows_x, config.block_m),
+        cdiv((planes.rows + 1) // 2, config.block_pairs),
         k.split,
     )
     _dot_kernel[grid](
@@ -155,9 +155,3 @@ def dot(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
-
-
-def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
-    y = x.float() @ fused12_format.decode(planes).float().T
-    return y + bias.float() if bias is not None else y

@@ -50,6 +50,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from offload_runtime.errors import CorruptCheckpointError
+from offload_runtime.native.layout import align_up, cdiv
 
 WINDOW = 15  # exponents a row's window holds; code 15 is the escape
 ESCAPE = 15
@@ -76,8 +77,7 @@ PLANE_DTYPES = {
 
 def pitch_words(cols: int) -> int:
     """Words per stored row of a ``cols``-column weight (4 columns per word, a multiple of 4 words)."""
-    words = -(-cols // WORD_COLUMNS)
-    return -(-words // PITCH_WORDS) * PITCH_WORDS
+    return align_up(cdiv(cols, WORD_COLUMNS), PITCH_WORDS)
 
 
 def plane_shapes(rows: int, cols: int, escapes: int) -> dict[str, tuple[int, ...]]:
@@ -281,7 +281,10 @@ def _u16_to_i16(values: torch.Tensor) -> torch.Tensor:
     return torch.where(values >= 1 << 15, values - (1 << 16), values).to(torch.int16)
 
 
-def unpack_fields(planes: Planes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Fields = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # what unpack_fields returns
+
+
+def unpack_fields(planes: Planes) -> Fields:
     """``(sign, mantissa, code)`` int64 ``[N, K]`` of every stored position (escapes: 0, 0, 15)."""
     rows, cols, pitch = planes.rows, planes.cols, planes.pitch
     sm = planes.sm.to(torch.int64) & 0xFFFFFFFF
@@ -307,6 +310,20 @@ def check(planes: Planes) -> None:
     Raises:
         CorruptCheckpointError: naming what is wrong (the caller adds file, group and chunk).
     """
+    _checked_fields(planes)
+
+
+def checked_decode(planes: Planes) -> torch.Tensor:
+    """:func:`check`, then :func:`decode`, unpacking the planes once (the CPU decode of a payload).
+
+    Raises:
+        CorruptCheckpointError: as :func:`check`.
+    """
+    return _decode(planes, _checked_fields(planes))
+
+
+def _checked_fields(planes: Planes) -> Fields:
+    """:func:`check`'s work; the :func:`unpack_fields` it needed, for a decode to reuse."""
     rows, cols, escapes = planes.rows, planes.cols, planes.escapes
     for name, shape in plane_shapes(rows, cols, escapes).items():
         tensor = getattr(planes, name)
@@ -351,6 +368,7 @@ def check(planes: Planes) -> None:
         )
     if bool(((sign | mantissa).reshape(-1)[is_escape] != 0).any()):
         raise CorruptCheckpointError("fused12 escaped positions hold a non-zero sign/mantissa byte")
+    return sign, mantissa, code
 
 
 def decode(planes: Planes) -> torch.Tensor:
@@ -358,9 +376,13 @@ def decode(planes: Planes) -> torch.Tensor:
 
     Positions are decoded as ``s << 15 | (top - n) << 7 | m`` whatever their code, then the escapes
     overwrite theirs: the same total function the GPU decode kernel computes (call :func:`check` first
-    to refuse planes :func:`encode` cannot have written).
+    to refuse planes :func:`encode` cannot have written, or call :func:`checked_decode`).
     """
-    sign, mantissa, code = unpack_fields(planes)
+    return _decode(planes, unpack_fields(planes))
+
+
+def _decode(planes: Planes, fields: Fields) -> torch.Tensor:
+    sign, mantissa, code = fields
     top = planes.top.to(torch.int64)[:, None]
     bits = (sign << 15) | (((top - code) & 0xFF) << 7) | mantissa
     flat = bits.reshape(-1)
@@ -377,11 +399,6 @@ def scaled_weight(planes: Planes) -> tuple[torch.Tensor, torch.Tensor]:
     scaled = _u32(bits).view(torch.float32)
     scale = torch.exp2(planes.top.to(torch.float32) - 127)
     return scaled, scale
-
-
-def stored_nbytes(weight: torch.Tensor) -> int:
-    """Bytes the planes of ``weight`` take (bf16 2-D), without the alignment between planes."""
-    return encode(weight).nbytes
 
 
 def escape_fraction(planes: Planes) -> float:

@@ -15,7 +15,7 @@ Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM
 meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
 each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_bits.finish`).
 
-:func:`reference` is the oracle: the exactly decoded weight, multiplied in fp32 by torch.
+The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from offload_runtime.native import fused12_format
 from offload_runtime.native.fused12_bits import (
     SCALED_EXP_XOR,
     TileConfig,
@@ -40,6 +39,7 @@ from offload_runtime.native.fused12_bits import (
     store_result,
 )
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
 
@@ -142,7 +142,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     if config.split == 1:
         return 0, 0
     partials = 2 * config.split * rows_x * planes.rows  # per split: partial sums and escape terms
-    return partials, triton.cdiv((planes.rows + 1) // 2, config.block_pairs)
+    return partials, cdiv((planes.rows + 1) // 2, config.block_pairs)
 
 
 def gemv(
@@ -172,7 +172,7 @@ def gemv(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     x_words = x.dtype == torch.bfloat16 and cols % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
-    grid = (triton.cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
+    grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
     _gemv_kernel[grid](
         x, x.view(torch.int64) if x_words else x, planes.sm, planes.codes, planes.top, planes.esc_ptr,
         planes.esc, bias if bias is not None else out, out, partials, counters,
@@ -184,9 +184,3 @@ def gemv(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
-
-
-def reference(x: torch.Tensor, planes: Planes, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ``x @ W^T (+ bias)`` with the exactly decoded weight (torch, any device)."""
-    y = x.float() @ fused12_format.decode(planes).float().T
-    return y + bias.float() if bias is not None else y

@@ -12,7 +12,9 @@ Which one runs comes from a table measured on the GPU by ``bench/fused_kernels.p
 beside this module, or the file named by ``$OFFLOAD_RUNTIME_FUSED12_TABLE``): per weight shape ``(N, K)``,
 rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else
 the largest). Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows with a split-K that
-gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above.
+gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above. The choice depends only on
+``(M, N, K, x dtype, device)`` and the table (read once per process), so :func:`cached_choice` resolves
+each key once: a model calls ``fused_linear`` per layer per token with a handful of keys.
 
 Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
 demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
@@ -33,6 +35,7 @@ import torch
 
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.layout import cdiv
 
 TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
 TABLE_PATH = Path(__file__).with_name("fused12_table.json")
@@ -40,6 +43,7 @@ PATHS = ("gemv", "dot", "decode")
 GEMV_MAX_ROWS = 8
 DOT_DEFAULT_MAX_ROWS = 64
 PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
+CHOICE_CACHE = 4096  # keys cached_choice keeps: few weight shapes, but prefill brings many values of M
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,6 @@ def load_table(path: str | None = None) -> dict[tuple[int, int], list[tuple[int,
     return parse_table(json.loads(Path(path).read_text()), source=path)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -104,9 +104,9 @@ def _sm_count(device: torch.device) -> int:
 
 def auto_split(rows: int, cols: int, block_pairs: int, block_words: int, device: torch.device) -> int:
     """Split-K that gives the SMs about :data:`PROGRAMS_PER_SM` programs, each with >= 4 steps of K."""
-    blocks = _cdiv((rows + 1) // 2, block_pairs)
-    steps = _cdiv(_cdiv(cols, 4), block_words)
-    wanted = _cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
+    blocks = cdiv((rows + 1) // 2, block_pairs)
+    steps = cdiv(cdiv(cols, 4), block_words)
+    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
     return max(1, min(wanted, steps // 4))
 
 
@@ -137,6 +137,22 @@ def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.dev
     if choice.path == "dot" and x_dtype != torch.bfloat16:
         choice = default_choice(m, rows, cols, device) if m <= GEMV_MAX_ROWS else Choice("decode")
     return choice
+
+
+def resolve(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.device) -> Choice:
+    """The path :func:`fused_linear` takes when none is forced: the reference decode on the CPU, else
+    :func:`choose` from the table."""
+    if device.type == "cpu":
+        return Choice("decode")
+    return choose(m, rows, cols, x_dtype, device)
+
+
+@functools.lru_cache(maxsize=CHOICE_CACHE)
+def cached_choice(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.device) -> Choice:
+    """:func:`resolve`, once per key (the lookup takes 0.4 us, resolving 2-4 us, on a CPU core). It reads
+    the table once, as :func:`load_table` does: whoever clears that cache to read a new table clears this
+    one too."""
+    return resolve(m, rows, cols, x_dtype, device)
 
 
 class _Buffers:
@@ -214,8 +230,7 @@ def fused_linear(
     if m == 0:
         return y.view(*lead, rows)
     if path is None:
-        on_cpu = x.device.type == "cpu"
-        choice = Choice("decode") if on_cpu else choose(m, rows, cols, x.dtype, x.device)
+        choice = cached_choice(m, rows, cols, x.dtype, x.device)
     else:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")

@@ -44,8 +44,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (``b > 0``), exact at any size (no float)."""
+    return -(-a // b)
+
+
 def align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
+    return cdiv(value, alignment) * alignment
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
+from offload_runtime.native.base import (
+    Chunk,
+    DecoderSizes,
+    EncodedGroup,
+    GpuDecoder,
+    GroupCodec,
+    check_cpu_output,
+    register,
+)
 from offload_runtime.native.chunking import check_decoded_crcs, crc32, split
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.workspace import Allocate
@@ -44,10 +52,7 @@ class RawCodec(GroupCodec):
         verify_decoded: bool = False,
     ) -> None:
         size = sum(c.decoded_size for c in chunks)
-        if out.dtype != torch.uint8 or out.dim() != 1 or out.device.type != "cpu" or out.numel() < size:
-            raise ValueError(
-                f"need a 1-D uint8 CPU output of >= {size} bytes, got {out.dtype} {tuple(out.shape)}"
-            )
+        check_cpu_output(out, size)
         # through numpy: torch.frombuffer warns on the read-only views a container's payloads are
         src = np.frombuffer(payload, dtype=np.uint8, count=size)
         dst = out[:size].numpy()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from offload_runtime.errors import PlanError
+from offload_runtime.native.layout import align_up
 
 ARENA_ALIGN = 512  # every piece starts 512-byte aligned (nvCOMP and vectorised loads need far less)
 
 
 def arena_size(nbytes: int) -> int:
     """What :meth:`DeviceArena.take` consumes for a piece of ``nbytes``."""
-    return -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+    return align_up(nbytes, ARENA_ALIGN)
 
 
 class BumpAllocator:

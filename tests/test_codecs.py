@@ -58,6 +58,24 @@ def test_lossless_round_trip_of_an_empty_group(name):
     )
 
 
+@pytest.mark.parametrize("name", ["raw", "fused12"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.empty(0, dtype=torch.uint8),  # too short
+        torch.empty(1 << 12, dtype=torch.int8),
+        torch.empty(2, 1 << 11, dtype=torch.uint8),
+        torch.empty(1 << 12, dtype=torch.uint8, device="meta"),
+    ],
+    ids=["short", "int8", "2-D", "not-cpu"],
+)
+def test_cpu_decoders_refuse_an_output_they_cannot_write(name, bad):
+    layout, data = _group({"w": torch.randn(8, 16).bfloat16(), "b": torch.randn(5)})
+    encoded = get_codec(name).encode(layout, data)
+    with pytest.raises(ValueError, match=rf"need a 1-D uint8 CPU output of >= {layout.size} bytes"):
+        get_codec(name).decode_cpu(encoded.payload, encoded.chunks, encoded.params, layout, bad)
+
+
 def test_zstd_multi_chunk_group_gives_aligned_independent_frames():
     codec = ZstdCodec(chunk_size=4096)
     layout, data = _group({"w": torch.randn(10_000).bfloat16(), "b": torch.randn(3)})

@@ -119,6 +119,17 @@ def test_a_corrupt_plane_is_a_typed_error_naming_the_chunk():
     assert info.value.chunk == 0 and "proj.weight" in str(info.value)
 
 
+def test_cpu_decode_unpacks_each_planes_tensor_once(monkeypatch):
+    layout, data, encoded = _encode(_mixed())
+    calls = []
+    unpack = fmt.unpack_fields
+    monkeypatch.setattr(fmt, "unpack_fields", lambda planes: calls.append(planes.rows) or unpack(planes))
+    out = torch.empty(layout.size, dtype=torch.uint8)
+    get_codec("fused12").decode_cpu(encoded.payload, encoded.chunks, encoded.params, layout, out)
+    assert torch.equal(out, torch.from_numpy(data))
+    assert sorted(calls) == [1, 33]  # row.weight and proj.weight: checked and decoded from one unpack
+
+
 def test_gpu_decoder_needs_cuda_and_triton():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: the GPU decoder is tested in test_fused12_gpu.py")

@@ -37,6 +37,7 @@ def _round_trip(weight: torch.Tensor) -> fmt.Planes:
     planes = fmt.encode(weight)
     fmt.check(planes)
     assert torch.equal(fmt.decode(planes).view(torch.int16), weight.view(torch.int16))
+    assert torch.equal(fmt.checked_decode(planes).view(torch.int16), weight.view(torch.int16))
     return planes
 
 
@@ -147,10 +148,11 @@ def _corrupt(edit) -> fmt.Planes:
         (lambda p: setattr(p, "sm", p.sm[:, :1]), "wrong shape"),
     ],
 )
-def test_check_refuses_planes_encode_cannot_write(edit, message):
+@pytest.mark.parametrize("check", [fmt.check, fmt.checked_decode], ids=["check", "checked_decode"])
+def test_check_refuses_planes_encode_cannot_write(edit, message, check):
     planes = _corrupt(edit)
     with pytest.raises(CorruptCheckpointError, match=message):
-        fmt.check(planes)
+        check(planes)
 
 
 def test_escapes_sorted_and_unique():

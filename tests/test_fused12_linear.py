@@ -79,6 +79,41 @@ def test_table_file_from_the_environment(tmp_path, monkeypatch):
         fl.load_table.cache_clear()
 
 
+def test_each_key_is_resolved_once(monkeypatch):
+    weight, x, _ = _case(m=4)
+    planes = fmt.encode(weight)
+    keys = []
+    resolve = fl.resolve
+    monkeypatch.setattr(fl, "resolve", lambda *key: keys.append((key[0], key[3])) or resolve(*key))
+    fl.cached_choice.cache_clear()
+    try:
+        want = torch.nn.functional.linear(x, weight)
+        assert torch.equal(fl.fused_linear(x, planes), want)
+        assert torch.equal(fl.fused_linear(x, planes), want)  # same key: the cached choice
+        assert keys == [(4, torch.bfloat16)]
+        fl.fused_linear(x[:2], planes)  # another m
+        fl.fused_linear(x.float(), planes)  # another dtype
+        fl.fused_linear(x[:2], planes)
+        assert keys == [(4, torch.bfloat16), (2, torch.bfloat16), (4, torch.float32)]
+        fl.fused_linear(x, planes, path="decode")  # a forced path resolves nothing
+        assert len(keys) == 3
+    finally:
+        fl.cached_choice.cache_clear()  # no entry made through the counting resolver outlives the test
+
+
+def test_cached_choice_is_the_tables_choice():
+    device = torch.device("meta")  # not the CPU: resolved through choose, as on a GPU
+    key = (4000, 3000, torch.bfloat16, device)  # a shape the packaged table lacks: every default path
+    fl.cached_choice.cache_clear()
+    try:
+        choices = [fl.cached_choice(m, *key) for m in (1, 8, 9, 16, 64, 65)]
+        assert choices == [fl.choose(m, *key) for m in (1, 8, 9, 16, 64, 65)]
+        assert {c.path for c in choices} == set(fl.PATHS)
+        assert fl.cached_choice(16, *key) is choices[3]
+    finally:
+        fl.cached_choice.cache_clear()
+
+
 def _case(rows=37, cols=130, m=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     weight = (torch.randn(rows, cols, generator=generator) * 0.02).bfloat16()
