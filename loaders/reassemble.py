@@ -26,14 +26,17 @@ copy). :func:`reassemble` turns one into a *reassembled* group:
   scratch, no copy. The decoded CRC-32s of every part are checked under the same policy as any group's.
 
 The cost is one copy of the decoded bytes of each non-direct part per load (on the GPU a device-to-device
-copy, far below the PCIe transfer it follows) and one part-sized scratch buffer. A logical group that is
-one stored group, unchanged, is presented as that stored group: dense containers are unaffected.
+copy, far below the PCIe transfer it follows) and one part-sized scratch buffer (on the CPU one per
+thread, allocated once and kept). A logical group that is one stored group, unchanged, is presented as that
+stored group: dense containers are unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -302,14 +305,35 @@ def decode_parts_cpu(
 ) -> torch.Tensor:
     """Decode every part with ``decode_cpu`` (the stored reader's, with its checks) and place its tensors;
     a direct part decodes straight into its region."""
-    scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
-    for part in parts:
-        n = part.entry.stored_size
-        into = scratch if part.direct is None else out[part.direct : part.direct + part.entry.layout.size]
-        decoded = decode_cpu(part.entry.name, into, staging[:n] if staging is not None else None)
-        if part.direct is None:
-            _place(part, decoded, out)
+    with _cpu_scratch(_scratch_bytes(parts)) as scratch:
+        for part in parts:
+            n = part.entry.stored_size
+            into = scratch if part.direct is None else out[part.direct : part.direct + part.entry.layout.size]
+            decoded = decode_cpu(part.entry.name, into, staging[:n] if staging is not None else None)
+            if part.direct is None:
+                _place(part, decoded, out)
     return out
+
+
+_held = threading.local()  # this thread's CPU part scratch, while no decode uses it
+
+
+@contextlib.contextmanager
+def _cpu_scratch(nbytes: int) -> Iterator[torch.Tensor]:
+    """``nbytes`` of this thread's CPU part scratch, allocated once at the largest size asked for and kept.
+
+    A buffer per decode would be kept by glibc's heap (its mmap threshold adapts upward) and RSS would grow,
+    as ``CpuLoader`` explains for staging. Per thread, so the prefetch worker and a caller's decode never
+    share it; taken out while in use, so a nested decode would allocate its own rather than overwrite it.
+    """
+    buffer = getattr(_held, "scratch", None)
+    _held.scratch = None
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        yield buffer[:nbytes]
+    finally:
+        _held.scratch = buffer
 
 
 def _scratch_bytes(parts: Sequence[Part]) -> int:
@@ -388,26 +412,31 @@ class ReassembledCodec(GroupCodec):
         from offload_runtime.native import get_codec
 
         parts: tuple[Part, ...] = params["parts"]
-        scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
-        for part in parts:
-            entry = part.entry
-            codec = get_codec(entry.codec)
-            sub = payload[part.offset : part.offset + entry.stored_size]
-            into = scratch if part.direct is None else out[part.direct :]
-            decoded = into[: entry.layout.size]
-            try:
-                if entry.stored_layout is not None:  # lossy: the codec checks what its chunks decode to
-                    codec.decode_cpu(
-                        sub, entry.chunks, entry.params, entry.layout, decoded, verify_decoded=verify_decoded
-                    )
-                else:
-                    codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
-                    if verify_decoded:
-                        check_decoded_crcs(decoded.numpy(), entry.chunks)
-            except OffloadError as exc:
-                raise _in_part(exc, entry.name) from exc
-            if part.direct is None:
-                _place(part, decoded, out)
+        with _cpu_scratch(_scratch_bytes(parts)) as scratch:
+            for part in parts:
+                entry = part.entry
+                codec = get_codec(entry.codec)
+                sub = payload[part.offset : part.offset + entry.stored_size]
+                into = scratch if part.direct is None else out[part.direct :]
+                decoded = into[: entry.layout.size]
+                try:
+                    if entry.stored_layout is not None:  # lossy: the codec checks what its chunks decode to
+                        codec.decode_cpu(
+                            sub,
+                            entry.chunks,
+                            entry.params,
+                            entry.layout,
+                            decoded,
+                            verify_decoded=verify_decoded,
+                        )
+                    else:
+                        codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
+                        if verify_decoded:
+                            check_decoded_crcs(decoded.numpy(), entry.chunks)
+                except OffloadError as exc:
+                    raise _in_part(exc, entry.name) from exc
+                if part.direct is None:
+                    _place(part, decoded, out)
 
     def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
         from offload_runtime.native import get_codec
