@@ -46,7 +46,6 @@ import torch
 from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import PAYLOAD_ALIGN, GroupEntry
 from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
-from offload_runtime.native.chunking import check_decoded_crcs
 from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, align_up
 from offload_runtime.native.workspace import Allocate
 
@@ -419,20 +418,10 @@ class ReassembledCodec(GroupCodec):
                 sub = payload[part.offset : part.offset + entry.stored_size]
                 into = scratch if part.direct is None else out[part.direct :]
                 decoded = into[: entry.layout.size]
-                try:
-                    if entry.stored_layout is not None:  # lossy: the codec checks what its chunks decode to
-                        codec.decode_cpu(
-                            sub,
-                            entry.chunks,
-                            entry.params,
-                            entry.layout,
-                            decoded,
-                            verify_decoded=verify_decoded,
-                        )
-                    else:
-                        codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
-                        if verify_decoded:
-                            check_decoded_crcs(decoded.numpy(), entry.chunks)
+                try:  # each codec checks its chunks' decoded CRC-32s (int8: before the transform back)
+                    codec.decode_cpu(
+                        sub, entry.chunks, entry.params, entry.layout, decoded, verify_decoded=verify_decoded
+                    )
                 except OffloadError as exc:
                     raise _in_part(exc, entry.name) from exc
                 if part.direct is None:

@@ -277,6 +277,22 @@ def test_a_damaged_expert_payload_is_named_when_its_block_is_decoded(tmp_path):
     assert info.value.group == "model.layers.0.mlp.experts.5" and info.value.chunk == 0
 
 
+def test_a_part_damaged_in_host_memory_is_named_by_its_decoded_crc(tmp_path):
+    """The host tier decodes a held payload (its compressed CRCs checked when it was read) through the
+    reassembled codec: each part's codec checks the decoded CRCs."""
+    from offload_runtime.loaders.reader import decode_held_payload
+
+    path = _pack(tiny_model("qwen3_moe", num_layers=1), tmp_path, codec="raw")
+    with ContainerReader(path, verify="always") as reader:
+        block = reader.group("model.layers.0")
+        payload = reader.read_into(block.name, torch.empty(block.stored_size, dtype=torch.uint8))
+        victim = block.params["parts"][-1]
+        payload[victim.offset + 10] ^= 0xFF
+        with pytest.raises(CorruptCheckpointError, match="decoded chunk CRC-32") as info:
+            decode_held_payload(reader, block, payload, torch.empty(block.layout.size, dtype=torch.uint8))
+    assert info.value.group == victim.entry.name and info.value.chunk == 0
+
+
 def test_unknown_granularity_is_refused(tmp_path):
     path = _pack(tiny_model("olmoe", num_layers=1), tmp_path)
     with pytest.raises(ValueError, match="granularity"):
