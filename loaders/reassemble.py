@@ -68,6 +68,14 @@ class Place(NamedTuple):
     def flat(cls, src: int, dst: int, nbytes: int) -> Place:
         return cls(src, dst, 1, nbytes, nbytes, nbytes)
 
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy these bytes of ``src`` into ``dst`` (1-D uint8 tensors, on any one device)."""
+        if self.rows == 1:
+            dst[self.dst : self.dst + self.row_bytes].copy_(src[self.src : self.src + self.row_bytes])
+        else:  # as_strided keeps each view's own storage offset
+            target = dst[self.dst :].as_strided((self.rows, self.row_bytes), (self.dst_stride, 1))
+            target.copy_(src[self.src :].as_strided((self.rows, self.row_bytes), (self.src_stride, 1)))
+
     @property
     def end(self) -> int:
         """One past the last destination byte written."""
@@ -228,9 +236,7 @@ def _merge_experts(block: LogicalGroup, modules: list[list[LogicalGroup]]) -> Lo
 
 def reassemble(group: LogicalGroup) -> tuple[GroupEntry, tuple[Part, ...]]:
     """The reassembled entry of ``group`` (codec :data:`REASSEMBLED_CODEC`) and its parts."""
-    layout = GroupLayout.from_tensors(
-        (name, torch.empty(shape, dtype=dtype, device="meta")) for name, dtype, shape in group.tensors
-    )
+    layout = GroupLayout.from_shapes(group.tensors)
     resolved = [
         (stored, tuple(f.place.moved(0, layout.spec(f.tensor).offset).compact() for f in pieces))
         for stored, pieces in group.fills
@@ -348,11 +354,7 @@ def _part_needs(parts: Sequence[Part]) -> dict[str, int]:
 
 def _place(part: Part, decoded: torch.Tensor, out: torch.Tensor) -> None:
     for p in part.places:
-        if p.rows == 1:
-            out[p.dst : p.dst + p.row_bytes].copy_(decoded[p.src : p.src + p.row_bytes])
-        else:  # as_strided keeps each view's own storage offset
-            target = out[p.dst :].as_strided((p.rows, p.row_bytes), (p.dst_stride, 1))
-            target.copy_(decoded[p.src :].as_strided((p.rows, p.row_bytes), (p.src_stride, 1)))
+        p.copy(decoded, out)
 
 
 class ReassembledSource:
