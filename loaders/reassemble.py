@@ -180,11 +180,6 @@ def view(
     return out, parts
 
 
-def block_view(groups: Sequence[GroupEntry]) -> tuple[list[GroupEntry], dict[str, tuple[Part, ...]]]:
-    """The block-granular view of stored ``groups`` (tensors whole): see :func:`view`."""
-    return view(groups, "block")
-
-
 def block_groups(groups: Sequence[LogicalGroup]) -> list[LogicalGroup]:
     """Each block owning experts merged with its expert groups (their stacked parameters whole); expert
     groups gone; every other group as it is."""
