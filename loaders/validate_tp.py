@@ -11,17 +11,15 @@ exactly the layout the record implies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.loaders.format import TP_SLICE_KIND, GroupEntry, TpInfo, TpSlice, TpTensor, tp_slice_name
 from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, expected_layouts
+from offload_runtime.loaders.validate_fields import parse_layout, typed
 from offload_runtime.native.layout import GroupLayout
 
 MAX_SPLIT = 64  # packed parts of one dimension (fused gate/up: 2); far below a forged 2**62
-
-ParseLayout = Callable[[Any, str, str, str], GroupLayout]  # (json, path, group, what) -> checked layout
 
 
 def _fail(message: str, entry: GroupEntry, path: str, **fields: Any) -> CorruptCheckpointError:
@@ -30,20 +28,20 @@ def _fail(message: str, entry: GroupEntry, path: str, **fields: Any) -> CorruptC
     )
 
 
-def parse_tp(value: Any, entry: GroupEntry, path: str, parse_layout: ParseLayout) -> TpInfo:
+def parse_tp(value: Any, entry: GroupEntry, path: str) -> TpInfo:
     """The :class:`TpInfo` of ``entry`` from its JSON ``value``, checked against the group's own layout.
 
     Raises:
         CorruptCheckpointError: naming the file and group.
     """
     try:
-        rows = _typed(value["sliced"], list)
+        rows = typed(value["sliced"], list)
         layout = parse_layout(value["layout"], path, entry.name, "tp layout")
         info = TpInfo(
-            slices=_typed(value["slices"], int),
+            slices=typed(value["slices"], int),
             layout=layout,
             sliced=tuple(
-                TpTensor(_typed(r["name"], str), _typed(r["dim"], int), _typed(r["split"], int)) for r in rows
+                TpTensor(typed(r["name"], str), typed(r["dim"], int), typed(r["split"], int)) for r in rows
             ),
         )
     except CorruptCheckpointError:
@@ -99,7 +97,7 @@ def parse_tp_slice(value: Any, entry: GroupEntry, path: str) -> TpSlice:
     """The :class:`TpSlice` of slice group ``entry`` from its JSON ``value`` (checked with its group by
     :func:`check_tp_groups`)."""
     try:
-        return TpSlice(_typed(value["group"], str), _typed(value["index"], int))
+        return TpSlice(typed(value["group"], str), typed(value["index"], int))
     except (KeyError, TypeError) as exc:
         raise _fail(f"malformed tp_slice record ({type(exc).__name__}: {exc})", entry, path) from None
 
@@ -155,9 +153,3 @@ def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
 def _check_layout(entry: GroupEntry, want: GroupLayout, message: str, path: str) -> None:
     if entry.layout != want:
         raise _fail(message, entry, path, expected=want.to_json(), actual=entry.layout.to_json())
-
-
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-    return value
