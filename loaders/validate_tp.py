@@ -29,7 +29,8 @@ def _fail(message: str, entry: GroupEntry, path: str, **fields: Any) -> CorruptC
 
 
 def parse_tp(value: Any, entry: GroupEntry, path: str) -> TpInfo:
-    """The :class:`TpInfo` of ``entry`` from its JSON ``value``, checked against the group's own layout.
+    """The :class:`TpInfo` of ``entry`` from its JSON ``value`` (the layouts it implies are checked by
+    :func:`check_tp_groups`).
 
     Raises:
         CorruptCheckpointError: naming the file and group.
@@ -87,9 +88,6 @@ def parse_tp(value: Any, entry: GroupEntry, path: str) -> TpInfo:
                 expected=f"dimension {t.dim} divisible by {t.split * info.slices}",
                 actual=list(spec.shape),
             )
-    _check_layout(
-        entry, expected_layouts(info).base, "the group's layout is not the tp layout's unsliced tensors", path
-    )
     return info
 
 
@@ -103,7 +101,8 @@ def parse_tp_slice(value: Any, entry: GroupEntry, path: str) -> TpSlice:
 
 
 def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
-    """Every sliced group is followed by its slices, in order, each as its record implies; no other slice.
+    """Every sliced group has its unsliced tensors and is followed by its slices, in order, each as its
+    record implies; no other slice.
 
     Raises:
         CorruptCheckpointError: naming the file and the first offending group.
@@ -112,9 +111,11 @@ def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
     for position, entry in enumerate(entries):
         if entry.tp is None:
             continue
-        layouts = expected_layouts(entry.tp).slices
-        for s in range(entry.tp.slices):
-            expected_at[position + 1 + s] = (entry, s, layouts[s])
+        expected = expected_layouts(entry.tp)
+        message = "the group's layout is not the tp layout's unsliced tensors"
+        _check_layout(entry, expected.base, message, path)
+        for s, layout in enumerate(expected.slices):
+            expected_at[position + 1 + s] = (entry, s, layout)
     for position, entry in enumerate(entries):
         want = expected_at.get(position)
         if entry.tp_slice is None:

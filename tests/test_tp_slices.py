@@ -228,6 +228,11 @@ def _group(index, name):
             lambda ix: _group(ix, "model.layers.0")["tp"].update(sliced="all"),
             "malformed tp record",
         ),
+        (
+            "a sliced tensor said whole",
+            lambda ix: _group(ix, "model.layers.0")["tp"]["sliced"].pop(),
+            "unsliced tensors",
+        ),
     ],
 )
 def test_forged_tp_records_are_refused_naming_file_and_group(tmp_path, what, edit, fragment):
