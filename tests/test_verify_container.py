@@ -19,9 +19,10 @@ def container(tmp_path):
     return pack(model, tmp_path / "c.safetensors", codec="zstd", progress=False)
 
 
-def _flip(path: Path, group_index: int, chunk: int) -> str:
-    """Flip one payload byte inside ``chunk`` of the ``group_index``-th group; returns the group's name."""
-    with ContainerReader(path) as reader:
+def _flip(path: Path, group_index: int, chunk: int, granularity: str = "block") -> str:
+    """Flip one payload byte inside ``chunk`` of the ``group_index``-th group (a stored group: ``granularity``
+    ``"expert"`` for a mixture of experts); returns the group's name."""
+    with ContainerReader(path, granularity=granularity) as reader:
         entry = reader.groups[group_index]
         offset = reader._offsets[entry.name] + entry.chunks[chunk].offset + entry.chunks[chunk].size // 2
     data = bytearray(path.read_bytes())
@@ -117,33 +118,21 @@ def test_the_gpu_is_handed_every_part_of_a_reassembled_group(moe_container, monk
 
 
 def test_every_part_of_a_reassembled_group_is_crc_checked_when_nothing_decodes(moe_container, monkeypatch):
-    with ContainerReader(moe_container, granularity="expert") as reader:
-        expert = next(g for g in reader.groups if g.expert is not None)  # a part after its block's own
-        offset = reader._offsets[expert.name] + expert.chunks[0].size // 2
-    data = bytearray(moe_container.read_bytes())
-    data[offset] ^= 0x5A
-    moe_container.write_bytes(bytes(data))
+    name = _flip(moe_container, 3, 0, granularity="expert")
+    assert name == "model.layers.0.mlp.experts.1"  # a part after its block's own and another expert
     _without_a_cpu_decoder(monkeypatch, "no GPU")
     report = verify_container(moe_container, progress=False)
-    assert [g.error.group for g in report.damaged] == [expert.name]
+    assert [g.error.group for g in report.damaged] == [name]
 
 
 @pytest.mark.gpu
-def test_ans_groups_are_decoded_and_checked_on_the_gpu(tmp_path):
-    model = tiny_model("llama", dtype=torch.bfloat16)
-    path = pack(model, tmp_path / "ans.safetensors", codec="ans", progress=False)
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_ans_groups_are_decoded_and_checked_on_the_gpu(tmp_path, arch):
+    """A mixture of experts' blocks are reassembled groups of ans parts: each is decoded whole."""
+    path = pack(tiny_model(arch, dtype=torch.bfloat16), tmp_path / "ans.ort", codec="ans", progress=False)
     report = verify_container(path, progress=False)
     assert report.ok and not report.not_decoded
-    assert {g.decoded_on for g in report.groups if g.codec == "ans"} == {"cuda"}
-    name = _flip(path, 2, 0)
+    assert {g.decoded_on for g in report.groups if g.codec in ("ans", "reassembled")} == {"cuda"}
+    name = _flip(path, 3, 0, granularity="expert")  # mixtral: the second expert of the first block
     report = verify_container(path, progress=False)
-    assert [g.name for g in report.damaged] == [name] and report.damaged[0].error.chunk == 0
-
-
-@pytest.mark.gpu
-def test_a_mixture_of_experts_ans_container_is_decoded_whole_on_the_gpu(tmp_path):
-    model = tiny_model("mixtral", dtype=torch.bfloat16)
-    path = pack(model, tmp_path / "moe-ans.ort", codec="ans", progress=False)
-    report = verify_container(path, progress=False)
-    assert report.ok and not report.not_decoded
-    assert {g.decoded_on for g in report.groups if g.codec == "reassembled"} == {"cuda"}
+    assert [(g.error.group, g.error.chunk) for g in report.damaged] == [(name, 0)]
