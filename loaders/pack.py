@@ -217,13 +217,13 @@ def _group_dims(spec: GroupSpec, dims: dict[str, tuple[int, int]]) -> dict[str, 
 
 
 def _layout(spec: GroupSpec, source: TensorSource, dtype: torch.dtype | None) -> GroupLayout:
-    metas = []
+    rows = []
     for name in spec.tensors:
         tensor_dtype, shape = source.dtype_shape(name)
         if dtype is not None and tensor_dtype.is_floating_point:
             tensor_dtype = dtype
-        metas.append((name, torch.empty(shape, dtype=tensor_dtype, device="meta")))
-    return GroupLayout.from_tensors(metas)
+        rows.append((name, tensor_dtype, shape))
+    return GroupLayout.from_shapes(rows)
 
 
 def _main_float_dtype(layouts: list[GroupLayout]) -> str | None:

@@ -26,14 +26,17 @@ copy). :func:`reassemble` turns one into a *reassembled* group:
   scratch, no copy. The decoded CRC-32s of every part are checked under the same policy as any group's.
 
 The cost is one copy of the decoded bytes of each non-direct part per load (on the GPU a device-to-device
-copy, far below the PCIe transfer it follows) and one part-sized scratch buffer. A logical group that is
-one stored group, unchanged, is presented as that stored group: dense containers are unaffected.
+copy, far below the PCIe transfer it follows) and one part-sized scratch buffer (on the CPU one per
+thread, allocated once and kept). A logical group that is one stored group, unchanged, is presented as that
+stored group: dense containers are unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -43,7 +46,6 @@ import torch
 from offload_runtime.errors import OffloadError
 from offload_runtime.loaders.format import PAYLOAD_ALIGN, GroupEntry
 from offload_runtime.native.base import Chunk, DecoderSizes, EncodedGroup, GpuDecoder, GroupCodec, register
-from offload_runtime.native.chunking import check_decoded_crcs
 from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, align_up
 from offload_runtime.native.workspace import Allocate
 
@@ -65,6 +67,14 @@ class Place(NamedTuple):
     @classmethod
     def flat(cls, src: int, dst: int, nbytes: int) -> Place:
         return cls(src, dst, 1, nbytes, nbytes, nbytes)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy these bytes of ``src`` into ``dst`` (1-D uint8 tensors, on any one device)."""
+        if self.rows == 1:
+            dst[self.dst : self.dst + self.row_bytes].copy_(src[self.src : self.src + self.row_bytes])
+        else:  # as_strided keeps each view's own storage offset
+            target = dst[self.dst :].as_strided((self.rows, self.row_bytes), (self.dst_stride, 1))
+            target.copy_(src[self.src :].as_strided((self.rows, self.row_bytes), (self.src_stride, 1)))
 
     @property
     def end(self) -> int:
@@ -170,11 +180,6 @@ def view(
     return out, parts
 
 
-def block_view(groups: Sequence[GroupEntry]) -> tuple[list[GroupEntry], dict[str, tuple[Part, ...]]]:
-    """The block-granular view of stored ``groups`` (tensors whole): see :func:`view`."""
-    return view(groups, "block")
-
-
 def block_groups(groups: Sequence[LogicalGroup]) -> list[LogicalGroup]:
     """Each block owning experts merged with its expert groups (their stacked parameters whole); expert
     groups gone; every other group as it is."""
@@ -226,9 +231,7 @@ def _merge_experts(block: LogicalGroup, modules: list[list[LogicalGroup]]) -> Lo
 
 def reassemble(group: LogicalGroup) -> tuple[GroupEntry, tuple[Part, ...]]:
     """The reassembled entry of ``group`` (codec :data:`REASSEMBLED_CODEC`) and its parts."""
-    layout = GroupLayout.from_tensors(
-        (name, torch.empty(shape, dtype=dtype, device="meta")) for name, dtype, shape in group.tensors
-    )
+    layout = GroupLayout.from_shapes(group.tensors)
     resolved = [
         (stored, tuple(f.place.moved(0, layout.spec(f.tensor).offset).compact() for f in pieces))
         for stored, pieces in group.fills
@@ -302,14 +305,35 @@ def decode_parts_cpu(
 ) -> torch.Tensor:
     """Decode every part with ``decode_cpu`` (the stored reader's, with its checks) and place its tensors;
     a direct part decodes straight into its region."""
-    scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
-    for part in parts:
-        n = part.entry.stored_size
-        into = scratch if part.direct is None else out[part.direct : part.direct + part.entry.layout.size]
-        decoded = decode_cpu(part.entry.name, into, staging[:n] if staging is not None else None)
-        if part.direct is None:
-            _place(part, decoded, out)
+    with _cpu_scratch(_scratch_bytes(parts)) as scratch:
+        for part in parts:
+            n = part.entry.stored_size
+            into = scratch if part.direct is None else out[part.direct : part.direct + part.entry.layout.size]
+            decoded = decode_cpu(part.entry.name, into, staging[:n] if staging is not None else None)
+            if part.direct is None:
+                _place(part, decoded, out)
     return out
+
+
+_held = threading.local()  # this thread's CPU part scratch, while no decode uses it
+
+
+@contextlib.contextmanager
+def _cpu_scratch(nbytes: int) -> Iterator[torch.Tensor]:
+    """``nbytes`` of this thread's CPU part scratch, allocated once at the largest size asked for and kept.
+
+    A buffer per decode would be kept by glibc's heap (its mmap threshold adapts upward) and RSS would grow,
+    as ``CpuLoader`` explains for staging. Per thread, so the prefetch worker and a caller's decode never
+    share it; taken out while in use, so a nested decode would allocate its own rather than overwrite it.
+    """
+    buffer = getattr(_held, "scratch", None)
+    _held.scratch = None
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        yield buffer[:nbytes]
+    finally:
+        _held.scratch = buffer
 
 
 def _scratch_bytes(parts: Sequence[Part]) -> int:
@@ -325,11 +349,7 @@ def _part_needs(parts: Sequence[Part]) -> dict[str, int]:
 
 def _place(part: Part, decoded: torch.Tensor, out: torch.Tensor) -> None:
     for p in part.places:
-        if p.rows == 1:
-            out[p.dst : p.dst + p.row_bytes].copy_(decoded[p.src : p.src + p.row_bytes])
-        else:  # as_strided keeps each view's own storage offset
-            target = out[p.dst :].as_strided((p.rows, p.row_bytes), (p.dst_stride, 1))
-            target.copy_(decoded[p.src :].as_strided((p.rows, p.row_bytes), (p.src_stride, 1)))
+        p.copy(decoded, out)
 
 
 class ReassembledSource:
@@ -388,26 +408,21 @@ class ReassembledCodec(GroupCodec):
         from offload_runtime.native import get_codec
 
         parts: tuple[Part, ...] = params["parts"]
-        scratch = torch.empty(_scratch_bytes(parts), dtype=torch.uint8)
-        for part in parts:
-            entry = part.entry
-            codec = get_codec(entry.codec)
-            sub = payload[part.offset : part.offset + entry.stored_size]
-            into = scratch if part.direct is None else out[part.direct :]
-            decoded = into[: entry.layout.size]
-            try:
-                if entry.stored_layout is not None:  # lossy: the codec checks what its chunks decode to
+        with _cpu_scratch(_scratch_bytes(parts)) as scratch:
+            for part in parts:
+                entry = part.entry
+                codec = get_codec(entry.codec)
+                sub = payload[part.offset : part.offset + entry.stored_size]
+                into = scratch if part.direct is None else out[part.direct :]
+                decoded = into[: entry.layout.size]
+                try:  # each codec checks its chunks' decoded CRC-32s (int8: before the transform back)
                     codec.decode_cpu(
                         sub, entry.chunks, entry.params, entry.layout, decoded, verify_decoded=verify_decoded
                     )
-                else:
-                    codec.decode_cpu(sub, entry.chunks, entry.params, entry.layout, decoded)
-                    if verify_decoded:
-                        check_decoded_crcs(decoded.numpy(), entry.chunks)
-            except OffloadError as exc:
-                raise _in_part(exc, entry.name) from exc
-            if part.direct is None:
-                _place(part, decoded, out)
+                except OffloadError as exc:
+                    raise _in_part(exc, entry.name) from exc
+                if part.direct is None:
+                    _place(part, decoded, out)
 
     def decodes_on_cpu(self, params: Mapping[str, Any]) -> bool:
         from offload_runtime.native import get_codec

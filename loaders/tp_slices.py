@@ -117,7 +117,7 @@ class SlicedGroup:
             for p in shard_places(
                 spec.shape, spec.torch_dtype.itemsize, t.dim, t.split, (0, 1), (index, self.tp.slices)
             ):
-                _copy(logical, out, p.moved(spec.offset, into.offset))
+                p.moved(spec.offset, into.offset).copy(logical, out)
 
 
 def slice_group(layout: GroupLayout, dims: Mapping[str, tuple[int, int]], slices: int) -> SlicedGroup | None:
@@ -145,7 +145,9 @@ def slice_group(layout: GroupLayout, dims: Mapping[str, tuple[int, int]], slices
 def expected_layouts(tp: TpInfo) -> SlicedGroup:
     """The base and slice layouts a ``tp`` record implies (what ``pack`` writes, the validator checks)."""
     cut = {t.name: t for t in tp.sliced}
-    base = _layout((t.name, t.torch_dtype, t.shape) for t in tp.layout.tensors if t.name not in cut)
+    base = GroupLayout.from_shapes(
+        (t.name, t.torch_dtype, t.shape) for t in tp.layout.tensors if t.name not in cut
+    )
     slices = []
     for s in range(tp.slices):
         rows = []
@@ -154,14 +156,8 @@ def expected_layouts(tp: TpInfo) -> SlicedGroup:
             rows.append(
                 (tp_slice_name(t.name, s), spec.torch_dtype, sliced_shape(spec.shape, t.dim, tp.slices))
             )
-        slices.append(_layout(rows))
+        slices.append(GroupLayout.from_shapes(rows))
     return SlicedGroup(tp, base, tuple(slices))
-
-
-def _layout(rows) -> GroupLayout:
-    return GroupLayout.from_tensors(
-        (name, torch.empty(shape, dtype=dtype, device="meta")) for name, dtype, shape in rows
-    )
 
 
 def _copy_tensors(
@@ -170,11 +166,6 @@ def _copy_tensors(
     for spec in dst_layout.tensors:
         origin = src_layout.spec(spec.name)
         dst[spec.offset : spec.offset + spec.nbytes].copy_(src[origin.offset : origin.offset + origin.nbytes])
-
-
-def _copy(src: torch.Tensor, dst: torch.Tensor, p: Place) -> None:
-    target = dst[p.dst :].as_strided((p.rows, p.row_bytes), (p.dst_stride, 1))
-    target.copy_(src[p.src :].as_strided((p.rows, p.row_bytes), (p.src_stride, 1)))
 
 
 # -- reading --------------------------------------------------------------------------------------------

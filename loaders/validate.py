@@ -8,7 +8,6 @@ out of bounds or allocate terabytes. Mirrors safetensors' own checks for the out
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Mapping
@@ -24,7 +23,6 @@ from offload_runtime.loaders.format import (
     HEADER_LEN_BYTES,
     INDEX_CRC_KEY,
     INDEX_KEY,
-    MAX_GROUP_DECODED_SIZE,
     MAX_HEADER_SIZE,
     PAYLOAD_ALIGN,
     TP_FORMAT_VERSION,
@@ -34,11 +32,10 @@ from offload_runtime.loaders.format import (
     index_crc32,
 )
 from offload_runtime.loaders.validate_experts import check_expert_groups, parse_expert
+from offload_runtime.loaders.validate_fields import parse_layout, sane_int, typed
 from offload_runtime.loaders.validate_tp import check_tp_groups, parse_tp, parse_tp_slice
 from offload_runtime.native.base import Chunk
-from offload_runtime.native.layout import TENSOR_ALIGN, GroupLayout, TensorSpec, align_up, torch_dtype
-
-MAX_INT = 1 << 62  # any offset or size above this is forged; also keeps sums far from 2**63
+from offload_runtime.native.layout import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -184,19 +181,6 @@ def _json_object(raw: bytes | str, path: str, what: str) -> dict:
     return value
 
 
-def _int(value: Any, path: str, what: str, group: str | None = None, chunk: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
-        raise CorruptCheckpointError(
-            f"{what} is not a sane non-negative integer",
-            file=path,
-            group=group,
-            chunk=chunk,
-            expected=f"0 <= {what} <= 2**62",
-            actual=value,
-        )
-    return value
-
-
 def _check_tensors(header: dict, path: str, data_start: int, file_size: int) -> dict[str, tuple[int, int]]:
     """Tensor name -> (begin, end) in the data section; contiguous, U8, and ending at the end of file."""
     spans: dict[str, tuple[int, int]] = {}
@@ -210,8 +194,8 @@ def _check_tensors(header: dict, path: str, data_start: int, file_size: int) -> 
             raise CorruptCheckpointError(
                 "tensor entry lacks data_offsets or a 1-D shape", file=path, group=name
             )
-        begin, end = (_int(v, path, "tensor offset", name) for v in offsets)
-        if end < begin or end - begin != _int(shape[0], path, "tensor length", name):
+        begin, end = (sane_int(v, path, "tensor offset", name) for v in offsets)
+        if end < begin or end - begin != sane_int(shape[0], path, "tensor length", name):
             raise CorruptCheckpointError(
                 "tensor offsets disagree with its shape",
                 file=path,
@@ -335,23 +319,23 @@ def _parse_group(row: Any, path: str, position: int, version: int = FORMAT_VERSI
     try:
         # strict types, no str()/int() coercion: a name forged into a number must not load under a new name
         entry = GroupEntry(
-            name=_typed(row["name"], str),
-            kind=_typed(row["kind"], str),
-            users=[_typed(u, str) for u in _typed(row["users"], list)],
-            aliases={_typed(k, str): _typed(v, str) for k, v in _typed(row["aliases"], dict).items()},
-            tensor=_typed(row["tensor"], str),
-            codec=_typed(row["codec"], str),
-            params=_typed(row["params"], dict),
-            layout=_layout(row["layout"], path, label, "layout"),
+            name=typed(row["name"], str),
+            kind=typed(row["kind"], str),
+            users=[typed(u, str) for u in typed(row["users"], list)],
+            aliases={typed(k, str): typed(v, str) for k, v in typed(row["aliases"], dict).items()},
+            tensor=typed(row["tensor"], str),
+            codec=typed(row["codec"], str),
+            params=typed(row["params"], dict),
+            layout=parse_layout(row["layout"], path, label, "layout"),
             stored_layout=(
-                _layout(row["stored_layout"], path, label, "stored_layout")
+                parse_layout(row["stored_layout"], path, label, "stored_layout")
                 if row["stored_layout"] is not None
                 else None
             ),
-            stored_size=_int(row["stored_size"], path, "stored_size", label),
+            stored_size=sane_int(row["stored_size"], path, "stored_size", label),
             chunks=[],
         )
-        chunk_rows = _typed(row["chunks"], list)
+        chunk_rows = typed(row["chunks"], list)
     except CorruptCheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -399,92 +383,9 @@ def _parse_tp_records(row: dict, entry: GroupEntry, path: str, version: int) -> 
             actual=f"kind {entry.kind!r}, tp_slice record {'present' if 'tp_slice' in row else 'absent'}",
         )
     if "tp" in row:
-        entry.tp = parse_tp(row["tp"], entry, path, _layout)
+        entry.tp = parse_tp(row["tp"], entry, path)
     if "tp_slice" in row:
         entry.tp_slice = parse_tp_slice(row["tp_slice"], entry, path)
-
-
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-    return value
-
-
-def _tensor_json(obj: Any) -> Any:
-    """Type-check one layout tensor entry before ``TensorSpec.from_json`` (which coerces with int/str)."""
-    _typed(obj, dict)
-    _typed(obj["name"], str)
-    _typed(obj["dtype"], str)
-    _typed(obj["offset"], int)
-    for d in _typed(obj["shape"], list):
-        _typed(d, int)
-    return obj
-
-
-def _layout(obj: Any, path: str, group: str, what: str) -> GroupLayout:
-    try:
-        layout = GroupLayout(
-            tuple(TensorSpec.from_json(_tensor_json(t)) for t in _typed(obj["tensors"], list)),
-            _int(obj["size"], path, f"{what} size", group),
-        )
-    except CorruptCheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e999)
-        raise CorruptCheckpointError(f"malformed {what} ({exc})", file=path, group=group) from None
-    if layout.size > MAX_GROUP_DECODED_SIZE:
-        raise CorruptCheckpointError(
-            f"{what} size is implausibly large",
-            file=path,
-            group=group,
-            expected=f"<= {MAX_GROUP_DECODED_SIZE}",
-            actual=layout.size,
-        )
-    end = 0
-    for spec in layout.tensors:  # stored order: exactly GroupLayout.from_tensors' packing, no gaps
-        try:
-            torch_dtype(spec.dtype)
-        except KeyError:
-            raise CorruptCheckpointError(
-                f"unknown dtype in {what}", file=path, group=f"{group}/{spec.name}", actual=spec.dtype
-            ) from None
-        if any(d < 0 or d > MAX_INT for d in spec.shape) or not 0 <= spec.offset <= MAX_INT:
-            raise CorruptCheckpointError(
-                f"negative or huge shape/offset in {what}",
-                file=path,
-                group=f"{group}/{spec.name}",
-                actual=f"shape {spec.shape} at {spec.offset}",
-            )
-        # TensorSpec.nbytes multiplies in int64, which wraps ([2**32, 2**32] -> 0): recompute exactly
-        nbytes = math.prod(spec.shape) * torch_dtype(spec.dtype).itemsize
-        if nbytes > MAX_GROUP_DECODED_SIZE or nbytes != spec.nbytes:
-            raise CorruptCheckpointError(
-                f"tensor in {what} is implausibly large",
-                file=path,
-                group=f"{group}/{spec.name}",
-                expected=f"<= {MAX_GROUP_DECODED_SIZE} bytes",
-                actual=f"shape {spec.shape}",
-            )
-        if spec.offset != align_up(end, TENSOR_ALIGN):
-            # a gap would let a shrunken shape pass as valid (other bytes read as this tensor)
-            kind = "overlap" if spec.offset < end else "leave a gap"
-            raise CorruptCheckpointError(
-                f"tensors {kind} in {what}",
-                file=path,
-                group=f"{group}/{spec.name}",
-                expected=f"offset {align_up(end, TENSOR_ALIGN)}",
-                actual=spec.offset,
-            )
-        end = spec.offset + spec.nbytes
-    expected = align_up(end, TENSOR_ALIGN)
-    if layout.size != expected:
-        raise CorruptCheckpointError(
-            f"{what} size disagrees with its tensors' shapes x dtypes",
-            file=path,
-            group=group,
-            expected=expected,
-            actual=layout.size,
-        )
-    return layout
 
 
 def _check_codec(entry: GroupEntry, path: str) -> None:
@@ -539,7 +440,7 @@ def _chunks(rows: list, entry: GroupEntry, path: str) -> list[Chunk]:
         if not isinstance(row, list) or len(row) != 5:
             raise CorruptCheckpointError("chunk row is not 5 integers", file=path, group=entry.name, chunk=i)
         offset, size, decoded_size, crc, dcrc = (
-            _int(v, path, what, entry.name, i)
+            sane_int(v, path, what, entry.name, i)
             for v, what in zip(row, ("offset", "size", "decoded_size", "crc32", "decoded_crc32"), strict=True)
         )
         if crc > 0xFFFFFFFF or dcrc > 0xFFFFFFFF:

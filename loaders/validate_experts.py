@@ -14,6 +14,7 @@ from typing import Any
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.loaders.format import ExpertInfo, ExpertSlice, GroupEntry
+from offload_runtime.loaders.validate_fields import typed
 
 MAX_EXPERTS = 1 << 16  # far above any model (DeepSeek-V3: 256), far below a forged 2**62
 
@@ -30,17 +31,17 @@ def parse_expert(value: Any, entry: GroupEntry, path: str) -> ExpertInfo:
         return CorruptCheckpointError(message, file=path, group=entry.name, hint=hint, **fields)
 
     try:
-        rows = _typed(value["slices"], list)
+        rows = typed(value["slices"], list)
         info = ExpertInfo(
-            module=_typed(value["module"], str),
-            index=_typed(value["index"], int),
-            num_experts=_typed(value["num_experts"], int),
+            module=typed(value["module"], str),
+            index=typed(value["index"], int),
+            num_experts=typed(value["num_experts"], int),
             slices=tuple(
                 ExpertSlice(
-                    tensor=_typed(r["tensor"], str),
-                    param=_typed(r["param"], str),
-                    index=_typed(r["index"], int),
-                    shape=tuple(_typed(d, int) for d in _typed(r["shape"], list)),
+                    tensor=typed(r["tensor"], str),
+                    param=typed(r["param"], str),
+                    index=typed(r["index"], int),
+                    shape=tuple(typed(d, int) for d in typed(r["shape"], list)),
                 )
                 for r in rows
             ),
@@ -153,9 +154,3 @@ def _signature(entry: GroupEntry) -> list:
     dtypes = [t.dtype for t in entry.logical_layout.tensors]
     stacked = [(s.param, list(s.shape), d) for s, d in zip(info.slices, dtypes, strict=True)]
     return [info.num_experts, *stacked]
-
-
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-    return value

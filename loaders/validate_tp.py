@@ -11,17 +11,15 @@ exactly the layout the record implies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from offload_runtime.errors import CorruptCheckpointError
 from offload_runtime.loaders.format import TP_SLICE_KIND, GroupEntry, TpInfo, TpSlice, TpTensor, tp_slice_name
 from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, expected_layouts
+from offload_runtime.loaders.validate_fields import parse_layout, typed
 from offload_runtime.native.layout import GroupLayout
 
 MAX_SPLIT = 64  # packed parts of one dimension (fused gate/up: 2); far below a forged 2**62
-
-ParseLayout = Callable[[Any, str, str, str], GroupLayout]  # (json, path, group, what) -> checked layout
 
 
 def _fail(message: str, entry: GroupEntry, path: str, **fields: Any) -> CorruptCheckpointError:
@@ -30,20 +28,21 @@ def _fail(message: str, entry: GroupEntry, path: str, **fields: Any) -> CorruptC
     )
 
 
-def parse_tp(value: Any, entry: GroupEntry, path: str, parse_layout: ParseLayout) -> TpInfo:
-    """The :class:`TpInfo` of ``entry`` from its JSON ``value``, checked against the group's own layout.
+def parse_tp(value: Any, entry: GroupEntry, path: str) -> TpInfo:
+    """The :class:`TpInfo` of ``entry`` from its JSON ``value`` (the layouts it implies are checked by
+    :func:`check_tp_groups`).
 
     Raises:
         CorruptCheckpointError: naming the file and group.
     """
     try:
-        rows = _typed(value["sliced"], list)
+        rows = typed(value["sliced"], list)
         layout = parse_layout(value["layout"], path, entry.name, "tp layout")
         info = TpInfo(
-            slices=_typed(value["slices"], int),
+            slices=typed(value["slices"], int),
             layout=layout,
             sliced=tuple(
-                TpTensor(_typed(r["name"], str), _typed(r["dim"], int), _typed(r["split"], int)) for r in rows
+                TpTensor(typed(r["name"], str), typed(r["dim"], int), typed(r["split"], int)) for r in rows
             ),
         )
     except CorruptCheckpointError:
@@ -89,9 +88,6 @@ def parse_tp(value: Any, entry: GroupEntry, path: str, parse_layout: ParseLayout
                 expected=f"dimension {t.dim} divisible by {t.split * info.slices}",
                 actual=list(spec.shape),
             )
-    _check_layout(
-        entry, expected_layouts(info).base, "the group's layout is not the tp layout's unsliced tensors", path
-    )
     return info
 
 
@@ -99,13 +95,14 @@ def parse_tp_slice(value: Any, entry: GroupEntry, path: str) -> TpSlice:
     """The :class:`TpSlice` of slice group ``entry`` from its JSON ``value`` (checked with its group by
     :func:`check_tp_groups`)."""
     try:
-        return TpSlice(_typed(value["group"], str), _typed(value["index"], int))
+        return TpSlice(typed(value["group"], str), typed(value["index"], int))
     except (KeyError, TypeError) as exc:
         raise _fail(f"malformed tp_slice record ({type(exc).__name__}: {exc})", entry, path) from None
 
 
 def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
-    """Every sliced group is followed by its slices, in order, each as its record implies; no other slice.
+    """Every sliced group has its unsliced tensors and is followed by its slices, in order, each as its
+    record implies; no other slice.
 
     Raises:
         CorruptCheckpointError: naming the file and the first offending group.
@@ -114,9 +111,11 @@ def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
     for position, entry in enumerate(entries):
         if entry.tp is None:
             continue
-        layouts = expected_layouts(entry.tp).slices
-        for s in range(entry.tp.slices):
-            expected_at[position + 1 + s] = (entry, s, layouts[s])
+        expected = expected_layouts(entry.tp)
+        message = "the group's layout is not the tp layout's unsliced tensors"
+        _check_layout(entry, expected.base, message, path)
+        for s, layout in enumerate(expected.slices):
+            expected_at[position + 1 + s] = (entry, s, layout)
     for position, entry in enumerate(entries):
         want = expected_at.get(position)
         if entry.tp_slice is None:
@@ -155,9 +154,3 @@ def check_tp_groups(entries: list[GroupEntry], path: str) -> None:
 def _check_layout(entry: GroupEntry, want: GroupLayout, message: str, path: str) -> None:
     if entry.layout != want:
         raise _fail(message, entry, path, expected=want.to_json(), actual=entry.layout.to_json())
-
-
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-    return value

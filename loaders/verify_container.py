@@ -4,13 +4,13 @@ Opening a container validates its header and index (with the index's own CRC-32)
 the runtime checks each chunk when it first reads it. :func:`verify_container` reads them all now, group
 by group in stored order, through the reader's own checks (``verify="always"``):
 
-1. ``decode_cpu`` reads the payload with ``pread`` and checks the compressed CRC-32 of every chunk, then
-   decodes it and checks every chunk's decoded CRC-32 (for ``int8``: of the stored bytes before the
-   transform back);
-2. a codec with no CPU decoder (``ans``, ``int8`` over ``ans``) has had its compressed CRC-32s checked
-   by then; its decode is checked on the GPU when CUDA and nvCOMP are present (nvCOMP's statuses,
-   decoded sizes and decoded CRC-32s, as the runtime checks it), otherwise it is reported as not decoded,
-   with the reason.
+1. a group whose codec decodes on the CPU (the codec's ``decodes_on_cpu``): ``decode_cpu`` reads the
+   payload with ``pread`` and checks the compressed CRC-32 of every chunk, then decodes it and checks every
+   chunk's decoded CRC-32 (for ``int8``: of the stored bytes before the transform back);
+2. any other (``ans``, ``int8`` over ``ans``, a reassembled group with such a part): ``read_into`` reads
+   its whole payload (every part of a reassembled group) and checks every compressed CRC-32; its decode is
+   checked on the GPU when CUDA and nvCOMP are present (nvCOMP's statuses, decoded sizes and decoded
+   CRC-32s, as the runtime checks it), otherwise it is reported as not decoded, with the reason.
 
 A damaged group is recorded with the typed error naming file, group and chunk, and verification goes on
 with the next group, so one run reports every damaged group.
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from offload_runtime.display import ByteBar
-from offload_runtime.errors import CodecUnavailableError, OffloadError
+from offload_runtime.errors import OffloadError
+from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.loaders.reader import ContainerReader, locate_error
+from offload_runtime.native import get_codec
 
 
 @dataclass
@@ -97,16 +99,17 @@ def verify_container(path: str | os.PathLike, *, progress: bool = True) -> Verif
             for entry in entries:
                 check = GroupCheck(entry.name, entry.codec, len(entry.chunks))
                 try:
-                    try:
+                    if get_codec(entry.codec).decodes_on_cpu(entry.params):
                         reader.decode_cpu(entry.name, out, staging=staging)
                         check.decoded_on = "cpu"
-                    except CodecUnavailableError:  # its compressed CRCs are checked by now; no CPU decoder
+                    else:
+                        payload = reader.read_into(entry.name, staging)  # every compressed CRC checked
                         if gpu_reason is not None:
                             check.not_decoded_reason = (
                                 f"codec {entry.codec!r} has no CPU decoder and {gpu_reason}"
                             )
                         else:
-                            _decode_on_gpu(reader, entry, staging)
+                            _decode_on_gpu(reader, entry, payload)
                             check.decoded_on = "cuda"
                 except OffloadError as exc:
                     check.error = exc
@@ -115,13 +118,12 @@ def verify_container(path: str | os.PathLike, *, progress: bool = True) -> Verif
     return report
 
 
-def _decode_on_gpu(reader: ContainerReader, entry, staging: torch.Tensor) -> None:
-    """Decode the payload in ``staging`` on the GPU with the decode check the runtime uses."""
-    from offload_runtime.native import get_codec
-
+def _decode_on_gpu(reader: ContainerReader, entry: GroupEntry, payload: torch.Tensor) -> None:
+    """Decode ``payload`` (``entry``'s whole payload, in host memory) on the GPU with the decode check the
+    runtime uses."""
     device = torch.device("cuda", torch.cuda.current_device())
     decoder = get_codec(entry.codec).gpu_decoder(entry.chunks, entry.params, entry.layout, device)
-    src = staging[: entry.stored_size].to(device)
+    src = payload.to(device)
     out = torch.empty(entry.decoded_size, dtype=torch.uint8, device=device)
     pending = decoder.decode(src, out, torch.cuda.current_stream(device), check=True)
     try:

@@ -94,9 +94,14 @@ class GroupLayout:
     @classmethod
     def from_tensors(cls, named: Iterable[tuple[str, torch.Tensor]]) -> GroupLayout:
         """Lay tensors out back to back, each offset aligned to :data:`TENSOR_ALIGN`, in the given order."""
+        return cls.from_shapes((name, tensor.dtype, tensor.shape) for name, tensor in named)
+
+    @classmethod
+    def from_shapes(cls, rows: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> GroupLayout:
+        """:meth:`from_tensors` of ``(name, dtype, shape)`` rows: no tensor needed, not even on ``meta``."""
         specs, offset = [], 0
-        for name, tensor in named:
-            spec = TensorSpec(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset)
+        for name, dtype, shape in rows:
+            spec = TensorSpec(name, dtype_name(dtype), tuple(shape), offset)
             specs.append(spec)
             offset = align_up(offset + spec.nbytes, TENSOR_ALIGN)
         return cls(tuple(specs), offset)

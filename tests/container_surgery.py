@@ -44,9 +44,7 @@ def write_tiny_moe_container(path, codec_name="zstd"):
     with ContainerWriter(path) as writer:
         for spec in find_groups(model, experts=True):
             metas = [(name, source.dtype_shape(name)) for name in spec.tensors]
-            layout = GroupLayout.from_tensors(
-                (name, torch.empty(shape, dtype=dtype, device="meta")) for name, (dtype, shape) in metas
-            )
+            layout = GroupLayout.from_shapes((name, dtype, shape) for name, (dtype, shape) in metas)
             data = torch.zeros(layout.size, dtype=torch.uint8)
             for name, view in layout.views(data).items():
                 source.fill(name, view)

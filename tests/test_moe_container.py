@@ -164,6 +164,33 @@ def test_reassembled_blocks_hold_whole_stacks(moe_arch, tmp_path):
         assert len(payload) == block.stored_size
 
 
+def test_cpu_decodes_of_reassembled_blocks_reuse_one_scratch_buffer(tmp_path, monkeypatch):
+    """A buffer per decode would be kept by glibc's heap and grow RSS (see ``CpuLoader``): the parts that do
+    not decode in place go through one scratch buffer, on the reader's path and on the codec's (host tier)."""
+    from offload_runtime.loaders import reassemble
+    from offload_runtime.loaders.reader import decode_held_payload
+
+    model = tiny_model("mixtral")  # its blocks are alike: one size of scratch
+    decoded_into: list[torch.Tensor] = []  # held: a buffer freed and allocated again may get the same address
+    place = reassemble._place
+
+    def record(part, decoded, out):
+        decoded_into.append(decoded)
+        place(part, decoded, out)
+
+    monkeypatch.setattr(reassemble, "_place", record)
+    with ContainerReader(_pack(model, tmp_path)) as reader:
+        blocks = [g for g in reader.groups if g.codec == "reassembled"]
+        for block in blocks * 2:
+            out = reader.decode_cpu(block.name, torch.zeros(block.layout.size, dtype=torch.uint8))
+            payload = reader.read_into(block.name, torch.empty(block.stored_size, dtype=torch.uint8))
+            held = torch.zeros(block.layout.size, dtype=torch.uint8)
+            decode_held_payload(reader, block, payload, held)
+            assert torch.equal(held, out)
+    assert len(decoded_into) > 2 * len(blocks)  # several experts per block, on two paths
+    assert len({t.untyped_storage().data_ptr() for t in decoded_into}) == 1
+
+
 def _minimum_gb(path) -> float:
     from offload_runtime.errors import BudgetError
 
@@ -248,6 +275,22 @@ def test_a_damaged_expert_payload_is_named_when_its_block_is_decoded(tmp_path):
         block = reader.group("model.layers.0")
         reader.decode_cpu(block.name, torch.empty(block.layout.size, dtype=torch.uint8))
     assert info.value.group == "model.layers.0.mlp.experts.5" and info.value.chunk == 0
+
+
+def test_a_part_damaged_in_host_memory_is_named_by_its_decoded_crc(tmp_path):
+    """The host tier decodes a held payload (its compressed CRCs checked when it was read) through the
+    reassembled codec: each part's codec checks the decoded CRCs."""
+    from offload_runtime.loaders.reader import decode_held_payload
+
+    path = _pack(tiny_model("qwen3_moe", num_layers=1), tmp_path, codec="raw")
+    with ContainerReader(path, verify="always") as reader:
+        block = reader.group("model.layers.0")
+        payload = reader.read_into(block.name, torch.empty(block.stored_size, dtype=torch.uint8))
+        victim = block.params["parts"][-1]
+        payload[victim.offset + 10] ^= 0xFF
+        with pytest.raises(CorruptCheckpointError, match="decoded chunk CRC-32") as info:
+            decode_held_payload(reader, block, payload, torch.empty(block.layout.size, dtype=torch.uint8))
+    assert info.value.group == victim.entry.name and info.value.chunk == 0
 
 
 def test_unknown_granularity_is_refused(tmp_path):

@@ -28,9 +28,7 @@ def torch_shard(full: torch.Tensor, dim: int, split: int, index: int, count: int
 def apply(places: list[Place], src: torch.Tensor, dst: torch.Tensor) -> None:
     s, d = src.reshape(-1).view(torch.uint8), dst.reshape(-1).view(torch.uint8)
     for p in places:
-        d[p.dst :].as_strided((p.rows, p.row_bytes), (p.dst_stride, 1)).copy_(
-            s[p.src :].as_strided((p.rows, p.row_bytes), (p.src_stride, 1))
-        )
+        p.copy(s, d)
 
 
 @pytest.mark.parametrize(
@@ -229,6 +227,11 @@ def _group(index, name):
             "malformed",
             lambda ix: _group(ix, "model.layers.0")["tp"].update(sliced="all"),
             "malformed tp record",
+        ),
+        (
+            "a sliced tensor said whole",
+            lambda ix: _group(ix, "model.layers.0")["tp"]["sliced"].pop(),
+            "unsliced tensors",
         ),
     ],
 )
