@@ -8,6 +8,8 @@ import torch
 import offload_runtime
 from offload_runtime import validate_args
 from offload_runtime.errors import BudgetError, MissingFileError, UsageError
+from offload_runtime.scheduler.planner import budget_gb_for
+from offload_runtime.scheduler.tiers import DISK, HOST
 from offload_runtime.synthetic import dispatch_synthetic
 from offload_runtime.tiny import tiny_model
 
@@ -72,8 +74,21 @@ def test_host_budget_must_be_finite_and_not_negative(container, value):
 
 
 def test_host_budget_zero_streams_everything_from_disk(container):
-    model = offload_runtime.load_compressed(container, budget_gb=0.02, device="cpu", host_budget_gb=0)
-    assert not any(g.tier.name == "HOST" for g in model.offload_plan.groups)
+    with pytest.raises(BudgetError, match="below the minimum working set") as info:
+        offload_runtime.load_compressed(container, budget_gb=1e-9, device="cpu", host_budget_gb=0)
+    minimum = budget_gb_for(info.value.expected)  # the smallest budget the planner accepts
+    model = offload_runtime.load_compressed(container, budget_gb=minimum, device="cpu", host_budget_gb=0)
+    plan = model.offload_plan
+    streamed = {g.name for g in plan.streamed}
+    assert {f"model.layers.{i}" for i in range(3)} <= streamed, str(plan)  # at the minimum, the blocks stream
+    assert {g.tier for g in plan.streamed} == {DISK}, str(plan)  # no host RAM: every payload read from disk
+    assert plan.in_tier(HOST) == [], str(plan)
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(ids, attention_mask=torch.ones_like(ids)).logits
+        want = tiny_model("llama")(ids, attention_mask=torch.ones_like(ids)).logits
+    assert model.offload_stats.disk_bytes > 0
+    assert torch.equal(got, want)
     offload_runtime.remove_offload(model)
 
 
