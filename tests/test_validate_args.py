@@ -8,6 +8,8 @@ import torch
 import offload_runtime
 from offload_runtime import validate_args
 from offload_runtime.errors import BudgetError, MissingFileError, UsageError
+from offload_runtime.native.layout import TENSOR_ALIGN
+from offload_runtime.scheduler.arena import ARENA_ALIGN
 from offload_runtime.scheduler.planner import budget_gb_for
 from offload_runtime.scheduler.tiers import DISK, HOST
 from offload_runtime.synthetic import dispatch_synthetic
@@ -157,7 +159,7 @@ def test_load_compressed_path_checks(tmp_path):
 
 
 def test_load_tokenizer_path_checks(tmp_path):
-    with pytest.raises(MissingFileError):
+    with pytest.raises(MissingFileError, match=r"no such file or directory: .*nope\.safetensors"):
         offload_runtime.load_tokenizer(tmp_path / "nope.safetensors")
     with pytest.raises(UsageError, match="is a folder, not a container file"):
         offload_runtime.load_tokenizer(tmp_path)
@@ -188,9 +190,23 @@ def test_synthetic_shape_seed_and_dtype(monkeypatch):
         dispatch_synthetic("tiny", 1, device="cpu", dtype=torch.int8)
 
 
+def _arena_bytes(module: torch.nn.Module) -> int:
+    """A group's decoded bytes as the arena charges them: each tensor 256-aligned, the group 512-aligned."""
+    tensors = sum(
+        -(-p.numel() * p.element_size() // TENSOR_ALIGN) * TENSOR_ALIGN for p in module.parameters()
+    )
+    return -(-tensors // ARENA_ALIGN) * ARENA_ALIGN
+
+
 def test_budget_error_still_names_the_minimum_for_a_positive_budget():
-    with pytest.raises(BudgetError):
-        offload_runtime.dispatch_compressed(tiny_model("llama"), budget_gb=1e-6, device="cpu")
+    model = tiny_model("llama")
+    # on the CPU the minimum is two slots (prefetch=1) of the largest block plus the resident final norm;
+    # staging, codec scratch and workspaces are GPU terms, 0 here
+    minimum = 2 * _arena_bytes(model.model.layers[0]) + _arena_bytes(model.model.norm)
+    with pytest.raises(BudgetError, match=f"below the minimum working set of {minimum:,} bytes") as info:
+        offload_runtime.dispatch_compressed(model, budget_gb=1e-6, device="cpu")
+    assert info.value.expected == minimum
+    assert f"raise budget_gb to at least {budget_gb_for(minimum)}" in str(info.value)
 
 
 def test_spelling_follows_the_interface():
