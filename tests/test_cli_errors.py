@@ -268,7 +268,7 @@ def test_an_unexpected_failure_is_one_line_with_status_1(capsys, files, monkeypa
     assert status == 1 and len(err.strip().splitlines()) == 1
     assert "unexpected ZeroDivisionError: boom" in err and cli.DEBUG_ENV in err
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError, match=r"^boom$"):  # the original exception, not a rewording
         cli.main(["inspect", str(files["llama"])])
 
 

@@ -30,8 +30,11 @@ def _run(cache: ExpertCache, trace, check) -> None:
 @given(capacity=st.integers(0, 8), policy=st.sampled_from(POLICIES), trace=STEPS)
 def test_invariants_on_random_traces(capacity, policy, trace):
     cache = ExpertCache(capacity, policy, aging_interval=3)
+    victims, overflow = [], []  # every step's, tallied here independently of the cache's counters
 
     def check(cache, keys, r, before, pinned_before):
+        victims.extend(r.victims)
+        overflow.extend(r.overflow)
         assert len(cache) <= capacity
         assert r.hits == [k for k in keys if k in before]
         assert r.misses == [k for k in keys if k not in before]
@@ -54,7 +57,7 @@ def test_invariants_on_random_traces(capacity, policy, trace):
         assert s.requests == s.hits + s.misses
 
     _run(cache, trace, check)
-    assert cache.stats.evictions >= 0 and cache.stats.overflows <= cache.stats.misses
+    assert cache.stats.evictions == len(victims) and cache.stats.overflows == len(overflow)
 
 
 class ReferenceLRU:
@@ -107,13 +110,19 @@ def test_lru_matches_the_reference_model(capacity, trace):
 
 def test_lfu_keeps_the_frequent_expert_lru_does_not():
     trace = [[0], [1], [0], [0], [2], [3], [4]]  # expert 0 is hot, then three one-offs
-    outcomes = {}
+    outcomes, victims = {}, {}
     for policy in POLICIES:
         cache = ExpertCache(2, policy, aging_interval=100)
+        victims[policy] = []
         for keys in trace:
-            cache.release(cache.lookup(keys).step)
+            result = cache.lookup(keys)
+            victims[policy] += result.victims
+            cache.release(result.step)
         outcomes[policy] = 0 in cache
+        assert cache.stats.evictions == 3  # 2, 3 and 4 each evict one of two full entries
     assert outcomes == {"lfu": True, "lru": False}
+    # LFU evicts the one-offs (1, then 2, then 3); LRU the least recent: 1, then 0, then 2
+    assert victims == {"lfu": [1, 2, 3], "lru": [1, 0, 2]}
 
 
 def test_lfu_aging_lets_a_formerly_hot_expert_go():
@@ -145,5 +154,5 @@ def test_bad_arguments_are_refused():
     cache = ExpertCache(1)
     step = cache.lookup([1]).step
     cache.release(step)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=rf"^{step}$"):  # the step itself is unknown now
         cache.release(step)

@@ -101,11 +101,57 @@ def test_random_normal_group_is_1_30x_smaller():
 
 def test_round_trip_of_an_empty_group():
     layout = GroupLayout.from_tensors([("empty", torch.empty(0, 3, dtype=torch.bfloat16))])
+    assert layout.size == 0
     encoded = get_codec("fused12").encode(layout, np.zeros(0, np.uint8))
     assert encoded.chunks == [] and encoded.payload.size == 0
+    assert [(row["name"], row["kind"]) for row in encoded.params["tensors"]] == [("empty", VERBATIM)]
     get_codec("fused12").decode_cpu(
         encoded.payload, encoded.chunks, encoded.params, layout, torch.empty(0, dtype=torch.uint8)
     )
+    view = tensor_views(torch.from_numpy(encoded.payload), encoded.params, layout, encoded.chunks)["empty"]
+    assert view.shape == (0, 3) and view.dtype == torch.bfloat16
+
+
+def test_zero_element_tensors_among_others_are_verbatim_and_have_no_chunk():
+    """A tensor without elements is stored verbatim (it has no planes to compute from) and, having no
+    bytes, no chunk; the tensors around it keep their planes and round-trip exactly."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": (torch.randn(16, 32, generator=generator) * 0.02).bfloat16(),
+        "no_rows.weight": torch.empty(0, 32, dtype=torch.bfloat16),
+        "no_cols.weight": torch.empty(4, 0, dtype=torch.bfloat16),
+        "b.weight": (torch.randn(8, 32, generator=generator) * 0.02).bfloat16(),
+        "empty.bias": torch.empty(0),
+    }
+    layout, data, encoded = _encode(tensors)
+    out = torch.full((layout.size,), 0xAB, dtype=torch.uint8)
+    get_codec("fused12").decode_cpu(
+        encoded.payload, encoded.chunks, encoded.params, layout, out, verify_decoded=True
+    )
+    assert torch.equal(out, torch.from_numpy(data))
+    kinds = {row["name"]: row["kind"] for row in encoded.params["tensors"]}
+    assert kinds == {
+        "a.weight": PLANES,
+        "no_rows.weight": VERBATIM,
+        "no_cols.weight": VERBATIM,
+        "b.weight": PLANES,
+        "empty.bias": VERBATIM,
+    }
+    assert len(encoded.chunks) == 2  # a.weight's and b.weight's
+    views = tensor_views(torch.from_numpy(encoded.payload), encoded.params, layout, encoded.chunks)
+    for name in ("no_rows.weight", "no_cols.weight", "empty.bias"):
+        assert views[name].shape == tensors[name].shape and views[name].dtype == tensors[name].dtype
+    assert torch.equal(fmt.decode(views["b.weight"]), tensors["b.weight"])
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 0)])
+def test_format_round_trips_a_matrix_without_elements(shape):
+    planes = fmt.encode(torch.empty(shape, dtype=torch.bfloat16))
+    fmt.check(planes)
+    assert (planes.rows, planes.cols) == shape and planes.esc.numel() == 0
+    assert planes.esc_ptr.tolist() == [0] * (shape[0] + 1)
+    decoded = fmt.decode(planes)
+    assert decoded.shape == shape and decoded.dtype == torch.bfloat16
 
 
 def test_a_corrupt_plane_is_a_typed_error_naming_the_chunk():

@@ -125,11 +125,16 @@ def test_pack_stores_each_expert_as_its_own_group(moe_arch, tmp_path):
 
 
 def test_dense_containers_stay_format_version_1(tmp_path):
-    path = _pack(tiny_model("llama"), tmp_path)
+    model = tiny_model("llama")
+    path = _pack(model, tmp_path)
     with ContainerReader(path) as reader:
         assert reader.index.format_version == 1
-        assert reader.groups is not reader.index.groups or reader.groups == reader.index.groups
-        assert [g.name for g in reader.groups] == [g.name for g in reader.index.groups]
+        assert reader.groups == reader.index.groups  # nothing reassembled: the index's groups as stored
+        stored = [
+            (g.name, g.kind, [t.name for t in g.layout.tensors], g.users, g.codec) for g in reader.groups
+        ]
+        assert stored == [(s.name, s.kind, s.tensors, s.users, "zstd") for s in find_groups(model)]
+        assert not any(g.expert for g in reader.groups)
     text = path.read_bytes()[8 : 8 + 20000]
     assert b'\\"expert\\"' not in text and b'"format_version":"1"' in text
 

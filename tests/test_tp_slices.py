@@ -7,11 +7,11 @@ import itertools
 
 import pytest
 import torch
-from container_surgery import rewrite_header
+from container_surgery import rewrite_header, split
 
 from offload_runtime.errors import CheckpointMismatchError, CorruptCheckpointError
 from offload_runtime.loaders import ContainerReader, load_state_dict, pack
-from offload_runtime.loaders.format import tp_slice_name
+from offload_runtime.loaders.format import TP_SLICE_KIND, tp_slice_name
 from offload_runtime.loaders.moe import parse_slice_name
 from offload_runtime.loaders.reassemble import Place
 from offload_runtime.loaders.tp import planned_shard_dims
@@ -163,10 +163,19 @@ def test_an_unsliced_container_shards_on_load_by_reading_whole_tensors(tmp_path)
 
 def test_dense_pack_is_unchanged_by_the_tp_option(tmp_path):
     model = tiny_model("llama", num_layers=1)
-    a = pack(model, tmp_path / "a.ort", codec="zstd", progress=False)
-    b = pack(model, tmp_path / "b.ort", codec="zstd", progress=False, tp_slices=None)
-    assert a.read_bytes() == b.read_bytes()
-    assert b'"tp' not in a.read_bytes()[:65536]
+    dense = pack(model, tmp_path / "dense.ort", codec="zstd", progress=False, tp_slices=None)
+    with ContainerReader(dense) as reader:
+        assert reader.index.format_version == 1
+        groups = reader.index.groups
+        assert all(g.tp is None and g.tp_slice is None and g.kind != TP_SLICE_KIND for g in groups)
+        state = load_state_dict(reader)
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+    rows = split(dense.read_bytes())[1]["groups"]  # the index as stored
+    assert not any("tp" in row or "tp_slice" in row for row in rows)
+    sliced = split(_pack(model, tmp_path, 2).read_bytes())[1]["groups"]  # where a sliced pack writes them
+    assert any("tp" in row for row in sliced) and any("tp_slice" in row for row in sliced)
+    plain = pack(model, tmp_path / "plain.ort", codec="zstd", progress=False)  # without the option
+    assert dense.read_bytes() == plain.read_bytes()
 
 
 def test_pack_refuses_bad_slice_counts_and_models_without_a_plan(tmp_path):
