@@ -32,11 +32,10 @@ from offload_runtime.native import get_codec
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.expert_runtime import ExpertRuntime, slot_layout
 from offload_runtime.scheduler.experts_plan import ExpertPlan, ExpertSize, plan_experts
+from offload_runtime.scheduler.planner import GIB, budget_gb_for
 from offload_runtime.scheduler.runtime import Runtime
 
 logger = logging.getLogger("offload_runtime")
-
-GIB = 1 << 30
 
 GRANULARITY_CHOICES = ("auto", "expert", "block")
 
@@ -89,13 +88,13 @@ def experts_budget_error(exc: BudgetError, reserved: int, budget: int) -> Budget
     ``reserved``, restated for the whole budget: the minimum is both parts, each named."""
     minimum = exc.expected + reserved
     return BudgetError(
-        f"budget {budget / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB: "
-        f"{exc.expected} bytes for the groups other than the experts and {reserved} bytes for the experts "
-        "(their slot and one cache entry)",
+        f"budget {budget:,} bytes ({budget / GIB:.4f} GiB) is below the minimum working set of "
+        f"{minimum:,} bytes ({minimum / GIB:.4f} GiB): {exc.expected} bytes for the groups other than the "
+        f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
         group=exc.group,
         expected=minimum,
         actual=budget,
-        hint=f"raise budget_gb to at least {minimum / GIB:.4f}",
+        hint=f"raise budget_gb to at least {budget_gb_for(minimum)}",
     )
 
 
