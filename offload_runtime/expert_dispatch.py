@@ -34,6 +34,7 @@ from offload_runtime.scheduler.expert_runtime import ExpertRuntime, slot_layout
 from offload_runtime.scheduler.experts_plan import ExpertPlan, ExpertSize, plan_experts
 from offload_runtime.scheduler.planner import GIB, budget_gb_for
 from offload_runtime.scheduler.runtime import Runtime
+from offload_runtime.validate_args import usage_error
 
 logger = logging.getLogger("offload_runtime")
 
@@ -60,6 +61,39 @@ class ExpertOptions:
     def __post_init__(self) -> None:
         if self.experts not in GRANULARITY_CHOICES:
             raise ValueError(f"experts must be one of {GRANULARITY_CHOICES}, got {self.experts!r}")
+
+
+def dispatch_options(
+    experts: str = "auto",
+    cache: str = "auto",
+    policy: str = "lru",
+    speculate: bool = False,
+    *,
+    tensor_parallel: bool = False,
+    execute_compressed: bool = False,
+) -> ExpertOptions:
+    """The :class:`ExpertOptions` of a dispatch (``dispatch_compressed``, ``load_compressed``,
+    ``dispatch_synthetic``).
+
+    Under tensor parallelism experts stream with their blocks (the expert runtime binds whole stacks, not
+    shards), and weights are decoded before they are used (a compressed linear would replace the TP
+    forward that reduces across ranks).
+
+    Raises:
+        UsageError: what tensor parallelism cannot run (``experts="expert"``, ``execute_compressed``).
+    """
+    options = ExpertOptions(experts, cache, policy, speculate)
+    if not tensor_parallel:
+        return options
+    if experts == "expert":
+        raise usage_error(
+            "experts='expert' is not supported under tensor parallelism", "use experts='auto' or 'block'"
+        )
+    if execute_compressed:
+        raise usage_error(
+            "execute_compressed is not supported under tensor parallelism", "drop execute_compressed=True"
+        )
+    return ExpertOptions("block", cache, policy, speculate)
 
 
 def expert_granularity(groups: Sequence[GroupEntry], device: torch.device, options: ExpertOptions) -> bool:

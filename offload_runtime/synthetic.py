@@ -39,6 +39,7 @@ from offload_runtime.loaders.tp import (
     local_state_dict,
     shard_empty_model,
     shard_specs,
+    tp_requested,
     tp_world,
 )
 from offload_runtime.native import GroupLayout
@@ -431,8 +432,8 @@ def dispatch_synthetic(
         UsageError: an unknown shape name, or an argument that cannot work (see ``dispatch_compressed``).
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
-    from offload_runtime.api import _attach, _refuse_early, _resolve_device, _tensor_parallel_options
-    from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
+    from offload_runtime.api import _attach, _refuse_early, _resolve_device
+    from offload_runtime.expert_dispatch import dispatch_options, expert_granularity
     from offload_runtime.validate_args import check_synthetic
 
     check_synthetic(
@@ -445,12 +446,19 @@ def dispatch_synthetic(
         seed=seed,
         dtype=dtype,
     )
+    tp = tp_requested(tensor_parallel)
+    options = dispatch_options(
+        experts,
+        expert_cache,
+        expert_policy,
+        speculate,
+        tensor_parallel=tp,
+        execute_compressed=execute_compressed,
+    )
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)
-    if tensor_parallel or (tensor_parallel is None and tp_world() is not None):
+    if tp:
         model = shard_empty_model(model)  # binds this rank's CUDA device
-        options = _tensor_parallel_options(options, execute_compressed)
     device = _resolve_device(device)
     _refuse_early(model, budget_gb, prefetch, options)  # decoded sizes are known on meta: fail early
     owned = source is None
