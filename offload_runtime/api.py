@@ -363,6 +363,9 @@ def dispatch_compressed(
         prefetch=prefetch,
         host_budget_gb=host_budget_gb,
         verify=verify,
+        experts=experts,
+        expert_cache=expert_cache,
+        expert_policy=expert_policy,
     )
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
@@ -448,7 +451,15 @@ def load_compressed(
         BudgetError: the budget is below the minimum working set.
     """
     check_load(
-        path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
+        path,
+        budget_gb,
+        device_=device,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        verify=verify,
+        experts=experts,
+        expert_cache=expert_cache,
+        expert_policy=expert_policy,
     )
     tp = tp_requested(tensor_parallel)
     options = dispatch_options(

@@ -34,11 +34,9 @@ from offload_runtime.scheduler.expert_runtime import ExpertRuntime, slot_layout
 from offload_runtime.scheduler.experts_plan import ExpertPlan, ExpertSize, plan_experts
 from offload_runtime.scheduler.planner import GIB, budget_gb_for
 from offload_runtime.scheduler.runtime import Runtime
-from offload_runtime.validate_args import usage_error
+from offload_runtime.validate_args import check_expert_options, usage_error
 
 logger = logging.getLogger("offload_runtime")
-
-GRANULARITY_CHOICES = ("auto", "expert", "block")
 
 
 @dataclass(frozen=True)
@@ -59,8 +57,7 @@ class ExpertOptions:
     speculate: bool = False
 
     def __post_init__(self) -> None:
-        if self.experts not in GRANULARITY_CHOICES:
-            raise ValueError(f"experts must be one of {GRANULARITY_CHOICES}, got {self.experts!r}")
+        check_expert_options(self.experts, self.cache, self.policy)
 
 
 def dispatch_options(
@@ -80,7 +77,8 @@ def dispatch_options(
     forward that reduces across ranks).
 
     Raises:
-        UsageError: what tensor parallelism cannot run (``experts="expert"``, ``execute_compressed``).
+        UsageError: a value that is not one of its choices (``validate_args.check_expert_options``), or
+            what tensor parallelism cannot run (``experts="expert"``, ``execute_compressed``).
     """
     options = ExpertOptions(experts, cache, policy, speculate)
     if not tensor_parallel:

@@ -28,6 +28,9 @@ from typing import Any
 
 GGUF_MAGIC = b"GGUF"
 VERIFY_POLICIES = ("once", "always", "never")  # the reader's (loaders.reader.VERIFY_POLICIES)
+EXPERT_GRANULARITIES = ("auto", "expert", "block")  # expert_dispatch.ExpertOptions.experts
+EXPERT_CACHE_MODES = ("auto", "compressed", "decoded")  # "auto" or scheduler.experts_plan.ENTRY_MODES
+EXPERT_POLICIES = ("lru", "lfu")  # scheduler.expert_cache.POLICIES
 _DEVICE = re.compile(r"(?P<type>cpu|cuda)(?::(?P<index>\d+))?")
 
 
@@ -113,6 +116,17 @@ def positive_int(value: Any, name: str, *, example: Any = 1) -> int:
 def non_negative_int(value: Any, name: str, *, example: Any = 0) -> int:
     """``value`` as an int, when it is an integer of at least 0."""
     return _int_at_least(value, name, 0, example)
+
+
+def int_between(value: Any, name: str, low: int, high: int, *, example: Any) -> int:
+    """``value`` as an int, when it is an integer from ``low`` to ``high``."""
+    number = _integer(value, name)
+    if not low <= number <= high:
+        raise usage_error(
+            f"{name} must be an integer from {low} to {high}, got {value!r}",
+            f"give e.g. {spell(name, example)}",
+        )
+    return number
 
 
 def one_of(value: Any, name: str, choices: Collection[str]) -> str:
@@ -297,6 +311,15 @@ def output_file(
 # -- the public API ----------------------------------------------------------------------------------
 
 
+def check_expert_options(
+    experts: Any = "auto", expert_cache: Any = "auto", expert_policy: Any = "lru"
+) -> None:
+    """A mixture of experts' granularity, expert cache entries and the cache's replacement policy."""
+    one_of(experts, "experts", EXPERT_GRANULARITIES)
+    one_of(expert_cache, "expert_cache", EXPERT_CACHE_MODES)
+    one_of(expert_policy, "expert_policy", EXPERT_POLICIES)
+
+
 def check_run_options(
     budget_gb: Any,
     *,
@@ -304,6 +327,9 @@ def check_run_options(
     prefetch: Any = 1,
     host_budget_gb: Any = None,
     verify: Any = None,
+    experts: Any = "auto",
+    expert_cache: Any = "auto",
+    expert_policy: Any = "lru",
 ) -> None:
     """The options ``dispatch_compressed``, ``load_compressed`` and ``dispatch_synthetic`` share."""
     positive_number(budget_gb, "budget_gb")
@@ -312,6 +338,7 @@ def check_run_options(
         non_negative_number(host_budget_gb, "host_budget_gb", example=8)
     if verify is not None:
         one_of(verify, "verify", VERIFY_POLICIES)
+    check_expert_options(experts, expert_cache, expert_policy)
     device(device_)
 
 
@@ -346,14 +373,21 @@ def check_dispatch(
     prefetch: Any,
     host_budget_gb: Any,
     verify: Any,
+    **expert_options: Any,
 ) -> None:
-    """The arguments of :func:`~offload_runtime.dispatch_compressed`."""
+    """The arguments of :func:`~offload_runtime.dispatch_compressed` (``expert_options``: see
+    :func:`check_expert_options`)."""
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_run_options(
-        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
+        budget_gb,
+        device_=device_,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        verify=verify,
+        **expert_options,
     )
     if checkpoint is not None:
         container_file(checkpoint, "checkpoint")
@@ -362,12 +396,24 @@ def check_dispatch(
 
 
 def check_load(
-    path: Any, budget_gb: Any, *, device_: Any, prefetch: Any, host_budget_gb: Any, verify: Any
+    path: Any,
+    budget_gb: Any,
+    *,
+    device_: Any,
+    prefetch: Any,
+    host_budget_gb: Any,
+    verify: Any,
+    **expert_options: Any,
 ) -> Path:
     """The arguments of :func:`~offload_runtime.load_compressed`; returns the container's path."""
     container = container_file(path, "path")
     check_run_options(
-        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
+        budget_gb,
+        device_=device_,
+        prefetch=prefetch,
+        host_budget_gb=host_budget_gb,
+        verify=verify,
+        **expert_options,
     )
     return container
 
@@ -381,9 +427,10 @@ def check_pack(
     device_: Any,
     overwrite: bool,
     tokenizer: Any = None,
+    tp_slices: Any = None,
     names: tuple[str, str, str] = ("src", "out", "overwrite=True"),
 ):
-    """The arguments of :func:`~offload_runtime.pack`: source, output, codec, dtype, device.
+    """The arguments of :func:`~offload_runtime.pack`: source, output, codec, dtype, device, slices.
 
     Args:
         names: how the caller spells the source, the output and the request to overwrite
@@ -395,10 +442,19 @@ def check_pack(
     from torch import nn
 
     from offload_runtime.loaders.pack_source import describe_source
+    from offload_runtime.loaders.tp import shard_specs
+    from offload_runtime.loaders.tp_slices import MAX_TP_SLICES
 
     src_name, out_name, force = names
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    if tp_slices is not None:
+        int_between(tp_slices, "tp_slices", 2, MAX_TP_SLICES, example=2)
+        if isinstance(src, nn.Module) and shard_specs(src):
+            raise usage_error(
+                "tp_slices slices an unsharded model; this one is already tensor parallel",
+                "pack the model before sharding it, or leave tp_slices out",
+            )
     check_dtype(dtype)
     device(device_)
     _check_codec(codec, device_)
@@ -418,13 +474,16 @@ def check_synthetic(
     seed: Any,
     dtype: Any,
     name: str = "name_or_config",
+    **expert_options: Any,
 ) -> None:
     """The arguments of :func:`~offload_runtime.synthetic.dispatch_synthetic`."""
     from offload_runtime.synthetic import SYNTHETIC_SHAPES
 
     if isinstance(name_or_config, str):
         one_of(name_or_config, name, sorted(SYNTHETIC_SHAPES))
-    check_run_options(budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb)
+    check_run_options(
+        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, **expert_options
+    )
     non_negative_int(seed, "seed")
     check_dtype(dtype)
     _check_codec(codec, device_)
