@@ -363,9 +363,6 @@ def dispatch_compressed(
         prefetch=prefetch,
         host_budget_gb=host_budget_gb,
         verify=verify,
-        experts=experts,
-        expert_cache=expert_cache,
-        expert_policy=expert_policy,
     )
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
@@ -451,15 +448,7 @@ def load_compressed(
         BudgetError: the budget is below the minimum working set.
     """
     check_load(
-        path,
-        budget_gb,
-        device_=device,
-        prefetch=prefetch,
-        host_budget_gb=host_budget_gb,
-        verify=verify,
-        experts=experts,
-        expert_cache=expert_cache,
-        expert_policy=expert_policy,
+        path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
     )
     tp = tp_requested(tensor_parallel)
     options = dispatch_options(

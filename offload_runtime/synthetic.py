@@ -445,9 +445,6 @@ def dispatch_synthetic(
         host_budget_gb=host_budget_gb,
         seed=seed,
         dtype=dtype,
-        experts=experts,
-        expert_cache=expert_cache,
-        expert_policy=expert_policy,
     )
     tp = tp_requested(tensor_parallel)
     options = dispatch_options(

@@ -314,7 +314,8 @@ def output_file(
 def check_expert_options(
     experts: Any = "auto", expert_cache: Any = "auto", expert_policy: Any = "lru"
 ) -> None:
-    """A mixture of experts' granularity, expert cache entries and the cache's replacement policy."""
+    """A mixture of experts' granularity, expert cache entries and the cache's replacement policy (checked
+    when ``expert_dispatch.ExpertOptions`` is made: the entry points make it before any work)."""
     one_of(experts, "experts", EXPERT_GRANULARITIES)
     one_of(expert_cache, "expert_cache", EXPERT_CACHE_MODES)
     one_of(expert_policy, "expert_policy", EXPERT_POLICIES)
@@ -327,9 +328,6 @@ def check_run_options(
     prefetch: Any = 1,
     host_budget_gb: Any = None,
     verify: Any = None,
-    experts: Any = "auto",
-    expert_cache: Any = "auto",
-    expert_policy: Any = "lru",
 ) -> None:
     """The options ``dispatch_compressed``, ``load_compressed`` and ``dispatch_synthetic`` share."""
     positive_number(budget_gb, "budget_gb")
@@ -338,7 +336,6 @@ def check_run_options(
         non_negative_number(host_budget_gb, "host_budget_gb", example=8)
     if verify is not None:
         one_of(verify, "verify", VERIFY_POLICIES)
-    check_expert_options(experts, expert_cache, expert_policy)
     device(device_)
 
 
@@ -373,21 +370,14 @@ def check_dispatch(
     prefetch: Any,
     host_budget_gb: Any,
     verify: Any,
-    **expert_options: Any,
 ) -> None:
-    """The arguments of :func:`~offload_runtime.dispatch_compressed` (``expert_options``: see
-    :func:`check_expert_options`)."""
+    """The arguments of :func:`~offload_runtime.dispatch_compressed`."""
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_run_options(
-        budget_gb,
-        device_=device_,
-        prefetch=prefetch,
-        host_budget_gb=host_budget_gb,
-        verify=verify,
-        **expert_options,
+        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
     )
     if checkpoint is not None:
         container_file(checkpoint, "checkpoint")
@@ -396,24 +386,12 @@ def check_dispatch(
 
 
 def check_load(
-    path: Any,
-    budget_gb: Any,
-    *,
-    device_: Any,
-    prefetch: Any,
-    host_budget_gb: Any,
-    verify: Any,
-    **expert_options: Any,
+    path: Any, budget_gb: Any, *, device_: Any, prefetch: Any, host_budget_gb: Any, verify: Any
 ) -> Path:
     """The arguments of :func:`~offload_runtime.load_compressed`; returns the container's path."""
     container = container_file(path, "path")
     check_run_options(
-        budget_gb,
-        device_=device_,
-        prefetch=prefetch,
-        host_budget_gb=host_budget_gb,
-        verify=verify,
-        **expert_options,
+        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
     )
     return container
 
@@ -474,16 +452,13 @@ def check_synthetic(
     seed: Any,
     dtype: Any,
     name: str = "name_or_config",
-    **expert_options: Any,
 ) -> None:
     """The arguments of :func:`~offload_runtime.synthetic.dispatch_synthetic`."""
     from offload_runtime.synthetic import SYNTHETIC_SHAPES
 
     if isinstance(name_or_config, str):
         one_of(name_or_config, name, sorted(SYNTHETIC_SHAPES))
-    check_run_options(
-        budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb, **expert_options
-    )
+    check_run_options(budget_gb, device_=device_, prefetch=prefetch, host_budget_gb=host_budget_gb)
     non_negative_int(seed, "seed")
     check_dtype(dtype)
     _check_codec(codec, device_)
