@@ -45,6 +45,7 @@ class MoeLayerByLayer:
         from offload_runtime.synthetic import synthetic_skeleton
 
         self.model = synthetic_skeleton(config, dtype)
+        self.state = self.model.state_dict()  # shapes and dtypes, once (the placeholders keep both)
         self.seed, self.device, self.dtype = seed, device, dtype
         specs = find_groups(self.model, experts=True)
         self.experts_of: dict[str, list] = {}
@@ -80,12 +81,16 @@ class MoeLayerByLayer:
         from offload_runtime.loaders.moe import parse_slice_name
         from offload_runtime.synthetic import init_group
 
-        for name, tensor in init_group(self.model, group, self.seed, self.device, self.dtype).items():
+        for name, tensor in init_group(
+            self.model, group, self.seed, self.device, self.dtype, state=self.state
+        ).items():
             owner, attr = self._owner(name)
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         stacks: dict[str, torch.Tensor] = {}
         for spec in self.experts_of.get(group.name, []):
-            for name, tensor in init_group(self.model, spec, self.seed, self.device, self.dtype).items():
+            for name, tensor in init_group(
+                self.model, spec, self.seed, self.device, self.dtype, state=self.state
+            ).items():
                 param, index = parse_slice_name(name)
                 if param not in stacks:
                     owner, attr = self._owner(param)

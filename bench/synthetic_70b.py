@@ -134,6 +134,7 @@ class LayerByLayer:
         from offload_runtime.synthetic import synthetic_skeleton
 
         self.model = synthetic_skeleton(config, dtype)
+        self.state = self.model.state_dict()  # shapes and dtypes, once (the placeholders keep both)
         self.seed, self.device, self.dtype = seed, device, dtype
         self.groups = {g.name: g for g in find_groups(self.model)}
         self.peak_group_bytes = 0
@@ -155,7 +156,7 @@ class LayerByLayer:
         from offload_runtime.synthetic import init_group
 
         if real:
-            tensors = init_group(self.model, group, self.seed, self.device, self.dtype)
+            tensors = init_group(self.model, group, self.seed, self.device, self.dtype, state=self.state)
             size = sum(t.numel() * t.element_size() for t in tensors.values())
             self.peak_group_bytes = max(self.peak_group_bytes, size)
         else:

@@ -34,8 +34,8 @@ from offload_runtime.loaders.legacy_experts import ConversionRules, StackedFromE
 from offload_runtime.loaders.moe import parse_slice_name
 from offload_runtime.loaders.pack_source import PackSource
 from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, SlicedSource, TensorSource
-from offload_runtime.loaders.tp import local_state_dict, planned_shard_dims, shard_specs
-from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, slice_group
+from offload_runtime.loaders.tp import local_state_dict, planned_shard_dims
+from offload_runtime.loaders.tp_slices import slice_group
 from offload_runtime.loaders.writer import ContainerWriter
 from offload_runtime.native.base import GroupCodec
 from offload_runtime.native.layout import GroupLayout
@@ -102,22 +102,29 @@ def pack(
     Raises:
         MissingFileError: ``src`` does not exist or lacks its weights or config (naming what is missing).
         UsageError: ``out`` is a folder, is in a folder that does not exist or cannot be written, is one
-            of the files ``src`` reads, or exists and ``overwrite`` is False; a bad ``dtype`` or device.
+            of the files ``src`` reads, or exists and ``overwrite`` is False; a bad ``dtype`` or device;
+            ``tp_slices`` out of range, or given for a model already tensor parallel or without a
+            tensor-parallel plan.
         CodecUnavailableError: an unknown codec, or one that cannot run here.
         CheckpointMismatchError: a directory's weights do not fit the model its config describes.
-        ValueError: ``tp_slices`` out of range, or a source without a tensor-parallel plan.
     """
     source, out = check_pack(
-        src, out, codec=codec, dtype=dtype, device_=device, overwrite=overwrite, tokenizer=tokenizer
+        src,
+        out,
+        codec=codec,
+        dtype=dtype,
+        device_=device,
+        overwrite=overwrite,
+        tokenizer=tokenizer,
+        tp_slices=tp_slices,
     )
-    if tp_slices is not None and not 2 <= tp_slices <= MAX_TP_SLICES:
-        raise ValueError(f"tp_slices must be between 2 and {MAX_TP_SLICES}, got {tp_slices}")
-    if tp_slices is not None and isinstance(src, nn.Module) and shard_specs(src):
-        raise ValueError("tp_slices slices an unsharded model; this one is already tensor parallel")
     plan = _plan(src if source is None else source, dtype, progress)
     try:
         if tp_slices is not None and not plan.shard_dims:
-            raise ValueError(f"tp_slices needs a model with a tensor-parallel plan (tp_plan); {src} has none")
+            raise UsageError(
+                f"tp_slices needs a model with a tensor-parallel plan (tp_plan); {src} has none",
+                hint="leave tp_slices out",
+            )
         if tokenizer is not None:
             plan.tokenizer = tokenizer_files(tokenizer)
         return _write(plan, out, codec, progress, dtype, device, tp_slices)

@@ -46,6 +46,7 @@ from offload_runtime.loaders.writer import is_temporary_name, temporary_target
 from offload_runtime.native import get_codec
 from offload_runtime.native.availability import NVCOMP_EXTRA_HINT, gpu_codecs_unavailable_reason
 from offload_runtime.native.chunking import check_decoded_crcs, crc32
+from offload_runtime.validate_args import one_of
 
 __all__ = ["GRANULARITIES", "VERIFY_POLICIES", "ContainerReader", "locate_error"]
 
@@ -65,15 +66,14 @@ class ContainerReader:
             (reassembled) group; ``"expert"``: the groups as stored (see the module docstring).
 
     Raises:
+        UsageError: an unknown ``granularity``, before the file is opened.
         CorruptCheckpointError, CheckpointError, CodecUnavailableError: from the validation of the header
             and index, which runs entirely on open.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: str = "once", granularity: str = "block") -> None:
         self.policy = VerifyPolicy(verify)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
+        self.granularity = one_of(granularity, "granularity", GRANULARITIES)
         self.path = Path(path)
         self.verify = verify
         if is_temporary_name(self.path):

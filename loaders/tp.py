@@ -126,6 +126,12 @@ def tp_world() -> tuple[int, int] | None:
     return dist.get_rank(), dist.get_world_size()
 
 
+def tp_requested(tensor_parallel: bool | None) -> bool:
+    """Whether a dispatch asked to shard its model: ``tensor_parallel``, or when it is None whether a
+    process group of several ranks exists (:func:`tp_world`)."""
+    return bool(tensor_parallel) or (tensor_parallel is None and tp_world() is not None)
+
+
 def ranks_on_this_host() -> int:
     """How many ranks share this host's RAM (``LOCAL_WORLD_SIZE``, set by ``torchrun``; 1 otherwise)."""
     try:

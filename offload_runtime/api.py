@@ -6,7 +6,6 @@ given), ``load_compressed`` builds the model from a container, ``remove_offload`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from offload_runtime.display import ReadProgress
 from offload_runtime.errors import BudgetError
 from offload_runtime.expert_dispatch import (
     ExpertOptions,
+    dispatch_options,
     expert_granularity,
     experts_budget_error,
     prepare_experts,
@@ -44,6 +44,7 @@ from offload_runtime.loaders.tp import (
     ranks_on_this_host,
     shard_empty_model,
     shard_specs,
+    tp_requested,
     tp_world,
 )
 from offload_runtime.loaders.tp_slices import RankShards
@@ -273,17 +274,6 @@ def _open(
     return ContainerReader(path, verify=verify, granularity="expert")
 
 
-def _tensor_parallel_options(options: ExpertOptions, execute_compressed: bool) -> ExpertOptions:
-    """What runs under tensor parallelism: experts stream with their blocks (the expert runtime binds
-    whole stacks, not shards), and weights are decoded before they are used (a compressed linear would
-    replace the TP forward that reduces across ranks)."""
-    if options.experts == "expert":
-        raise ValueError("experts='expert' is not supported under tensor parallelism; use 'auto' or 'block'")
-    if execute_compressed:
-        raise ValueError("execute_compressed is not supported under tensor parallelism")
-    return dataclasses.replace(options, experts="block")
-
-
 def _shard_reader(reader: ContainerReader, model: nn.Module) -> None:
     """Make ``reader`` present this rank's local tensors when ``model`` is tensor parallel."""
     specs = shard_specs(model)
@@ -377,9 +367,14 @@ def dispatch_compressed(
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("model is already dispatched; call remove_offload(model) first")
     device = _resolve_device(device)
-    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
-    if shard_specs(model):  # a tensor-parallel model: each rank its shards
-        options = _tensor_parallel_options(options, execute_compressed)
+    options = dispatch_options(
+        experts,
+        expert_cache,
+        expert_policy,
+        speculate,
+        tensor_parallel=bool(shard_specs(model)),  # a tensor-parallel model: each rank its shards
+        execute_compressed=execute_compressed,
+    )
     tmpdir = None
     if checkpoint is None:
         _refuse_early(model, budget_gb, prefetch, options)
@@ -455,10 +450,16 @@ def load_compressed(
     check_load(
         path, budget_gb, device_=device, prefetch=prefetch, host_budget_gb=host_budget_gb, verify=verify
     )
-    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
-    tp = tensor_parallel or (tensor_parallel is None and tp_world() is not None)
+    tp = tp_requested(tensor_parallel)
+    options = dispatch_options(
+        experts,
+        expert_cache,
+        expert_policy,
+        speculate,
+        tensor_parallel=tp,
+        execute_compressed=execute_compressed,
+    )
     if tp:
-        options = _tensor_parallel_options(options, execute_compressed)
         reader = ContainerReader(path, verify=verify)  # the device is bound once the model is sharded
     else:
         device = _resolve_device(device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
 
 from offload_runtime import validate_args as check
 from offload_runtime.cli_args import add_budget, add_checkpoint, add_run_options, check_run_args, run_options
@@ -50,7 +51,8 @@ def _timed_generate(model, ids, max_new_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, out.shape[1] - ids.shape[1]
 
 
-def _check_bench_args(args: argparse.Namespace) -> None:
+def _check_bench_args(args: argparse.Namespace) -> Path | None:
+    """Check ``bench``'s arguments; returns the container's path (``None`` with ``--synthetic``)."""
     if args.synthetic is None and args.checkpoint is None:
         raise check.usage_error("give a CHECKPOINT or --synthetic SHAPE", f"SHAPE is one of {SHAPES}")
     if args.synthetic is not None and args.checkpoint is not None:
@@ -67,8 +69,8 @@ def _check_bench_args(args: argparse.Namespace) -> None:
         check.one_of(args.synthetic, "--synthetic", sorted(SYNTHETIC_SHAPES))
         check.non_negative_int(0 if args.seed is None else args.seed, "--seed")
         check.codec_name(args.codec or "auto", "--codec")
-    else:
-        check.container_file(args.checkpoint, "CHECKPOINT")
+        return None
+    return check.container_file(args.checkpoint, "CHECKPOINT")
 
 
 def run_bench_synthetic(args: argparse.Namespace) -> int:
@@ -106,10 +108,15 @@ def run_bench_synthetic(args: argparse.Namespace) -> int:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows: list[tuple[float, float, str]]) -> None:
+    """The summary table: one row ``(budget GiB, tok/s, split)`` per budget."""
     print("\n| budget GiB | tok/s | split |\n|---:|---:|---|")
     for budget, tok_s, split in rows:
         print(f"| {budget:g} | {tok_s:.2f} | {split} |")
-    return 0
 
 
 def _split(plan) -> str:
@@ -118,13 +125,12 @@ def _split(plan) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    _check_bench_args(args)
-    if args.synthetic is not None:
+    path = _check_bench_args(args)
+    if path is None:
         return run_bench_synthetic(args)
     import offload_runtime
     from offload_runtime.cli_run import check_generative_container, check_length, prompt_ids
 
-    path = check.container_file(args.checkpoint, "CHECKPOINT")
     tokenizer, max_positions = check_generative_container(path)
     prompt = prompt_ids(tokenizer, BENCH_PROMPT)
     check_length(prompt.shape[1], args.max_new_tokens, max_positions)
@@ -144,7 +150,5 @@ def run_bench(args: argparse.Namespace) -> int:
         rows.append((budget, tokens / seconds, _split(model.offload_plan)))
         offload_runtime.remove_offload(model)
         del model
-    print("\n| budget GiB | tok/s | split |\n|---:|---:|---|")
-    for budget, tok_s, split in rows:
-        print(f"| {budget:g} | {tok_s:.2f} | {split} |")
+    _print_rows(rows)
     return 0

@@ -32,13 +32,11 @@ from offload_runtime.native import get_codec
 from offload_runtime.scheduler.arena import arena_size
 from offload_runtime.scheduler.expert_runtime import ExpertRuntime, slot_layout
 from offload_runtime.scheduler.experts_plan import ExpertPlan, ExpertSize, plan_experts
+from offload_runtime.scheduler.planner import GIB, budget_gb_for
 from offload_runtime.scheduler.runtime import Runtime
+from offload_runtime.validate_args import check_expert_options, usage_error
 
 logger = logging.getLogger("offload_runtime")
-
-GIB = 1 << 30
-
-GRANULARITY_CHOICES = ("auto", "expert", "block")
 
 
 @dataclass(frozen=True)
@@ -59,8 +57,41 @@ class ExpertOptions:
     speculate: bool = False
 
     def __post_init__(self) -> None:
-        if self.experts not in GRANULARITY_CHOICES:
-            raise ValueError(f"experts must be one of {GRANULARITY_CHOICES}, got {self.experts!r}")
+        check_expert_options(self.experts, self.cache, self.policy)
+
+
+def dispatch_options(
+    experts: str = "auto",
+    cache: str = "auto",
+    policy: str = "lru",
+    speculate: bool = False,
+    *,
+    tensor_parallel: bool = False,
+    execute_compressed: bool = False,
+) -> ExpertOptions:
+    """The :class:`ExpertOptions` of a dispatch (``dispatch_compressed``, ``load_compressed``,
+    ``dispatch_synthetic``).
+
+    Under tensor parallelism experts stream with their blocks (the expert runtime binds whole stacks, not
+    shards), and weights are decoded before they are used (a compressed linear would replace the TP
+    forward that reduces across ranks).
+
+    Raises:
+        UsageError: a value that is not one of its choices (``validate_args.check_expert_options``), or
+            what tensor parallelism cannot run (``experts="expert"``, ``execute_compressed``).
+    """
+    options = ExpertOptions(experts, cache, policy, speculate)
+    if not tensor_parallel:
+        return options
+    if experts == "expert":
+        raise usage_error(
+            "experts='expert' is not supported under tensor parallelism", "use experts='auto' or 'block'"
+        )
+    if execute_compressed:
+        raise usage_error(
+            "execute_compressed is not supported under tensor parallelism", "drop execute_compressed=True"
+        )
+    return ExpertOptions("block", cache, policy, speculate)
 
 
 def expert_granularity(groups: Sequence[GroupEntry], device: torch.device, options: ExpertOptions) -> bool:
@@ -89,13 +120,13 @@ def experts_budget_error(exc: BudgetError, reserved: int, budget: int) -> Budget
     ``reserved``, restated for the whole budget: the minimum is both parts, each named."""
     minimum = exc.expected + reserved
     return BudgetError(
-        f"budget {budget / GIB:.4f} GiB is below the minimum working set {minimum / GIB:.4f} GiB: "
-        f"{exc.expected} bytes for the groups other than the experts and {reserved} bytes for the experts "
-        "(their slot and one cache entry)",
+        f"budget {budget:,} bytes ({budget / GIB:.4f} GiB) is below the minimum working set of "
+        f"{minimum:,} bytes ({minimum / GIB:.4f} GiB): {exc.expected} bytes for the groups other than the "
+        f"experts and {reserved} bytes for the experts (their slot and one cache entry)",
         group=exc.group,
         expected=minimum,
         actual=budget,
-        hint=f"raise budget_gb to at least {minimum / GIB:.4f}",
+        hint=f"raise budget_gb to at least {budget_gb_for(minimum)}",
     )
 
 

@@ -39,6 +39,7 @@ from offload_runtime.loaders.tp import (
     local_state_dict,
     shard_empty_model,
     shard_specs,
+    tp_requested,
     tp_world,
 )
 from offload_runtime.native import GroupLayout
@@ -186,13 +187,25 @@ def synthetic_skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module
     return empty_model_from_config(config.to_dict(), architecture, dtype=dtype_name(dtype))
 
 
-def group_layout(model: nn.Module, group: GroupSpec, dtype: torch.dtype | None = None) -> GroupLayout:
+def group_layout(
+    model: nn.Module,
+    group: GroupSpec,
+    dtype: torch.dtype | None = None,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
+) -> GroupLayout:
     """The decoded layout of ``group``: its tensors' shapes, floating ones in ``dtype`` (default: as is).
 
     An expert group's tensors are slices ``param[e]`` of stacked parameters: the stack's shape less its
     first dimension. A tensor-parallel model's tensors are this rank's shards.
+
+    Args:
+        state (`dict[str, torch.Tensor]`, *optional*): ``local_state_dict(model)``, built once by a caller
+            that lays out many groups (building it per group takes seconds for a large skeleton); only
+            shapes and dtypes are read.
     """
-    state = local_state_dict(model)
+    if state is None:
+        state = local_state_dict(model)
     metas = []
     for name in group.tensors:
         sliced = parse_slice_name(name)
@@ -263,6 +276,7 @@ def init_group(
     device: torch.device | str,
     dtype: torch.dtype | None = torch.bfloat16,
     sharded: frozenset[str] = frozenset(),
+    state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The synthetic tensors of ``group`` on ``device``: deterministic in (``seed``, group name).
 
@@ -274,11 +288,13 @@ def init_group(
             CUDA: each has its own generator).
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the floating tensors;
             ``None`` keeps the model's.
+        sharded (`frozenset[str]`, *optional*): this rank's sharded tensors (:func:`sharded_tensors`).
+        state (`dict[str, torch.Tensor]`, *optional*): see :func:`group_layout`.
 
     Returns:
         `dict[str, torch.Tensor]`: stored tensor name -> tensor (views into one buffer of the group).
     """
-    layout = group_layout(model, group, dtype)
+    layout = group_layout(model, group, dtype, state=state)
     buffer = torch.zeros(layout.size, dtype=torch.uint8, device=device)
     fill_group(model, group, layout, seed, buffer, sharded)
     return layout.views(buffer)
@@ -309,8 +325,9 @@ def materialize(
     specs = shard_specs(model)
     sharded = sharded_tensors(model)
     stacks: dict[str, torch.Tensor] = {}  # stacked expert parameters, filled slice by slice
+    state = local_state_dict(model)  # shapes and dtypes: assigning real tensors below changes neither
     for group in find_groups(model, experts=True):
-        for name, tensor in init_group(model, group, seed, device, None, sharded).items():
+        for name, tensor in init_group(model, group, seed, device, None, sharded, state).items():
             sliced = parse_slice_name(name)
             if sliced is not None:
                 param, index = sliced
@@ -354,7 +371,8 @@ def synthetic_source(
     from offload_runtime.loaders.synthetic_source import SyntheticSource
 
     specs = find_groups(model, experts=True)
-    layouts = [group_layout(model, spec, dtype) for spec in specs]
+    state = local_state_dict(model)
+    layouts = [group_layout(model, spec, dtype, state=state) for spec in specs]
     sharded = sharded_tensors(model)
 
     def fill(index: int, buffer: torch.Tensor) -> None:
@@ -414,8 +432,8 @@ def dispatch_synthetic(
         UsageError: an unknown shape name, or an argument that cannot work (see ``dispatch_compressed``).
         BudgetError: the budget is below the minimum working set (raised before anything is generated).
     """
-    from offload_runtime.api import _attach, _refuse_early, _resolve_device, _tensor_parallel_options
-    from offload_runtime.expert_dispatch import ExpertOptions, expert_granularity
+    from offload_runtime.api import _attach, _refuse_early, _resolve_device
+    from offload_runtime.expert_dispatch import dispatch_options, expert_granularity
     from offload_runtime.validate_args import check_synthetic
 
     check_synthetic(
@@ -428,12 +446,19 @@ def dispatch_synthetic(
         seed=seed,
         dtype=dtype,
     )
+    tp = tp_requested(tensor_parallel)
+    options = dispatch_options(
+        experts,
+        expert_cache,
+        expert_policy,
+        speculate,
+        tensor_parallel=tp,
+        execute_compressed=execute_compressed,
+    )
     config = synthetic_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    options = ExpertOptions(experts, expert_cache, expert_policy, speculate)
     model = synthetic_skeleton(config, dtype)
-    if tensor_parallel or (tensor_parallel is None and tp_world() is not None):
+    if tp:
         model = shard_empty_model(model)  # binds this rank's CUDA device
-        options = _tensor_parallel_options(options, execute_compressed)
     device = _resolve_device(device)
     _refuse_early(model, budget_gb, prefetch, options)  # decoded sizes are known on meta: fail early
     owned = source is None

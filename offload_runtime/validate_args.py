@@ -28,6 +28,9 @@ from typing import Any
 
 GGUF_MAGIC = b"GGUF"
 VERIFY_POLICIES = ("once", "always", "never")  # the reader's (loaders.reader.VERIFY_POLICIES)
+EXPERT_GRANULARITIES = ("auto", "expert", "block")  # expert_dispatch.ExpertOptions.experts
+EXPERT_CACHE_MODES = ("auto", "compressed", "decoded")  # "auto" or scheduler.experts_plan.ENTRY_MODES
+EXPERT_POLICIES = ("lru", "lfu")  # scheduler.expert_cache.POLICIES
 _DEVICE = re.compile(r"(?P<type>cpu|cuda)(?::(?P<index>\d+))?")
 
 
@@ -113,6 +116,17 @@ def positive_int(value: Any, name: str, *, example: Any = 1) -> int:
 def non_negative_int(value: Any, name: str, *, example: Any = 0) -> int:
     """``value`` as an int, when it is an integer of at least 0."""
     return _int_at_least(value, name, 0, example)
+
+
+def int_between(value: Any, name: str, low: int, high: int, *, example: Any) -> int:
+    """``value`` as an int, when it is an integer from ``low`` to ``high``."""
+    number = _integer(value, name)
+    if not low <= number <= high:
+        raise usage_error(
+            f"{name} must be an integer from {low} to {high}, got {value!r}",
+            f"give e.g. {spell(name, example)}",
+        )
+    return number
 
 
 def one_of(value: Any, name: str, choices: Collection[str]) -> str:
@@ -297,6 +311,16 @@ def output_file(
 # -- the public API ----------------------------------------------------------------------------------
 
 
+def check_expert_options(
+    experts: Any = "auto", expert_cache: Any = "auto", expert_policy: Any = "lru"
+) -> None:
+    """A mixture of experts' granularity, expert cache entries and the cache's replacement policy (checked
+    when ``expert_dispatch.ExpertOptions`` is made: the entry points make it before any work)."""
+    one_of(experts, "experts", EXPERT_GRANULARITIES)
+    one_of(expert_cache, "expert_cache", EXPERT_CACHE_MODES)
+    one_of(expert_policy, "expert_policy", EXPERT_POLICIES)
+
+
 def check_run_options(
     budget_gb: Any,
     *,
@@ -381,9 +405,10 @@ def check_pack(
     device_: Any,
     overwrite: bool,
     tokenizer: Any = None,
+    tp_slices: Any = None,
     names: tuple[str, str, str] = ("src", "out", "overwrite=True"),
 ):
-    """The arguments of :func:`~offload_runtime.pack`: source, output, codec, dtype, device.
+    """The arguments of :func:`~offload_runtime.pack`: source, output, codec, dtype, device, slices.
 
     Args:
         names: how the caller spells the source, the output and the request to overwrite
@@ -395,10 +420,19 @@ def check_pack(
     from torch import nn
 
     from offload_runtime.loaders.pack_source import describe_source
+    from offload_runtime.loaders.tp import shard_specs
+    from offload_runtime.loaders.tp_slices import MAX_TP_SLICES
 
     src_name, out_name, force = names
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    if tp_slices is not None:
+        int_between(tp_slices, "tp_slices", 2, MAX_TP_SLICES, example=2)
+        if isinstance(src, nn.Module) and shard_specs(src):
+            raise usage_error(
+                "tp_slices slices an unsharded model; this one is already tensor parallel",
+                "pack the model before sharding it, or leave tp_slices out",
+            )
     check_dtype(dtype)
     device(device_)
     _check_codec(codec, device_)

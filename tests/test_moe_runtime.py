@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from offload_runtime import load_compressed, remove_offload
+from offload_runtime import dispatch_compressed, load_compressed, remove_offload
 from offload_runtime.errors import BudgetError
 from offload_runtime.loaders import pack
 from offload_runtime.scheduler.planner import GIB
@@ -156,3 +156,21 @@ def test_budget_error_names_both_parts_of_the_minimum(packed):
     assert "for the experts (their slot and one cache entry)" in message
     other, experts = (int(n) for n in re.findall(r"(\d+) bytes for", message))
     assert other + experts == minimum  # the terms add up
+
+
+def _suggested_gb(error: BudgetError) -> float:
+    return float(re.search(r"raise budget_gb to at least ([0-9.]+)", str(error)).group(1))
+
+
+def test_budget_error_suggests_a_budget_that_passes(packed):
+    """The hint rounds the minimum up: 4 decimals of GiB rounded to nearest can fall below it."""
+    arch, _reference, path, minimum = packed
+    with pytest.raises(BudgetError) as info:
+        load_compressed(path, (minimum - 1) / GIB, device="cpu")
+    suggested = _suggested_gb(info.value)
+    assert round(suggested * GIB) >= minimum
+    remove_offload(load_compressed(path, suggested, device="cpu"))
+    with pytest.raises(BudgetError) as info:  # checkpoint=None: refused before packing, the same hint
+        dispatch_compressed(tiny_model(arch), (minimum - 1) / GIB, device="cpu", codec="zstd")
+    assert _suggested_gb(info.value) == suggested
+    remove_offload(dispatch_compressed(tiny_model(arch), suggested, device="cpu", codec="zstd"))

@@ -19,7 +19,12 @@ import pytest
 import torch
 from container_surgery import rewrite_header
 
-from offload_runtime.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
+from offload_runtime.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    UsageError,
+)
 from offload_runtime.loaders import ContainerReader, ContainerWriter, check_compatible, load_state_dict, pack
 from offload_runtime.loaders import reader as reader_module
 from offload_runtime.loaders.format import PAYLOAD_ALIGN
@@ -354,6 +359,11 @@ def test_verify_once_checks_a_group_again_after_a_failure(copy_of, small):
 def test_unknown_verify_policy(small):
     with pytest.raises(ValueError, match="verify must be one of"):
         ContainerReader(small[0], verify="sometimes")
+
+
+def test_unknown_granularity_is_refused_before_the_file_is_opened(tmp_path):
+    with pytest.raises(UsageError, match="granularity must be one of block, expert, got 'experts'"):
+        ContainerReader(tmp_path / "absent.ort", granularity="experts")
 
 
 # -- 9. attached to another model ------------------------------------------------------------------------

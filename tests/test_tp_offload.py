@@ -95,12 +95,22 @@ def test_synthetic_models_generate_only_their_shards_bit_identical(ranks, shape)
         assert facts["arena_bytes"] == facts["plan_arena_bytes"] == facts["arena_used"], f"rank {rank}"
 
 
-def test_tensor_parallel_runs_experts_with_their_blocks_and_refuses_what_it_cannot_run():
-    from offload_runtime.api import _tensor_parallel_options
-    from offload_runtime.expert_dispatch import ExpertOptions
+def test_tensor_parallel_runs_experts_with_their_blocks_and_refuses_what_it_cannot_run(tmp_path):
+    from offload_runtime import load_compressed
+    from offload_runtime.errors import UsageError
+    from offload_runtime.expert_dispatch import ExpertOptions, dispatch_options
+    from offload_runtime.synthetic import dispatch_synthetic
 
-    assert _tensor_parallel_options(ExpertOptions(), False).experts == "block"
-    with pytest.raises(ValueError, match="experts='expert'"):
-        _tensor_parallel_options(ExpertOptions(experts="expert"), False)
-    with pytest.raises(ValueError, match="execute_compressed"):
-        _tensor_parallel_options(ExpertOptions(), True)
+    assert dispatch_options(tensor_parallel=True).experts == "block"
+    assert dispatch_options("expert", "decoded", "lfu", True) == ExpertOptions(
+        "expert", "decoded", "lfu", True
+    )
+    with pytest.raises(UsageError, match="experts='expert' is not supported under tensor parallelism"):
+        dispatch_options(experts="expert", tensor_parallel=True)
+    with pytest.raises(UsageError, match="execute_compressed is not supported under tensor parallelism"):
+        dispatch_options(tensor_parallel=True, execute_compressed=True)
+    with pytest.raises(UsageError, match="experts='expert' is not supported under tensor parallelism"):
+        dispatch_synthetic("tiny-qwen3-moe", 1, device="cpu", experts="expert", tensor_parallel=True)
+    path = pack(tiny_model("llama", num_layers=1), tmp_path / "m.ort", codec="raw", progress=False)
+    with pytest.raises(UsageError, match="execute_compressed is not supported under tensor parallelism"):
+        load_compressed(path, 1, device="cpu", execute_compressed=True, tensor_parallel=True)

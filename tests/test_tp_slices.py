@@ -4,18 +4,19 @@ what each rank reads, validation. The multi-process runs are in ``test_tp_offloa
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
 from container_surgery import rewrite_header, split
 
-from offload_runtime.errors import CheckpointMismatchError, CorruptCheckpointError
+from offload_runtime.errors import CheckpointMismatchError, CorruptCheckpointError, UsageError
 from offload_runtime.loaders import ContainerReader, load_state_dict, pack
 from offload_runtime.loaders.format import TP_SLICE_KIND, tp_slice_name
 from offload_runtime.loaders.moe import parse_slice_name
 from offload_runtime.loaders.reassemble import Place
 from offload_runtime.loaders.tp import planned_shard_dims
-from offload_runtime.loaders.tp_slices import RankShards, shard_places
+from offload_runtime.loaders.tp_slices import MAX_TP_SLICES, RankShards, shard_places
 from offload_runtime.tiny import tiny_model
 
 
@@ -178,12 +179,30 @@ def test_dense_pack_is_unchanged_by_the_tp_option(tmp_path):
     assert dense.read_bytes() == plain.read_bytes()
 
 
-def test_pack_refuses_bad_slice_counts_and_models_without_a_plan(tmp_path):
-    model = tiny_model("llama", num_layers=1)
-    with pytest.raises(ValueError, match="tp_slices"):
-        _pack(model, tmp_path, 1)
-    with pytest.raises(ValueError, match="tensor-parallel plan"):
+@pytest.mark.parametrize("slices", [1, 0, -2, MAX_TP_SLICES + 1])
+def test_pack_refuses_slice_counts_out_of_range_before_reading(tmp_path, slices, monkeypatch):
+    monkeypatch.setattr(sys.modules["offload_runtime.loaders.pack"], "_plan", _must_not_run)
+    with pytest.raises(
+        UsageError, match=f"tp_slices must be an integer from 2 to {MAX_TP_SLICES}, got {slices}"
+    ):
+        _pack(tiny_model("llama", num_layers=1), tmp_path, slices)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("slices", [2.0, "2", True])
+def test_pack_refuses_slice_counts_that_are_not_integers(tmp_path, slices):
+    with pytest.raises(TypeError, match="tp_slices must be an integer"):
+        _pack(tiny_model("llama", num_layers=1), tmp_path, slices)
+
+
+def test_pack_refuses_slices_of_models_without_a_plan(tmp_path):
+    with pytest.raises(UsageError, match="tp_slices needs a model with a tensor-parallel plan"):
         pack(torch.nn.Linear(4, 4), tmp_path / "x.ort", progress=False, tp_slices=2)
+    assert not any(tmp_path.iterdir())
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
 
 
 # -- validation of forged records ---------------------------------------------------------------------

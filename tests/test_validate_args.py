@@ -1,6 +1,7 @@
 """Bad arguments to the public API are refused by kind, with a typed error, before any work."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import offload_runtime
 from offload_runtime import validate_args
 from offload_runtime.errors import BudgetError, MissingFileError, UsageError
+from offload_runtime.expert_dispatch import ExpertOptions
 from offload_runtime.native.layout import TENSOR_ALIGN
 from offload_runtime.scheduler.arena import ARENA_ALIGN
 from offload_runtime.scheduler.planner import budget_gb_for
@@ -196,6 +198,43 @@ def _arena_bytes(module: torch.nn.Module) -> int:
         -(-p.numel() * p.element_size() // TENSOR_ALIGN) * TENSOR_ALIGN for p in module.parameters()
     )
     return -(-tensors // ARENA_ALIGN) * ARENA_ALIGN
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "accepted"),
+    [
+        ("experts", "experts", "auto, expert, block"),
+        ("expert_cache", "fp8", "auto, compressed, decoded"),
+        ("expert_policy", "fifo", "lru, lfu"),
+    ],
+)
+def test_expert_options_are_refused_before_any_work(container, argument, value, accepted, monkeypatch):
+    monkeypatch.setattr("offload_runtime.api._refuse_early", _must_not_run)
+    monkeypatch.setattr("offload_runtime.api.pack", _must_not_run)
+    monkeypatch.setattr("offload_runtime.api.ContainerReader", _must_not_run)
+    monkeypatch.setattr("offload_runtime.synthetic.synthetic_skeleton", _must_not_run)
+    message = re.escape(f"{argument} must be one of {accepted}, got {value!r}")
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(UsageError, match=message):
+        offload_runtime.dispatch_compressed(model, budget_gb=1, device="cpu", **{argument: value})
+    assert _untouched(model)
+    with pytest.raises(UsageError, match=message):
+        offload_runtime.load_compressed(container, budget_gb=1, device="cpu", **{argument: value})
+    with pytest.raises(UsageError, match=message):
+        dispatch_synthetic("tiny-qwen3-moe", 1, device="cpu", **{argument: value})
+    with pytest.raises(TypeError, match=f"{argument} must be a string, one of {accepted}"):
+        offload_runtime.dispatch_compressed(model, budget_gb=1, device="cpu", **{argument: None})
+    options = {"experts": "experts", "expert_cache": "cache", "expert_policy": "policy"}
+    with pytest.raises(UsageError, match=message):  # the options object obeys the same rule
+        ExpertOptions(**{options[argument]: value})
+
+
+def test_expert_choices_are_the_runtime_s():
+    from offload_runtime.scheduler.expert_cache import POLICIES
+    from offload_runtime.scheduler.experts_plan import ENTRY_MODES
+
+    assert validate_args.EXPERT_POLICIES == POLICIES
+    assert ("auto", *ENTRY_MODES) == validate_args.EXPERT_CACHE_MODES
 
 
 def test_budget_error_still_names_the_minimum_for_a_positive_budget():
