@@ -18,14 +18,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from offload_runtime.native.availability import gpu_codecs_unavailable_reason
+    from offload_runtime.native.availability import cuda_available, gpu_codecs_unavailable_reason
 
     gpu_reason = gpu_codecs_unavailable_reason()
     skip_gpu = pytest.mark.skip(reason=f"gpu test: {gpu_reason}") if gpu_reason else None
+    no_cuda = "cuda test: CUDA is not available (torch.cuda.is_available() is False)"
+    skip_cuda = None if cuda_available() else pytest.mark.skip(reason=no_cuda)
     skip_slow = None if config.getoption("--runslow") else pytest.mark.skip(reason="slow: use --runslow")
     for item in items:
         if skip_gpu is not None and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        if skip_cuda is not None and "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
         if skip_slow is not None and "slow" in item.keywords:
             item.add_marker(skip_slow)
 

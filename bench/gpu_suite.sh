@@ -20,7 +20,7 @@ print(json.dumps(info, indent=2))
 PY
 cat "$out/environment.json"
 status=0
-python3 -m pytest tests -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" "$@" || status=$?
+python3 -m pytest tests -m "gpu or cuda" -p no:cacheprovider --junitxml="$out/gpu_tests.xml" "$@" || status=$?
 python3 -m pytest bench -m gpu -p no:cacheprovider --runslow --benchmark-json="$out/gpu_bench.json" "$@" || {
   rc=$?; [ "$rc" = 5 ] || status=$rc; }  # 5: no GPU benchmark collected yet
 # end-to-end: resident vs the peers (accelerate, diffusers, AirLLM: bench/peers.py) vs offload_runtime on the

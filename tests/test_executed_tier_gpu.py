@@ -14,7 +14,7 @@ from offload_runtime.loaders import pack
 from offload_runtime.scheduler.tiers import EXECUTED_COMPRESSED
 from offload_runtime.tiny import tiny_model
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.cuda  # Triton kernels: CUDA, no nvCOMP
 
 
 def test_llama_blocks_compute_from_planes_on_cuda(tmp_path):
