@@ -18,6 +18,7 @@ The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from offload_runtime.native.fused12_bits import (
 )
 from offload_runtime.native.fused12_format import Planes
 from offload_runtime.native.layout import cdiv
+from offload_runtime.native.triton_launch import Launch
 
 DOT_ESCAPE_CHUNK = 32  # escapes per step of the escape terms' fp32 dot (>= 16 for tl.dot)
 
@@ -131,6 +133,24 @@ def dot(
         config (`DotConfig`): tiles, split-K, warps, stages.
         workspace (`tuple`, *optional*): as for :func:`offload_runtime.native.fused12_gemv_kernel.gemv`.
     """
+    dot_launch(x, planes, out, bias, config, workspace)[0].run()
+    return out
+
+
+def _per_call(x: torch.Tensor, out: torch.Tensor) -> tuple:
+    return x, out
+
+
+def dot_launch(
+    x: torch.Tensor,
+    planes: Planes,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: DotConfig = DotConfig(),
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Launch, Callable]:
+    """The launch of :func:`dot` (same arguments) and the function giving a call's per-call arguments,
+    for :class:`~offload_runtime.native.triton_launch.LaunchCache`."""
     rows_x, cols = x.shape
     if x.dtype != torch.bfloat16 or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"dot takes bf16 x [M, {planes.cols}] and out with contiguous rows")
@@ -144,14 +164,16 @@ def dot(
         cdiv((planes.rows + 1) // 2, config.block_pairs),
         k.split,
     )
-    _dot_kernel[grid](
+    args = (
         x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
         rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
         x.stride(0), out.stride(0), SCALED_EXP_XOR,
+    )  # fmt: skip
+    constexprs = dict(
         BM=config.block_m, BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
         EVEN_K=k.even and cols % 4 == 0, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
         EC=DOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return Launch(_dot_kernel, grid, args, constexprs, options, (x, out)), _per_call

@@ -21,6 +21,7 @@ The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from offload_runtime.native.fused12_bits import (
 )
 from offload_runtime.native.fused12_format import Planes
 from offload_runtime.native.layout import cdiv
+from offload_runtime.native.triton_launch import Launch
 
 MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
 
@@ -165,22 +167,50 @@ def gemv(
             :func:`workspace_needs`; required when ``config.split > 1``. The counters are 0 again when
             the kernel ends, so one workspace serves every call in stream order.
     """
+    gemv_launch(x, planes, out, bias, config, workspace)[0].run()
+    return out
+
+
+def _x_words(x: torch.Tensor) -> bool:
+    """bf16 ``x`` whose rows load as 8-byte words (4 columns each)."""
+    bf16 = x.dtype == torch.bfloat16
+    return bf16 and x.shape[1] % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
+
+
+def _per_call(x: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The arguments that change between calls: ``x``, its 8-byte word view (or ``x``), ``out``."""
+    return x, x.view(torch.int64) if _x_words(x) else x, out
+
+
+def gemv_launch(
+    x: torch.Tensor,
+    planes: Planes,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig = GemvConfig(),
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Launch, Callable]:
+    """The launch of :func:`gemv` (same arguments) and the function giving a call's per-call arguments
+    (``(x, out) -> objects``), for :class:`~offload_runtime.native.triton_launch.LaunchCache`."""
     rows_x, cols = x.shape
     if rows_x > MAX_ROWS or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, {planes.cols}] and out with contiguous rows")
     k = k_range(cols, config.block_words, config.split)
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
-    x_words = x.dtype == torch.bfloat16 and cols % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
+    x, x64, out = _per_call(x, out)
     grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
-    _gemv_kernel[grid](
-        x, x.view(torch.int64) if x_words else x, planes.sm, planes.codes, planes.top, planes.esc_ptr,
-        planes.esc, bias if bias is not None else out, out, partials, counters,
+    args = (
+        x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
+        bias if bias is not None else out, out, partials, counters,
         rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
         x.stride(0), out.stride(0), SCALED_EXP_XOR,
+    )  # fmt: skip
+    constexprs = dict(
         MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
         EVEN_K=k.even, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
-        EC=escape_chunk(_next_pow2(rows_x), config.block_pairs), HAS_BIAS=bias is not None, X_WORDS=x_words,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        EC=escape_chunk(_next_pow2(rows_x), config.block_pairs), HAS_BIAS=bias is not None,
+        X_WORDS=x64 is not x,
     )  # fmt: skip
-    return out
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return Launch(_gemv_kernel, grid, args, constexprs, options, (x, x64, out)), _per_call

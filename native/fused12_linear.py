@@ -20,6 +20,11 @@ Split-K partial sums and the decode path's scratch live in buffers kept per (dev
 demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
 end of every kernel). On the CPU every path is the reference decode + ``torch.nn.functional.linear``
 unless ``path`` forces a kernel (Triton's interpreter runs them there, for tests).
+
+A caller that multiplies by one weight again and again (a bound linear layer: ``compressed_linear``) passes
+the weight's :class:`~offload_runtime.native.triton_launch.LaunchCache`: from the second call with the same
+rows, dtype, alignments and stream, the compiled kernel is launched directly, without Triton's per-call host
+work, which at batch 1 takes longer than the kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ import torch
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.fused12_format import Planes
 from offload_runtime.native.layout import cdiv
+from offload_runtime.native.triton_launch import Launch, LaunchCache
 
 TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
 TABLE_PATH = Path(__file__).with_name("fused12_table.json")
@@ -200,6 +207,7 @@ def fused_linear(
     out: torch.Tensor | None = None,
     path: str | None = None,
     config: dict[str, int] | None = None,
+    launches: LaunchCache | None = None,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for the weight ``W [N, K]`` stored as ``planes`` (on ``x``'s device).
 
@@ -213,6 +221,8 @@ def fused_linear(
         path (`str`, *optional*): ``"gemv"``, ``"dot"`` or ``"decode"`` instead of the table's choice.
         config (`dict`, *optional*): the kernel config with ``path`` (fields of ``GemvConfig`` or
             ``DotConfig``); ``None`` takes the table's or the default one.
+        launches (`LaunchCache`, *optional*): this weight's compiled launches (one cache per weight: a
+            bound linear layer keeps one), replayed without Triton's per-call host work on CUDA.
 
     Returns:
         `torch.Tensor`: ``[..., N]`` in ``x``'s dtype. Weights are exact; the summation order differs from
@@ -235,11 +245,18 @@ def fused_linear(
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         choice = Choice(path, config)
-    _run(choice, x2, planes, bias, y)
+    _run(choice, x2, planes, bias, y, launches)
     return y.view(*lead, rows)
 
 
-def _run(choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+def _run(
+    choice: Choice,
+    x: torch.Tensor,
+    planes: Planes,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    launches: LaunchCache | None = None,
+) -> None:
     device = x.device
     if choice.path == "decode":
         if device.type == "cpu":
@@ -255,19 +272,40 @@ def _run(choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | N
         else:
             torch.addmm(bias.to(x.dtype), x, weight.T, out=y)
         return
+
+    def make() -> tuple[Launch, Callable]:
+        return _launch(choice, x, planes, bias, y)
+
+    if launches is None or device.type != "cuda":
+        make()[0].run()
+        return
+    # everything Triton specialises the per-call tensors on, and what picks the launch (see triton_launch)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    config = tuple(sorted(choice.config.items())) if choice.config else None
+    key = (
+        choice.path, config, x.shape[0], x.dtype, x.data_ptr() % 16, y.data_ptr() % 16,
+        x.stride(0), y.stride(0), None if bias is None else bias.data_ptr(), device.index, stream,
+    )  # fmt: skip
+    launches.run(key, x, y, make, stream)
+
+
+def _launch(
+    choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | None, y: torch.Tensor
+) -> tuple[Launch, Callable]:
+    """The kernel launch of a ``gemv`` or ``dot`` choice, its split-K workspace taken from the buffers."""
+    device = x.device
     if choice.path == "gemv":
-        from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv, workspace_needs
+        from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv_launch, workspace_needs
 
         fields = choice.config or default_choice(1, planes.rows, planes.cols, device).config
         config = GemvConfig(**fields)
         need = workspace_needs(x.shape[0], planes, config)
-        gemv(
-            x, planes, y, bias, config, _buffers(device).workspace(need, device) if config.split > 1 else None
-        )
-        return
-    from offload_runtime.native.fused12_dot_kernel import DotConfig, dot, workspace_needs
+        workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
+        return gemv_launch(x, planes, y, bias, config, workspace)
+    from offload_runtime.native.fused12_dot_kernel import DotConfig, dot_launch, workspace_needs
 
     fields = choice.config or default_choice(16, planes.rows, planes.cols, device).config
     config = DotConfig(**fields)
     need = workspace_needs(x.shape[0], planes, config)
-    dot(x, planes, y, bias, config, _buffers(device).workspace(need, device) if config.split > 1 else None)
+    workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
+    return dot_launch(x, planes, y, bias, config, workspace)

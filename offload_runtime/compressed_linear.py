@@ -28,16 +28,18 @@ def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 def bind(module: nn.Linear, weight: Any, dtype: torch.dtype) -> None:
     """Make ``module`` compute from ``weight`` (a compute-format object such as ``fused12`` planes)."""
     from offload_runtime.native.fused12_linear import fused_linear
+    from offload_runtime.native.triton_launch import LaunchCache
 
     if not isinstance(module, nn.Linear):
         raise TypeError(f"only nn.Linear weights compute compressed, got {type(module).__name__}")
     shape = (weight.rows, weight.cols)
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
+    launches = LaunchCache()  # this weight's compiled launches: a token's calls skip Triton's host work
 
     @functools.wraps(original)
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return fused_linear(x, weight, module.bias)
+        return fused_linear(x, weight, module.bias, launches=launches)
 
     module._parameters["weight"] = nn.Parameter(placeholder(shape, dtype, weight.device), requires_grad=False)
     module.forward = forward

@@ -12,7 +12,7 @@ from offload_runtime.native import GroupLayout, get_codec
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.fused12 import parse_params
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.cuda  # Triton kernels: CUDA, no nvCOMP
 
 
 def _group():
@@ -108,3 +108,29 @@ def test_fused_linear_is_capturable_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(y, expected)
     assert np.isfinite(y.float().cpu().numpy()).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_replayed_launches_equal_standard_ones(bias):
+    """A LaunchCache replay runs the kernel Triton's own launch runs, with *this* call's x and out: each
+    call gets new x values (the earlier x kept alive, so a replay that read it would give its product), for
+    every path, row count and alignment of x (each its own key)."""
+    from offload_runtime.native.fused12_linear import fused_linear
+    from offload_runtime.native.triton_launch import LaunchCache
+
+    weight = (torch.randn(1024, 4100, device="cuda") * 0.02).bfloat16()
+    planes = fmt.encode(weight)
+    b = torch.randn(1024, device="cuda").bfloat16() if bias else None
+    cache = LaunchCache()
+    kept = []
+    for m in (1, 5, 8, 16):
+        for offset in (0, 1):  # x 16-byte aligned (gemv loads it as 8-byte words), then 2 bytes past it
+            for path in ("gemv", "dot") if m <= 8 else ("dot",):
+                for _ in range(3):  # the first call launches, the others replay
+                    x = torch.randn(m * 4100 + 1, device="cuda").bfloat16()[offset : offset + m * 4100]
+                    x = x.view(m, 4100)
+                    kept.append(x)
+                    expected = fused_linear(x.clone(), planes, b, path=path)
+                    got = fused_linear(x, planes, b, path=path, launches=cache)
+                    assert torch.equal(got, expected), (m, offset, path)
+    assert cache.launches == len(cache) == 14 and cache.replays == 28  # one key per (m, offset, path)
