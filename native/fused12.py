@@ -16,7 +16,7 @@ chunks decode to the layout (no stored layout) and their decoded CRC-32s are of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.base import (
     Chunk,
     EncodedGroup,
+    EncodedTensor,
     GpuDecoder,
     GroupCodec,
     check_cpu_output,
@@ -96,6 +97,82 @@ def expected_entries(layout: GroupLayout, kinds: Sequence[tuple[str, int]]) -> l
         chunk += 1 if spec.nbytes else 0
         position = end
     return entries
+
+
+def _encode_payload(layout: GroupLayout, data: torch.Tensor) -> tuple[torch.Tensor, list[Entry]]:
+    """The payload (uint8, on ``data``'s device) of the group bytes ``data``, and its entries."""
+    source = layout.views(data) if layout.size else {}
+    encoded: list[fmt.Planes | None] = []
+    for spec in layout.tensors:
+        planes = fmt.encode(source[spec.name]) if can_store_planes(spec) else None
+        if planes is not None and fmt.escape_fraction(planes) > fmt.MAX_ESCAPE_FRACTION:
+            planes = None  # too many escapes to gain: stored as is
+        encoded.append(planes)
+    kinds = [(PLANES, p.escapes) if p is not None else (VERBATIM, 0) for p in encoded]
+    entries = expected_entries(layout, kinds)
+    payload = torch.zeros(entries[-1].end if entries else 0, dtype=torch.uint8, device=data.device)
+    for entry, planes in zip(entries, encoded, strict=True):
+        if planes is None:
+            begin = entry.spec.offset
+            payload[entry.start : entry.end] = data[begin : begin + entry.spec.nbytes]
+            continue
+        for name, tensor in planes.planes().items():
+            raw = tensor.contiguous().view(-1).view(torch.uint8)
+            payload[entry.offsets[name] : entry.offsets[name] + raw.numel()] = raw
+    return payload, entries
+
+
+def _chunked(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries that have a chunk (tensors with bytes), in order."""
+    return [e for e in entries if e.chunk is not None]
+
+
+def _chunk_ranges(layout: GroupLayout, entries: Sequence[Entry]) -> list[tuple[int, int]]:
+    """The layout bytes each chunk decodes to, in chunk order."""
+    return [r for e, r in zip(entries, decoded_ranges(layout), strict=True) if e.chunk is not None]
+
+
+def _chunks(
+    layout: GroupLayout, entries: Sequence[Entry], payload_crcs: Sequence[int], decoded_crcs: Sequence[int]
+) -> list[Chunk]:
+    chunked, ranges = _chunked(entries), _chunk_ranges(layout, entries)
+    return [
+        Chunk(e.start, e.end - e.start, end - begin, crc, dcrc)
+        for e, (begin, end), crc, dcrc in zip(chunked, ranges, payload_crcs, decoded_crcs, strict=True)
+    ]
+
+
+def _params(entries: Sequence[Entry]) -> dict[str, Any]:
+    return {"plane_align": PLANE_ALIGN, "tensors": [e.to_json() for e in entries]}
+
+
+def encode_held(
+    layout: GroupLayout, held: list[torch.Tensor], checksums: bool, take: Callable[[int], torch.Tensor]
+) -> EncodedTensor:
+    """:meth:`Fused12Codec.encode_tensor` on the buffer's own device (any device; the codec uses it for
+    CUDA buffers): the payload is built there and copied once into ``take(nbytes)``, a host buffer the
+    CRCs are computed from and :attr:`EncodedTensor.write` copies out of."""
+    data = held.pop()
+    payload, entries = _encode_payload(layout, data)
+    ranges = _chunk_ranges(layout, entries)
+    decoded_crcs = [0] * len(ranges)
+    if checksums:  # the decoded bytes' CRCs, for the chunk table
+        host = take(data.numel())[: data.numel()]
+        host.copy_(data)
+        decoded_crcs = [crc32(host.numpy()[begin:end]) for begin, end in ranges]
+    del data
+    size = int(payload.numel())
+    host = take(size)[:size]
+    host.copy_(payload)  # synchronous: ``host`` may be reused by the caller's next group
+    del payload
+    region = host.numpy()
+    payload_crcs = [crc32(region[e.start : e.end]) if checksums else 0 for e in _chunked(entries)]
+
+    def write(dest: torch.Tensor) -> None:
+        dest.copy_(host)
+
+    chunks = _chunks(layout, entries, payload_crcs, decoded_crcs)
+    return EncodedTensor(chunks, _params(entries), None, size, write)
 
 
 def decoded_ranges(layout: GroupLayout) -> list[tuple[int, int]]:
@@ -194,6 +271,7 @@ class Fused12Codec(GroupCodec):
     name = "fused12"
     lossless = True
     executes_compressed = True
+    encodes_on_device = True  # plain torch: encode_tensor builds the payload on a CUDA buffer's device
 
     def compute_views(
         self, payload: torch.Tensor, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
@@ -207,33 +285,28 @@ class Fused12Codec(GroupCodec):
 
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         data = np.ascontiguousarray(data, dtype=np.uint8)
-        source = layout.views(torch.from_numpy(data)) if layout.size else {}
-        encoded: list[fmt.Planes | None] = []
-        for spec in layout.tensors:
-            planes = fmt.encode(source[spec.name]) if can_store_planes(spec) else None
-            if planes is not None and fmt.escape_fraction(planes) > fmt.MAX_ESCAPE_FRACTION:
-                planes = None  # too many escapes to gain: stored as is
-            encoded.append(planes)
-        kinds = [(PLANES, p.escapes) if p is not None else (VERBATIM, 0) for p in encoded]
-        entries = expected_entries(layout, kinds)
-        payload = np.zeros(entries[-1].end if entries else 0, dtype=np.uint8)
-        for entry, planes in zip(entries, encoded, strict=True):
-            if planes is None:
-                begin = entry.spec.offset
-                payload[entry.start : entry.end] = data[begin : begin + entry.spec.nbytes]
-                continue
-            for name, tensor in planes.planes().items():
-                raw = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-                payload[entry.offsets[name] : entry.offsets[name] + raw.size] = raw
-        chunks = []
-        for entry, (begin, end) in zip(entries, decoded_ranges(layout), strict=True):
-            if entry.chunk is not None:
-                region = payload[entry.start : entry.end]
-                chunks.append(
-                    Chunk(entry.start, region.size, end - begin, crc32(region), crc32(data[begin:end]))
-                )
-        params = {"plane_align": PLANE_ALIGN, "tensors": [e.to_json() for e in entries]}
-        return EncodedGroup(payload, chunks, params)
+        payload, entries = _encode_payload(layout, torch.from_numpy(data))
+        region = payload.numpy()
+        decoded_crcs = [crc32(data[begin:end]) for begin, end in _chunk_ranges(layout, entries)]
+        chunks = _chunks(
+            layout, entries, [crc32(region[e.start : e.end]) for e in _chunked(entries)], decoded_crcs
+        )
+        return EncodedGroup(region, chunks, _params(entries))
+
+    def encode_tensor(
+        self,
+        layout: GroupLayout,
+        held: list[torch.Tensor],
+        checksums: bool = True,
+        host_buffer: Callable[[int], torch.Tensor] | None = None,
+    ) -> EncodedTensor:
+        """Encode on the buffer's device when it is a CUDA tensor (the format is plain torch): only the
+        payload (and, for the decoded CRCs, the decoded bytes) come back to the host, through
+        ``host_buffer(nbytes)`` (reusable, ideally pinned; allocated when ``None``)."""
+        if not held[0].is_cuda:
+            return super().encode_tensor(layout, held, checksums)
+        take = host_buffer or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        return encode_held(layout, held, checksums, take)
 
     def check_params(
         self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk], stored_size: int

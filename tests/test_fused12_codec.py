@@ -11,6 +11,7 @@ from offload_runtime.loaders import ContainerReader, load_state_dict, pack
 from offload_runtime.loaders.load import load_model
 from offload_runtime.native import GroupLayout, get_codec
 from offload_runtime.native import fused12_format as fmt
+from offload_runtime.native.base import Chunk
 from offload_runtime.native.fused12 import PLANE_ALIGN, PLANES, VERBATIM, parse_params, tensor_views
 from offload_runtime.native.layout import TENSOR_ALIGN
 from offload_runtime.tiny import tiny_model
@@ -203,3 +204,30 @@ def test_tiny_llama_container_round_trip_and_identical_logits(tmp_path):
 
 def test_layout_alignment_is_a_multiple_of_the_plane_alignment():
     assert TENSOR_ALIGN % 16 == 0 and PLANE_ALIGN % 16 == 0
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_encoding_on_the_buffers_device_equals_encode(checksums):
+    """encode_held (what encode_tensor runs on a CUDA buffer) writes encode's payload and chunk table; without
+    checksums, the same with CRCs 0 (a synthetic re-encode compares payloads, not CRCs)."""
+    from offload_runtime.native.fused12 import encode_held
+
+    tensors = {
+        "a.weight": (torch.randn(64, 96) * 0.02).bfloat16(),
+        "b.bias": torch.randn(7),
+        "c.weight": (torch.randn(33, 40) * 0.02).bfloat16(),
+    }
+    tensors["a.weight"][0, :3] = torch.tensor([0.0, float("nan"), float("-inf")])
+    layout = GroupLayout.from_tensors(tensors.items())
+    data = layout.pack(tensors)
+    codec = get_codec("fused12")
+    reference = codec.encode(layout, data)
+    got = encode_held(
+        layout, [torch.from_numpy(data.copy())], checksums, lambda n: torch.empty(n, dtype=torch.uint8)
+    )
+    payload = torch.empty(got.stored_size, dtype=torch.uint8)
+    got.write(payload)
+    assert np.array_equal(payload.numpy(), reference.payload)
+    assert got.params == reference.params
+    expected = [c if checksums else Chunk(c.offset, c.size, c.decoded_size, 0, 0) for c in reference.chunks]
+    assert got.chunks == expected
