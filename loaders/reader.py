@@ -114,7 +114,21 @@ class ContainerReader:
                 or the number of ranks does not divide the number of slices.
         """
         self.shards = shards
-        self._groups, self._parts = reassemble.view(self.index.groups, self.granularity, shards)
+        self._present()
+
+    def set_granularity(self, granularity: str) -> None:
+        """Present the groups at ``granularity`` from now on (before any read): what opening the file
+        again with that granularity gives, without reading and validating its index a second time.
+
+        Raises:
+            UsageError: an unknown ``granularity``.
+        """
+        self.granularity = one_of(granularity, "granularity", GRANULARITIES)
+        self._present()
+
+    def _present(self) -> None:
+        """The groups as this reader presents them: at its granularity, sharded when it is."""
+        self._groups, self._parts = reassemble.view(self.index.groups, self.granularity, self.shards)
         self._by_name = {g.name: g for g in self._groups}
 
     @property

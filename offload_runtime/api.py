@@ -268,10 +268,9 @@ def _open(
 ) -> ContainerReader:
     """The container, read at expert granularity when its experts stream on their own here."""
     reader = ContainerReader(path, verify=verify)
-    if not expert_granularity(reader.index.groups, device, options):
-        return reader
-    reader.close()
-    return ContainerReader(path, verify=verify, granularity="expert")
+    if expert_granularity(reader.index.groups, device, options):
+        reader.set_granularity("expert")  # the index is read and validated once
+    return reader
 
 
 def _shard_reader(reader: ContainerReader, model: nn.Module) -> None:

@@ -174,3 +174,23 @@ def test_budget_error_suggests_a_budget_that_passes(packed):
         dispatch_compressed(tiny_model(arch), (minimum - 1) / GIB, device="cpu", codec="zstd")
     assert _suggested_gb(info.value) == suggested
     remove_offload(dispatch_compressed(tiny_model(arch), suggested, device="cpu", codec="zstd"))
+
+
+def test_expert_granularity_reads_the_index_once(packed, monkeypatch):
+    """Switching a container to expert granularity re-views the index it read; it does not open and
+    validate the file again, and the view equals a reader opened at that granularity."""
+    from offload_runtime import api
+    from offload_runtime.expert_dispatch import ExpertOptions
+    from offload_runtime.loaders import reader as reader_module
+    from offload_runtime.loaders.reader import ContainerReader
+
+    _arch, _model, path, _minimum = packed
+    calls = []
+    real = reader_module.read_container_header
+    monkeypatch.setattr(reader_module, "read_container_header", lambda *a: calls.append(1) or real(*a))
+    reader = api._open(path, "once", torch.device("cpu"), ExpertOptions())
+    assert reader.granularity == "expert" and len(calls) == 1
+    monkeypatch.undo()
+    with ContainerReader(path, granularity="expert") as direct:
+        assert [(g.name, g.expert) for g in reader.groups] == [(g.name, g.expert) for g in direct.groups]
+    reader.close()
