@@ -60,6 +60,12 @@ class Choice:
     path: str
     config: dict[str, int] | None = None
 
+    @functools.cached_property
+    def key(self) -> tuple:
+        """A hashable form (part of a launch cache's key): computed once per choice, and a table's choices
+        are kept (:func:`cached_choice`), so not once per call."""
+        return self.path, tuple(sorted(self.config.items())) if self.config else None
+
 
 def _check_choice(row: Any, where: str) -> Choice:
     if not isinstance(row, dict) or row.get("path") not in PATHS:
@@ -281,9 +287,8 @@ def _run(
         return
     # everything Triton specialises the per-call tensors on, and what picks the launch (see triton_launch)
     stream = torch.cuda.current_stream(device).cuda_stream
-    config = tuple(sorted(choice.config.items())) if choice.config else None
     key = (
-        choice.path, config, x.shape[0], x.dtype, x.data_ptr() % 16, y.data_ptr() % 16,
+        choice.key, x.shape[0], x.dtype, x.data_ptr() % 16, y.data_ptr() % 16,
         x.stride(0), y.stride(0), None if bias is None else bias.data_ptr(), device.index, stream,
     )  # fmt: skip
     launches.run(key, x, y, make, stream)
