@@ -34,7 +34,7 @@ from offload_runtime.native.base import (
     check_cpu_output,
     register,
 )
-from offload_runtime.native.chunking import check_decoded_crcs, crc32
+from offload_runtime.native.chunking import check_decoded_crcs, crc32_spans
 from offload_runtime.native.layout import GroupLayout, TensorSpec, align_up
 from offload_runtime.native.workspace import Allocate
 
@@ -127,6 +127,11 @@ def _chunked(entries: Sequence[Entry]) -> list[Entry]:
     return [e for e in entries if e.chunk is not None]
 
 
+def _range_crcs(data: np.ndarray, ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """CRC-32 of each ``[begin, end)`` of ``data``, long ones on several threads."""
+    return crc32_spans(data, [(begin, end - begin) for begin, end in ranges])
+
+
 def _chunk_ranges(layout: GroupLayout, entries: Sequence[Entry]) -> list[tuple[int, int]]:
     """The layout bytes each chunk decodes to, in chunk order."""
     return [r for e, r in zip(entries, decoded_ranges(layout), strict=True) if e.chunk is not None]
@@ -159,14 +164,17 @@ def encode_held(
     if checksums:  # the decoded bytes' CRCs, for the chunk table
         host = take(data.numel())[: data.numel()]
         host.copy_(data)
-        decoded_crcs = [crc32(host.numpy()[begin:end]) for begin, end in ranges]
+        decoded_crcs = _range_crcs(host.numpy(), ranges)
     del data
     size = int(payload.numel())
     host = take(size)[:size]
     host.copy_(payload)  # synchronous: ``host`` may be reused by the caller's next group
     del payload
     region = host.numpy()
-    payload_crcs = [crc32(region[e.start : e.end]) if checksums else 0 for e in _chunked(entries)]
+    chunked = _chunked(entries)
+    payload_crcs = (
+        _range_crcs(region, [(e.start, e.end) for e in chunked]) if checksums else [0] * len(chunked)
+    )
 
     def write(dest: torch.Tensor) -> None:
         dest.copy_(host)
@@ -287,10 +295,9 @@ class Fused12Codec(GroupCodec):
         data = np.ascontiguousarray(data, dtype=np.uint8)
         payload, entries = _encode_payload(layout, torch.from_numpy(data))
         region = payload.numpy()
-        decoded_crcs = [crc32(data[begin:end]) for begin, end in _chunk_ranges(layout, entries)]
-        chunks = _chunks(
-            layout, entries, [crc32(region[e.start : e.end]) for e in _chunked(entries)], decoded_crcs
-        )
+        decoded_crcs = _range_crcs(data, _chunk_ranges(layout, entries))
+        payload_crcs = _range_crcs(region, [(e.start, e.end) for e in _chunked(entries)])
+        chunks = _chunks(layout, entries, payload_crcs, decoded_crcs)
         return EncodedGroup(region, chunks, _params(entries))
 
     def encode_tensor(
