@@ -34,8 +34,10 @@ def _run(model, ids):
 @pytest.mark.parametrize("codec", ["ans", "zstd"])
 @pytest.mark.parametrize("arch", TINY_MOE_ARCHITECTURES)
 def test_reassembled_blocks_stream_on_cuda_bit_identical(arch, codec, tmp_path):
-    """Every block streamed from pinned RAM: each reassembled group decoded part by part on the GPU."""
-    reference = tiny_model(arch, dtype=torch.bfloat16)
+    """Every block streamed from pinned RAM: each reassembled group decoded part by part on the GPU. Six
+    blocks: with three, the minimum budget (two slots, staging, the decoder's workspace) held them all
+    resident, and nothing streamed."""
+    reference = tiny_model(arch, num_layers=6, dtype=torch.bfloat16)
     path = pack(reference, tmp_path / "m.ort", codec=codec, progress=False, device="cuda")
     reference = reference.to("cuda")
     with pytest.raises(BudgetError) as info:
