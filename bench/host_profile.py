@@ -2,6 +2,7 @@
 
 Usage:
     python3 bench/host_profile.py OUT.json [--layers 8] [--tokens 16] [--codec ans] [--budget all-in-vram]
+        [--execute-compressed]   # with --codec fused12: the executed_compressed tier
 
 Batch-1 decoding of these shapes is launch-bound: the GPU waits for the Python thread that launches the
 kernels, so every microsecond the runtime spends on the host per group shows in tok/s. This profiles the
@@ -49,6 +50,46 @@ def profile_generate(model, ids, tokens: int, top: int = 25) -> dict:
     return {"ms_per_token_profiled": seconds / tokens * 1e3, "top_own_time": rows[:top]}
 
 
+def linear_call_times(model, calls: int = 2000) -> dict:
+    """Per-call time of a bound (executed compressed) linear layer at batch 1, called back to back, beside
+    ``F.linear`` on a bf16 weight of the same shape, and a cProfile of the bound calls (where the host time
+    goes when no model code runs around them)."""
+    import torch.nn.functional as F
+
+    from offload_runtime.compressed_linear import bound_weights
+
+    name = next(n for n in bound_weights(model) if n.endswith("gate_proj"))
+    layer = model.get_submodule(name)
+    x = torch.randn(1, 1, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(layer.out_features, layer.in_features, device="cuda", dtype=torch.bfloat16)
+
+    def per_call(fn) -> float:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / calls * 1e6
+
+    with torch.inference_mode():
+        out = {"layer": name, "bound_module_us": per_call(lambda: layer(x))}
+        out["bound_forward_us"] = per_call(lambda: layer.forward(x))
+        out["F.linear_us"] = per_call(lambda: F.linear(x, weight))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            layer(x)
+        profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    own_time = {f"{Path(f).name}:{line}:{fn}": v[2] for (f, line, fn), v in stats.stats.items()}
+    rows = sorted(((own / calls * 1e6, where) for where, own in own_time.items()), reverse=True)
+    out["profile_own_us_per_call"] = [[round(us, 2), where] for us, where in rows[:15]]
+    return out
+
+
 def main() -> None:
     import offload_runtime
 
@@ -58,6 +99,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--codec", default="ans")
     parser.add_argument("--budget", choices=["all-in-vram", "pinned"], default="all-in-vram")
+    parser.add_argument("--execute-compressed", action="store_true", help="with --codec fused12")
     args = parser.parse_args()
 
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278]], device="cuda")
@@ -73,9 +115,14 @@ def main() -> None:
         budget = minimum_budget_gb(path, "cuda") * 1.001
     del model
     torch.cuda.empty_cache()
-    offloaded = offload_runtime.load_compressed(path, budget_gb=budget, device="cuda")
+    offloaded = offload_runtime.load_compressed(
+        path, budget_gb=budget, device="cuda", execute_compressed=args.execute_compressed
+    )
     results["plan"] = str(offloaded.offload_plan)
     results["offloaded"] = profile_generate(offloaded, ids, args.tokens)
+    if args.execute_compressed:
+        results["linear_call_us"] = linear_call_times(offloaded)
+        print("one linear layer, host+GPU per call:", results["linear_call_us"])
     for kind in ("resident", "offloaded"):
         print(kind, f"{results[kind]['ms_per_token_profiled']:.2f} ms/token (profiled)")
         for row in results[kind]["top_own_time"][:12]:

@@ -18,7 +18,6 @@ The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,12 +132,8 @@ def dot(
         config (`DotConfig`): tiles, split-K, warps, stages.
         workspace (`tuple`, *optional*): as for :func:`offload_runtime.native.fused12_gemv_kernel.gemv`.
     """
-    dot_launch(x, planes, out, bias, config, workspace)[0].run()
+    dot_launch(x, planes, out, bias, config, workspace).run()
     return out
-
-
-def _per_call(x: torch.Tensor, out: torch.Tensor) -> tuple:
-    return x, out
 
 
 def dot_launch(
@@ -148,9 +143,9 @@ def dot_launch(
     bias: torch.Tensor | None = None,
     config: DotConfig = DotConfig(),
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[Launch, Callable]:
-    """The launch of :func:`dot` (same arguments) and the function giving a call's per-call arguments,
-    for :class:`~offload_runtime.native.triton_launch.LaunchCache`."""
+) -> Launch:
+    """The launch of :func:`dot` (same arguments), for
+    :class:`~offload_runtime.native.triton_launch.LaunchCache`: its per-call objects are ``x`` and ``out``."""
     rows_x, cols = x.shape
     if x.dtype != torch.bfloat16 or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"dot takes bf16 x [M, {planes.cols}] and out with contiguous rows")
@@ -176,4 +171,4 @@ def dot_launch(
         EC=DOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None,
     )  # fmt: skip
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return Launch(_dot_kernel, grid, args, constexprs, options, (x, out)), _per_call
+    return Launch(_dot_kernel, grid, args, constexprs, options, (x, out))

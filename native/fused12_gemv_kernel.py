@@ -21,7 +21,6 @@ The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torc
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,7 +166,7 @@ def gemv(
             :func:`workspace_needs`; required when ``config.split > 1``. The counters are 0 again when
             the kernel ends, so one workspace serves every call in stream order.
     """
-    gemv_launch(x, planes, out, bias, config, workspace)[0].run()
+    gemv_launch(x, planes, out, bias, config, workspace).run()
     return out
 
 
@@ -177,11 +176,6 @@ def _x_words(x: torch.Tensor) -> bool:
     return bf16 and x.shape[1] % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
 
 
-def _per_call(x: torch.Tensor, out: torch.Tensor) -> tuple:
-    """The arguments that change between calls: ``x``, its 8-byte word view (or ``x``), ``out``."""
-    return x, x.view(torch.int64) if _x_words(x) else x, out
-
-
 def gemv_launch(
     x: torch.Tensor,
     planes: Planes,
@@ -189,16 +183,17 @@ def gemv_launch(
     bias: torch.Tensor | None = None,
     config: GemvConfig = GemvConfig(),
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[Launch, Callable]:
-    """The launch of :func:`gemv` (same arguments) and the function giving a call's per-call arguments
-    (``(x, out) -> objects``), for :class:`~offload_runtime.native.triton_launch.LaunchCache`."""
+) -> Launch:
+    """The launch of :func:`gemv` (same arguments), for
+    :class:`~offload_runtime.native.triton_launch.LaunchCache`: its per-call objects are ``x``, its 8-byte
+    word view (or ``x``) and ``out``."""
     rows_x, cols = x.shape
     if rows_x > MAX_ROWS or cols != planes.cols or x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, {planes.cols}] and out with contiguous rows")
     k = k_range(cols, config.block_words, config.split)
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
-    x, x64, out = _per_call(x, out)
+    x64 = x.view(torch.int64) if _x_words(x) else x
     grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
     args = (
         x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
@@ -213,4 +208,4 @@ def gemv_launch(
         X_WORDS=x64 is not x,
     )  # fmt: skip
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return Launch(_gemv_kernel, grid, args, constexprs, options, (x, x64, out)), _per_call
+    return Launch(_gemv_kernel, grid, args, constexprs, options, (x, x64, out))

@@ -2,26 +2,34 @@
 
 ``kernel[grid](*args)`` binds and specialises every argument, computes a cache key and checks globals on
 each call: tens of microseconds of host time, more than a batch-1 GEMV of a 4096 x 4096 weight takes on an
-H200. A model decoding one token calls its linear layers back to back, so that host time, not the kernels,
-sets the speed. A :class:`LaunchCache` (one per bound weight) replays launches instead.
+H200. Its compiled launcher then calls ``data_ptr()`` and ``cuPointerGetAttribute`` for every tensor
+argument (a driver call each: 11 per fused12 GEMV). A model decoding one token calls its linear layers back
+to back, so that host time, not the kernels, sets the speed. A :class:`LaunchCache` (one per bound weight)
+replays launches instead.
 
 Protocol:
 
 1. The caller describes a launch lazily: ``make()`` returns a :class:`Launch` (kernel, grid, positional
    arguments, constexprs, options, and ``per_call``: the very objects among its arguments that change from
-   call to call, e.g. ``x``, a view of ``x``, ``out``) and a ``bind(x, out)`` that makes a call's
-   per-call objects in the same order.
+   call to call: ``x``, ``out``, or a view of either that starts where it starts, e.g. gemv's 8-byte word
+   view of ``x``).
 2. The caller's **key** must determine Triton's specialisation of every per-call object (dtype, address
    modulo 16, strides, row count) and everything else the launch depends on (grid, config, stream, device).
    Every other argument must be the same object, with the same value, in every call with that key.
 3. First call with a key (or while a launch hook is installed: profilers read it; or when Triton returns no
-   compiled kernel: its interpreter): the standard ``kernel[grid](...)``. The returned compiled kernel is
-   kept with the full argument list in signature order, constexprs included, and the positions that held
-   the launch's per-call objects (found by identity: an object ``bind`` makes anew, such as a view, is
-   only found in the launch's own tuple).
-4. A later call with the key: that argument list with this call's per-call objects in those positions, given
-   to the compiled kernel's launcher on the current stream: the same kernel binary, the same argument
-   values Triton would bind, none of its Python.
+   compiled kernel: its interpreter): the standard ``kernel[grid](...)``. The compiled kernel is kept with
+   the full argument list in signature order, constexprs included, in which
+
+   * each per-call object (found by identity) is a slot filled per call with the address of ``x`` or of
+     ``out``, whichever it starts at (checked here; a per-call object that starts elsewhere leaves the key
+     unrecorded: every call with it takes the standard launch, correct and slower);
+   * every other tensor is its address, an int (the launcher takes ints as pointers without asking the
+     driver); the launch's own arguments are kept with the entry, so those tensors, and their addresses,
+     stay alive as long as it.
+4. A later call with the key: that list with this call's two addresses in the slots, given to the compiled
+   kernel's launcher on the current stream (its C entry point when the kernel needs no scratch memory, else
+   Triton's launcher object): the same kernel binary, the same argument values Triton would bind, none of
+   its Python.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from typing import Any
 
 import torch
 
-BindPerCall = Callable[[torch.Tensor, torch.Tensor], tuple]
+X, OUT = 0, 1  # the per-call addresses a slot takes
+_KNOBS: Any = None
 
 
 @dataclass(frozen=True)
@@ -59,19 +68,59 @@ class Launch:
 def _hooks_installed() -> bool:
     """Whether a launch hook is set (Triton >= 3.4 keeps a chain of hooks, empty unless a profiler adds
     one; older versions None or a function)."""
-    from triton import knobs
+    global _KNOBS
+    if _KNOBS is None:
+        from triton import knobs
 
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+        _KNOBS = knobs
+    runtime = _KNOBS.runtime
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def _launcher(compiled: Any) -> tuple[Callable, tuple]:
+    """``(function, arguments after the stream)`` that launch ``compiled`` as ``function(gx, gy, gz,
+    stream, *those, *kernel arguments)``: Triton's C entry point when the kernel needs no global or profile
+    scratch (what ``CudaLauncher.__call__`` would pass it: no scratch pointers), else the launcher object."""
+    run = compiled.run
+    entry = getattr(run, "launch", None)
+    no_scratch = getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+    hooks = (compiled.packed_metadata, None, None, None)  # launch metadata and enter/exit hooks: none
+    if entry is not None and no_scratch and hasattr(run, "launch_cooperative_grid"):
+        flags = (run.launch_cooperative_grid, run.launch_pdl, None, None)
+        return entry, (compiled.function, *flags, *hooks)
+    return run, (compiled.function, *hooks)
 
 
 @dataclass
 class _Replay:
-    compiled: Any
-    grid: tuple[int, int, int]
-    args: list
-    slots: list[tuple[int, int]]  # (argument position, index into the per-call objects)
-    bind: BindPerCall
+    call: Callable
+    # grid (3), the stream (position 3, per call), the launcher's arguments, then the kernel's (tensors as
+    # addresses; the slots' are filled per call)
+    values: list
+    slots: list[tuple[int, int]]  # (position in ``values``, X or OUT)
+    keep: tuple  # the launch's own arguments: the tensors whose addresses ``values`` holds
+
+
+def _record(launch: Launch, compiled: Any, x: torch.Tensor, out: torch.Tensor) -> _Replay | None:
+    """The replay of a launch just made (see step 3 of the module docstring); None when a per-call object
+    starts at neither ``x`` nor ``out``."""
+    call, after_stream = _launcher(compiled)
+    head = [*(*launch.grid, 1, 1)[:3], None, *after_stream]
+    args, slots = [], []
+    starts = (x.data_ptr(), out.data_ptr())
+    for position, arg in enumerate(launch.full_args(), start=len(head)):
+        if any(arg is obj for obj in launch.per_call):
+            address = arg.data_ptr()
+            if address not in starts:
+                return None
+            slots.append((position, starts.index(address)))
+            args.append(None)
+        elif isinstance(arg, torch.Tensor):
+            args.append(arg.data_ptr())
+        else:
+            args.append(arg)
+    return _Replay(call, head + args, slots, launch.args)
 
 
 class LaunchCache:
@@ -86,40 +135,44 @@ class LaunchCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def replay(self, key: Hashable, x: torch.Tensor, out: torch.Tensor, stream: int) -> bool:
+        """Enqueue the launch recorded for ``key`` with this call's ``x`` and ``out`` on ``stream`` (a CUDA
+        stream handle, which the key must name); False, doing nothing, when there is none to replay."""
+        entry = self._entries.get(key)
+        if entry is None or _hooks_installed():
+            return False
+        values = entry.values.copy()
+        values[3] = stream
+        addresses = (x.data_ptr(), out.data_ptr())
+        for position, which in entry.slots:
+            values[position] = addresses[which]
+        entry.call(*values)
+        self.replays += 1
+        return True
+
     def run(
         self,
         key: Hashable,
         x: torch.Tensor,
         out: torch.Tensor,
-        make: Callable[[], tuple[Launch, BindPerCall]],
+        make: Callable[[], Launch],
         stream: int | None = None,
     ) -> None:
         """Enqueue the launch for ``key`` with this call's ``x`` and ``out`` on ``stream`` (a CUDA stream
-        handle; the current stream of ``x``'s device when None), which the key must name."""
-        entry = self._entries.get(key)
-        if entry is not None and not _hooks_installed():
-            args = entry.args.copy()
-            per_call = entry.bind(x, out)
-            for position, which in entry.slots:
-                args[position] = per_call[which]
-            compiled, grid = entry.compiled, entry.grid
-            if stream is None:
-                stream = torch.cuda.current_stream(x.device).cuda_stream
-            compiled.run(
-                grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                None, None, None, *args,
-            )  # fmt: skip
-            self.replays += 1
+        handle; the current stream of ``x``'s device when None), which the key must name: a replay, or the
+        standard launch of ``make()`` (recorded for the next call)."""
+        if stream is None:
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+        if self.replay(key, x, out, stream):
             return
-        launch, bind = make()
+        launch = make()
         compiled = launch.run()
         self.launches += 1
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             return  # the interpreter (or an old Triton): every call takes the standard launch
-        args = launch.full_args()
-        slots = [(i, j) for i, arg in enumerate(args) for j, obj in enumerate(launch.per_call) if arg is obj]
-        grid = (*launch.grid, 1, 1)[:3]
-        self._entries[key] = _Replay(compiled, grid, args, slots, bind)
+        entry = _record(launch, compiled, x, out)
+        if entry is not None:
+            self._entries[key] = entry
 
     def clear(self) -> None:
         self._entries.clear()

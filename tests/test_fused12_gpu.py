@@ -134,3 +134,29 @@ def test_replayed_launches_equal_standard_ones(bias):
                     got = fused_linear(x, planes, b, path=path, launches=cache)
                     assert torch.equal(got, expected), (m, offset, path)
     assert cache.launches == len(cache) == 14 and cache.replays == 28  # one key per (m, offset, path)
+
+
+def test_the_decode_step_path_replays_exactly():
+    """``fused_linear`` as a bound linear layer calls it (no path, no out, a launch cache), with x of the
+    shapes a model passes: [1, 1, K], [2, 3, K], 2 bytes past an aligned address, and a strided x whose rows
+    are copied per call. Each case thrice with new values: equal to the standard launch, replayed twice."""
+    from offload_runtime.native.fused12_linear import fused_linear
+    from offload_runtime.native.triton_launch import LaunchCache
+
+    planes = fmt.encode((torch.randn(1024, 4096, device="cuda") * 0.02).bfloat16())
+    bias = torch.randn(1024, device="cuda").bfloat16()
+    cases = {
+        "one token": lambda: torch.randn(1, 1, 4096, device="cuda").bfloat16(),
+        "batch of rows": lambda: torch.randn(2, 3, 4096, device="cuda").bfloat16(),
+        "unaligned": lambda: torch.randn(4097, device="cuda").bfloat16()[1:].view(1, 1, 4096),
+        "strided": lambda: torch.randn(1, 1, 8192, device="cuda").bfloat16()[..., ::2],
+    }
+    cache, kept = LaunchCache(), []
+    for name, make_x in cases.items():
+        for _ in range(3):
+            x = make_x()
+            kept.append(x)  # an earlier x stays alive: a replay that read it would give its product
+            got = fused_linear(x, planes, bias, launches=cache)
+            expected = fused_linear(x.contiguous().clone(), planes, bias)
+            assert got.shape == (*x.shape[:-1], 1024) and torch.equal(got, expected), name
+    assert cache.launches == len(cache) == len(cases) and cache.replays == 2 * len(cases)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -36,15 +38,12 @@ class FakeKernel:
 
 def _make(kernel, weight, x, y, grid=(3, 2)):
     def make():
-        launch = Launch(
-            kernel, grid, (x, weight, y, 7), {"EVEN": True, "BLOCK": 64}, {"num_warps": 4}, (x, y)
-        )
-        return launch, lambda x_, y_: (x_, y_)
+        return Launch(kernel, grid, (x, weight, y, 7), {"EVEN": True, "BLOCK": 64}, {"num_warps": 4}, (x, y))
 
     return make
 
 
-def test_first_call_launches_then_replays_with_this_calls_tensors():
+def test_first_call_launches_then_replays_with_this_calls_addresses():
     kernel, weight, cache = FakeKernel(), torch.zeros(4), LaunchCache()
     x1, y1 = torch.zeros(2), torch.zeros(3)
     cache.run("k", x1, y1, _make(kernel, weight, x1, y1), stream=11)
@@ -53,14 +52,15 @@ def test_first_call_launches_then_replays_with_this_calls_tensors():
     assert args == (x1, weight, y1, 7) and kwargs == {"EVEN": True, "BLOCK": 64, "num_warps": 4}
 
     x2, y2 = torch.ones(2), torch.ones(3)
-    never = _make(kernel, weight, None, None)  # a replay does not describe the launch again
-    cache.run("k", x2, y2, lambda: pytest.fail("make() called on a replay") or never(), stream=12)
+    cache.run("k", x2, y2, lambda: pytest.fail("make() called on a replay"), stream=12)
     assert len(kernel.standard) == 1 and (cache.launches, cache.replays) == (1, 1)
     (call,) = kernel.compiled.calls
     assert call[:9] == (3, 2, 1, 12, "fn-handle", "meta", None, None, None)
-    # the arguments in signature order, constexprs by name, this call's x and y in their places
-    assert call[9] is x2 and call[10] is weight and call[11] is y2
-    assert call[12:] == (7, 64, True)
+    # the arguments in signature order, constexprs by name; tensors as addresses, this call's x and y
+    assert call[9:] == (x2.data_ptr(), weight.data_ptr(), y2.data_ptr(), 7, 64, True)
+    assert cache.replay("k", x1, y1, stream=13) and kernel.compiled.calls[-1][9] == x1.data_ptr()
+    assert not cache.replay("other", x1, y1, stream=13)  # nothing recorded: nothing done
+    assert len(kernel.compiled.calls) == 2
 
 
 def test_another_key_launches_again():
@@ -97,8 +97,59 @@ def test_without_a_compiled_kernel_every_call_is_standard():
     assert len(kernel.standard) == 3 and len(cache) == 0
 
 
+def test_the_launch_keeps_its_fixed_tensors_alive():
+    """The replay holds the weight's address, not the weight: the entry keeps the tensor itself, so the
+    memory at that address is never freed and reused while the launch can be replayed."""
+    kernel, cache = FakeKernel(), LaunchCache()
+    weight = torch.zeros(4)
+    ref = weakref.ref(weight)
+    x, y = torch.zeros(2), torch.zeros(3)
+    cache.run("k", x, y, _make(kernel, weight, x, y), stream=0)
+    del weight
+    kernel.standard.clear()  # the stand-in's record of the standard launch
+    assert ref() is not None
+    cache.clear()
+    assert ref() is None
+
+
+class FakeLauncher:
+    """Triton's ``CudaLauncher``: its C entry point ``launch`` and what ``__call__`` passes it."""
+
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, scratch: int) -> None:
+        self.global_scratch_size = self.profile_scratch_size = scratch
+        self.direct: list[tuple] = []
+        self.through_call: list[tuple] = []
+
+    def launch(self, *args) -> None:
+        self.direct.append(args)
+
+    def __call__(self, *args) -> None:
+        self.through_call.append(args)
+
+
+@pytest.mark.parametrize("scratch", [0, 128])
+def test_a_kernel_without_scratch_is_launched_through_the_c_entry_point(scratch):
+    kernel, weight, cache = FakeKernel(), torch.zeros(4), LaunchCache()
+    launcher = kernel.compiled.run = FakeLauncher(scratch)
+    x, y = torch.zeros(2), torch.zeros(3)
+    cache.run("k", x, y, _make(kernel, weight, x, y), stream=0)
+    assert cache.replay("k", x, y, stream=5)
+    kernel_args = (x.data_ptr(), weight.data_ptr(), y.data_ptr(), 7, 64, True)
+    if scratch:  # the launcher allocates scratch memory: through its own __call__
+        assert launcher.direct == [] and launcher.through_call == [
+            (3, 2, 1, 5, "fn-handle", "meta", None, None, None, *kernel_args)
+        ]
+    else:  # what CudaLauncher.__call__ passes: cooperative, pdl, no scratch pointers
+        assert launcher.through_call == [] and launcher.direct == [
+            (3, 2, 1, 5, "fn-handle", False, True, None, None, "meta", None, None, None, *kernel_args)
+        ]
+
+
 def test_gemv_launch_names_every_argument_of_the_kernel():
-    """The launch the gemv and dot wrappers describe binds every kernel parameter exactly once."""
+    """The launch the gemv and dot wrappers describe binds every kernel parameter exactly once, and every
+    per-call object starts where x or out starts (what a replay fills in)."""
     from offload_runtime.native import fused12_format as fmt
     from offload_runtime.native.fused12_dot_kernel import DotConfig, dot_launch
     from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv_launch
@@ -106,33 +157,27 @@ def test_gemv_launch_names_every_argument_of_the_kernel():
     planes = fmt.encode((torch.randn(40, 64) * 0.02).bfloat16())
     x = torch.randn(3, 64).bfloat16()
     y = torch.empty(3, 40, dtype=torch.bfloat16)
-    for launch, bind in (
+    for launch in (
         gemv_launch(x, planes, y, None, GemvConfig()),
         dot_launch(x, planes, y, None, DotConfig()),
     ):
         names = launch.kernel.arg_names
         assert len(launch.full_args()) == len(names)
         assert set(launch.constexprs) == set(names[len(launch.args) :])
-        per_call = bind(x, y)
-        assert per_call[0] is x and per_call[-1] is y and len(per_call) == len(launch.per_call)
+        assert launch.per_call[0] is x and launch.per_call[-1] is y
         assert all(any(a is obj for a in launch.args) for obj in launch.per_call)
+        assert all(obj.data_ptr() in (x.data_ptr(), y.data_ptr()) for obj in launch.per_call)
 
 
-def test_objects_derived_per_call_are_replaced_too():
-    """A per-call object the launch derives from x (gemv's 8-byte word view of x) is this call's, not the
-    first call's: the bug that made replays read a stale x."""
+def test_objects_derived_per_call_take_this_calls_address():
+    """A per-call object the launch derives from x (gemv's 8-byte word view of x) gets this call's address,
+    not the first call's: the bug that made replays read a stale x."""
     kernel, cache = FakeKernel(), LaunchCache()
-
-    def bind(x, y):
-        return x, x.view(torch.int32), y
 
     def make_for(x, y):
         def make():
-            x_, words, y_ = bind(x, y)  # the launch builds its own view, as gemv_launch does
-            launch = Launch(
-                kernel, (1,), (x_, words, y_, 7), {"EVEN": True, "BLOCK": 64}, per_call=(x_, words, y_)
-            )
-            return launch, bind
+            words = x.view(torch.int32)  # the launch builds its own view, as gemv_launch does
+            return Launch(kernel, (1,), (x, words, y, 7), {"EVEN": True, "BLOCK": 64}, per_call=(x, words, y))
 
         return make
 
@@ -141,5 +186,22 @@ def test_objects_derived_per_call_are_replaced_too():
     x2, y2 = torch.ones(2), torch.ones(3)
     cache.run("k", x2, y2, make_for(x2, y2), stream=0)
     (call,) = kernel.compiled.calls
-    assert call[9] is x2 and call[11] is y2
-    assert call[10].data_ptr() == x2.data_ptr()  # the view of this call's x
+    assert call[9:12] == (x2.data_ptr(), x2.data_ptr(), y2.data_ptr())
+
+
+def test_a_per_call_object_elsewhere_is_never_replayed():
+    """A per-call object that starts at neither x nor out (a slice past x's start) has no address a replay
+    could give: the key stays unrecorded and every call takes the standard launch."""
+    kernel, cache = FakeKernel(), LaunchCache()
+
+    def make_for(x, y):
+        def make():
+            tail = x[1:]
+            return Launch(kernel, (1,), (x, tail, y, 7), {"EVEN": True, "BLOCK": 64}, per_call=(x, tail, y))
+
+        return make
+
+    x, y = torch.zeros(4), torch.zeros(3)
+    for _ in range(3):
+        cache.run("k", x, y, make_for(x, y), stream=0)
+    assert len(kernel.standard) == 3 and len(cache) == 0 and kernel.compiled.calls == []
