@@ -10,11 +10,13 @@ Three paths compute the same product of the exact weights with fp32 accumulation
 
 Which one runs comes from a table measured on the GPU by ``bench/fused_kernels.py`` (``fused12_table.json``
 beside this module, or the file named by ``$OFFLOAD_RUNTIME_FUSED12_TABLE``): per weight shape ``(N, K)``,
-rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else
-the largest). Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows with a split-K that
-gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above. The choice depends only on
-``(M, N, K, x dtype, device)`` and the table (read once per process), so :func:`cached_choice` resolves
-each key once: a model calls ``fused_linear`` per layer per token with a handful of keys.
+rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else the
+largest), except that a bucket above 64 rows (prefill) does not serve M <= 64: a measured ``dot`` tile that
+covers M rows does, else the default. Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows
+with a split-K that gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above. The choice
+depends only on ``(M, N, K, x dtype, device)`` and the table (read once per process), so
+:func:`cached_choice` resolves each key once: a model calls ``fused_linear`` per layer per token with a
+handful of keys.
 
 Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
 demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
@@ -139,10 +141,15 @@ def default_choice(m: int, rows: int, cols: int, device: torch.device) -> Choice
 def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.device, table=None) -> Choice:
     """The path and config for ``m`` rows of ``x`` times a ``rows x cols`` weight."""
     table = load_table() if table is None else table
-    options = table.get((rows, cols))
-    if options:
-        choice = next((c for bucket, c in options if bucket >= m), options[-1][1])
-    else:
+    options = table.get((rows, cols)) or []
+    bucket, choice = next(((b, c) for b, c in options if b >= m), options[-1] if options else (0, None))
+    if bucket > DOT_DEFAULT_MAX_ROWS >= m:
+        # the next bucket measured prefill (decode + cuBLAS wins there, at M = 512): between it and the
+        # small buckets, a tensor-core tile of the table's that covers M rows, else the default (``dot``).
+        # Taking the prefill bucket made a 16-token prompt decode every 70 B weight into a scratch buffer.
+        tiles = [c for b, c in options if b < m and c.path == "dot" and c.config.get("block_m", 0) >= m]
+        choice = tiles[-1] if tiles else None
+    if choice is None:
         choice = default_choice(m, rows, cols, device)
     if choice.path == "gemv" and m > GEMV_MAX_ROWS:
         choice = default_choice(m, rows, cols, device) if m > DOT_DEFAULT_MAX_ROWS else Choice("decode")
