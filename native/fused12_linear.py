@@ -11,13 +11,11 @@ Three paths compute the same product of the exact weights with fp32 accumulation
 Which one runs comes from a table measured on the GPU by ``bench/fused_kernels.py`` (``fused12_table.json``
 beside this module, or the file named by ``$OFFLOAD_RUNTIME_FUSED12_TABLE``): per weight shape ``(N, K)``,
 rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else the
-largest), except that a bucket above 32 rows (prefill) does not serve M <= 32: a measured ``dot`` tile that
+largest), except that a bucket above 64 rows (prefill) does not serve M <= 64: a measured ``dot`` tile that
 covers M rows does, else the default. Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows
-with a split-K that gives the SMs about 4 programs each, ``dot`` in 16-row tiles up to 32 rows, ``decode``
-above. The choice
-depends only on ``(M, N, K, x dtype, device)`` and the table (read once per process), so
-:func:`cached_choice` resolves each key once: a model calls ``fused_linear`` per layer per token with a
-handful of keys.
+with a split-K that gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above. The choice
+depends only on ``(M, N, K, x dtype, device)`` and the table (read once per process), so :func:`cached_choice`
+resolves each key once: a model calls ``fused_linear`` per layer per token with a handful of keys.
 
 Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
 demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
@@ -50,7 +48,7 @@ TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
 TABLE_PATH = Path(__file__).with_name("fused12_table.json")
 PATHS = ("gemv", "dot", "decode")
 GEMV_MAX_ROWS = 8
-DOT_DEFAULT_MAX_ROWS = 32  # 16-row tiles (the configs the GPU tests check), decoding W once per 16 rows
+DOT_DEFAULT_MAX_ROWS = 64
 PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
 CHOICE_CACHE = 4096  # keys cached_choice keeps: few weight shapes, but prefill brings many values of M
 
@@ -132,8 +130,9 @@ def default_choice(m: int, rows: int, cols: int, device: torch.device) -> Choice
         config = {"block_pairs": 32, "block_words": 32, "split": split, "num_warps": 4, "num_stages": 1}
         return Choice("gemv", config)
     if m <= DOT_DEFAULT_MAX_ROWS:
+        block_m = 16 if m <= 16 else 64
         split = auto_split(rows, cols, 32, 16, device) if m <= 16 else 1
-        config = {"block_m": 16, "block_pairs": 32, "block_words": 16, "split": split}
+        config = {"block_m": block_m, "block_pairs": 32, "block_words": 16, "split": split}
         return Choice("dot", {**config, "num_warps": 4, "num_stages": 2})
     return Choice("decode")
 

@@ -166,8 +166,8 @@ def test_the_decode_step_path_replays_exactly():
 @pytest.mark.parametrize("m", [17, 32, 64])
 def test_dot_tiles_of_more_rows_than_one_mma(m, block_m):
     """The tensor-core kernel with 16-row tiles (mma.sync) and 64-row ones (warpgroup MMA on sm_90), on
-    row counts that fill, straddle and half-fill them, against the fp32 product of the exact weights. (A
-    70 B forward of 32 rows through 64-row tiles agreed with its reference on 66% of top-1 tokens only.)"""
+    row counts that fill, straddle and half-fill them, against the fp32 product of the exact weights. (Both
+    pass on the H200: the 66-72% top-1 agreement of a 70 B forward of 32 rows is not a tile defect.)"""
     from offload_runtime.native.fused12_linear import fused_linear
 
     weight = (torch.randn(1024, 4096, device="cuda") * 0.02).bfloat16()

@@ -39,15 +39,15 @@ def test_table_buckets_pick_the_smallest_bucket_at_least_m():
     assert fl.choose(2, 64, 128, torch.bfloat16, CPU, table).path == "dot"
     assert fl.choose(8, 64, 128, torch.bfloat16, CPU, table).path == "dot"
     # between the small buckets and the prefill one: the measured tile of 16 rows, then the default dot
-    # (16-row tiles) up to 32 rows, then the prefill bucket
+    # (64-row tiles) up to 64 rows, then the prefill bucket
     for m in (9, 16):
         assert fl.choose(m, 64, 128, torch.bfloat16, CPU, table) == fl.choose(
             8, 64, 128, torch.bfloat16, CPU, table
         )
-    for m in (17, 32):
+    for m in (17, 64):
         assert fl.choose(m, 64, 128, torch.bfloat16, CPU, table) == fl.default_choice(m, 64, 128, CPU)
         assert fl.default_choice(m, 64, 128, CPU).path == "dot"
-    assert fl.choose(33, 64, 128, torch.bfloat16, CPU, table).path == "decode"
+    assert fl.choose(65, 64, 128, torch.bfloat16, CPU, table).path == "decode"
     assert fl.choose(4096, 64, 128, torch.bfloat16, CPU, table).path == "decode"  # past the last bucket
     # dot multiplies bf16 x only: fp32 x falls back to the gemv default for few rows
     assert fl.choose(4, 64, 128, torch.float32, CPU, table).path == "gemv"
