@@ -201,6 +201,13 @@ class GroupCodec(ABC):
         """Names of the tensors :meth:`compute_views` gives in a compute format (not as plain tensors)."""
         return set()
 
+    def compute_scratch_bytes(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> int:
+        """Device bytes a group executed compressed may need besides its payload, held by the kernels'
+        wrapper (for ``fused12``: a long input decodes one weight to bf16 and multiplies with cuBLAS)."""
+        return 0
+
     def batch_decoder_sizes(self, max_chunks: int, max_chunk_bytes: int) -> DecoderSizes | None:
         """Device memory of :meth:`batch_decoder` (a pure query), or ``None`` when the codec has none."""
         return None

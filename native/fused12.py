@@ -291,6 +291,13 @@ class Fused12Codec(GroupCodec):
     ) -> set[str]:
         return {e.spec.name for e in parse_params(params, layout, chunks) if e.kind == PLANES}
 
+    def compute_scratch_bytes(
+        self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
+    ) -> int:
+        # fused_linear's "decode" path (inputs of more than 64 rows): the largest weight, decoded to bf16
+        planes = [e.spec.nbytes for e in parse_params(params, layout, chunks) if e.kind == PLANES]
+        return max(planes, default=0)
+
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         data = np.ascontiguousarray(data, dtype=np.uint8)
         payload, entries = _encode_payload(layout, torch.from_numpy(data))

@@ -19,7 +19,8 @@ resolves each key once: a model calls ``fused_linear`` per layer per token with 
 
 Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
 demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
-end of every kernel). On the CPU every path is the reference decode + ``torch.nn.functional.linear``
+end of every kernel). A runtime's plan leaves room for the decode scratch of its largest executed weight
+(``Fused12Codec.compute_scratch_bytes``); the split-K partials (a few MB) are not charged. On the CPU every path is the reference decode + ``torch.nn.functional.linear``
 unless ``path`` forces a kernel (Triton's interpreter runs them there, for tests).
 
 A caller that multiplies by one weight again and again (a bound linear layer: ``compressed_linear``) passes

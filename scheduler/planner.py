@@ -80,6 +80,9 @@ class Buffers:
             no CPU decoder at dispatch (payload + decoder arrays of the largest one).
         host_ring_count: host buffers disk reads land in (pinned on CUDA); ``host_ring_each`` bytes each.
         overhead_bytes: allocator slack (CUDA): charged once for the one arena allocation.
+        compute_scratch_bytes: the largest kernel scratch of the groups executed compressed (a long input
+            decodes one weight to bf16 for cuBLAS); the kernels' wrapper allocates it on first use, not the
+            arena, so the plan leaves room for it.
     """
 
     nslots: int = 0
@@ -92,6 +95,7 @@ class Buffers:
     host_ring_count: int = 0
     host_ring_each: int = 0
     overhead_bytes: int = 0
+    compute_scratch_bytes: int = 0
 
     @property
     def staging_bytes(self) -> int:
@@ -108,8 +112,10 @@ class Buffers:
 
     @property
     def device_bytes(self) -> int:
-        """Device bytes of all shared buffers (the arena holds these plus the groups' tier bytes)."""
-        return self.streaming_region_bytes + self.scratch_bytes + self.workspace_bytes + self.overhead_bytes
+        """Device bytes of all shared buffers (the arena holds these but the executed layers' scratch, plus
+        the groups' tier bytes)."""
+        shared = self.streaming_region_bytes + self.scratch_bytes + self.workspace_bytes
+        return shared + self.overhead_bytes + self.compute_scratch_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -198,6 +204,12 @@ class Plan:
         return self.buffers.device_bytes + sum(g.device_bytes for g in self.groups)
 
     @property
+    def arena_bytes(self) -> int:
+        """The groups' runtime's one device allocation: its device bytes less the allocator slack and the
+        executed layers' scratch (allocated by their kernels' wrapper, on first use)."""
+        return self.groups_device_bytes - self.buffers.overhead_bytes - self.buffers.compute_scratch_bytes
+
+    @property
     def device_bytes(self) -> int:
         """Everything the runtime holds on the device, experts included (never above ``budget_bytes``)."""
         return self.groups_device_bytes + (self.experts.device_bytes if self.experts else 0)
@@ -242,6 +254,8 @@ class Plan:
                 f"dispatch window {mib(b.window_bytes)}",
                 f"allocator slack {mib(b.overhead_bytes)}",
             ]
+        if b.compute_scratch_bytes:  # room the kernels of executed layers take on a long input
+            held.append(f"executed layers' scratch {mib(b.compute_scratch_bytes)}")
         lines = [
             f"offload plan on {self.device}: {mib(self.device_bytes)} of {mib(self.budget_bytes)} budget "
             f"(minimum {mib(self.minimum_bytes)}), prefetch={self.prefetch}",
@@ -292,6 +306,7 @@ def size_buffers(
     over_pcie: Sequence[GroupSize] | None = None,
     dispatch_decoded: Sequence[GroupSize] = (),
     disk: Sequence[GroupSize] = (),
+    executed: Sequence[GroupSize] = (),
 ) -> Buffers:
     """The shared buffers of a runtime whose ``slot_groups`` decode into slots.
 
@@ -303,13 +318,18 @@ def size_buffers(
             is sized by these, the others decode straight from VRAM.
         dispatch_decoded: resident groups decoded on the device at dispatch (no CPU decoder).
         disk: slot groups read from the container on each use (host ring).
+        executed: groups in a tier whose layers compute from the payload (their kernels' scratch).
     """
     on_cuda = device == "cuda"
     nslots = min(prefetch + 1, len(slot_groups)) if slot_groups else 0
     slot = max((g.decoded_bytes for g in slot_groups), default=0)
     ring_each = max((g.stored_bytes for g in disk), default=0)
+    compute = max((g.compute_scratch_bytes for g in executed), default=0)
     if not on_cuda:  # the CPU decodes disk payloads from one staging buffer; nothing else is shared
-        return Buffers(nslots, slot, host_ring_count=1 if disk else 0, host_ring_each=ring_each)
+        ring = 1 if disk else 0
+        return Buffers(
+            nslots, slot, host_ring_count=ring, host_ring_each=ring_each, compute_scratch_bytes=compute
+        )
     over_pcie = slot_groups if over_pcie is None else over_pcie
     staging_each = max((g.stored_bytes for g in over_pcie), default=0)
     staging_count = min(DEVICE_STAGING_BUFFERS, nslots) if staging_each else 0
@@ -326,6 +346,7 @@ def size_buffers(
         host_ring_count=HOST_RING_BUFFERS if disk else 0,
         host_ring_each=ring_each,
         overhead_bytes=CUDA_ALLOCATOR_SLACK,
+        compute_scratch_bytes=compute,
     )
 
 
@@ -384,8 +405,17 @@ class _Placer:
         over_pcie = [g for g in slot_groups if g.name not in in_vram]
         resident_groups = [*self.forced, *(g for g in self.candidates if g.name in resident)]
         return size_buffers(
-            slot_groups, self.prefetch, self.device, over_pcie, self.dispatch(resident_groups)
+            slot_groups,
+            self.prefetch,
+            self.device,
+            over_pcie,
+            self.dispatch(resident_groups),
+            executed=self.executed(resident_groups),
         )
+
+    def executed(self, slotless_groups: Sequence[GroupSize]) -> list[GroupSize]:
+        """The groups among ``slotless_groups`` whose tier computes from their payloads."""
+        return [g for g in slotless_groups if self.slotless(g).computes_compressed]
 
     def dispatch(self, resident_groups: Sequence[GroupSize]) -> list[GroupSize]:
         """Resident groups decoded on the device at dispatch: CUDA, decoded resident, no CPU decoder."""
@@ -441,6 +471,8 @@ class _Placer:
             f"dispatch window {b.window_bytes:,}",
             f"allocator slack {b.overhead_bytes:,}",
         ]
+        if b.compute_scratch_bytes:
+            terms.append(f"scratch of the layers executed compressed {b.compute_scratch_bytes:,}")
         # prefetch=1 needs min(2, streamed) slots: naming prefetch only makes sense when that is fewer
         fewer = f", or lower prefetch (now {self.prefetch})" if b.nslots > min(2, len(slot_groups)) else ""
         raise BudgetError(
@@ -577,6 +609,7 @@ def plan_placement(
         over_pcie=[g for g in streamed if tiers[g.name].crosses_pcie(device)],
         dispatch_decoded=placer.dispatch([g for g in groups if g.name not in tiers]),
         disk=[g for g in streamed if tiers[g.name].reads_disk],
+        executed=placer.executed([g for g in groups if g.name in slotless]),
     )
     tiers.update(slotless)
     return Plan(device, budget_bytes, minimum, prefetch, buffers, _placements(groups, tiers, buffers.nslots))

@@ -116,7 +116,7 @@ def build_runtime(
         force_streamed=force_streamed,
     )
     stats = OffloadStats()
-    arena = DeviceArena(plan.groups_device_bytes - plan.overhead_bytes, device)
+    arena = DeviceArena(plan.arena_bytes, device)
     streaming = arena.take(plan.buffers.streaming_region_bytes)  # slots, staging, dispatch window
     region = BumpAllocator(streaming)
     slot_buffers = [region.take(plan.slot_bytes) for _ in range(plan.nslots)]

@@ -33,6 +33,10 @@ class GroupSize:
             keeps one buffer per kind, as large as the largest need: charged once.
         decodes_on_cpu: its codec has a CPU decoder, so making it resident needs no device scratch.
         executable: its linear layers can compute from its payload (the ``executed_compressed`` tier).
+        compute_scratch_bytes: device memory its layers' kernels may take when it is executed compressed
+            (the codec's :meth:`~offload_runtime.native.base.GroupCodec.compute_scratch_bytes`; 0 unless
+            ``executable``). Its layers run one after another on the compute stream, so the runtime's
+            executed groups share one such buffer: the plan charges the largest once.
     """
 
     name: str
@@ -42,6 +46,7 @@ class GroupSize:
     workspace: tuple[tuple[str, int], ...] = ()
     decodes_on_cpu: bool = True
     executable: bool = False
+    compute_scratch_bytes: int = 0
 
 
 def measure_group(entry: GroupEntry, device: torch.device, executable: bool = False) -> GroupSize:
@@ -49,11 +54,21 @@ def measure_group(entry: GroupEntry, device: torch.device, executable: bool = Fa
     codec = get_codec(entry.codec)
     decoded, stored = arena_size(entry.decoded_size), arena_size(entry.stored_size)
     on_cpu = codec.decodes_on_cpu(entry.params)
+    compute = (
+        arena_size(codec.compute_scratch_bytes(entry.params, entry.layout, entry.chunks)) if executable else 0
+    )
     if device.type != "cuda":
-        return GroupSize(entry.name, decoded, stored, decodes_on_cpu=on_cpu, executable=executable)
+        return GroupSize(
+            entry.name,
+            decoded,
+            stored,
+            decodes_on_cpu=on_cpu,
+            executable=executable,
+            compute_scratch_bytes=compute,
+        )
     sizes = codec.gpu_decoder_sizes(entry.chunks, entry.params, entry.layout)
     scratch, workspace = arena_decoder_sizes(sizes)
-    return GroupSize(entry.name, decoded, stored, scratch, workspace, on_cpu, executable)
+    return GroupSize(entry.name, decoded, stored, scratch, workspace, on_cpu, executable, compute)
 
 
 def arena_decoder_sizes(sizes: DecoderSizes) -> tuple[int, tuple[tuple[str, int], ...]]:

@@ -309,6 +309,19 @@ def test_budget_error_terms_add_up_to_the_minimum(device, prefetch):
     assert ("lower prefetch" in message) == (prefetch > 1)
 
 
+def test_budget_error_terms_add_up_with_an_executed_layers_scratch():
+    """A group kept executed compressed brings its layers' kernel scratch into the minimum: named, counted."""
+    blocks = [
+        GroupSize(f"layers.{i}", 100 * MIB, 75 * MIB, executable=True, compute_scratch_bytes=(20 + i) * MIB)
+        for i in range(4)
+    ]
+    with pytest.raises(BudgetError) as info:
+        plan_placement(blocks, MIB, device="cuda", keep_resident={"layers.3"})
+    message = str(info.value)
+    assert f"scratch of the layers executed compressed {23 * MIB:,}" in message
+    assert _terms_total(message) == info.value.expected
+
+
 def test_budget_error_does_not_suggest_lowering_prefetch_that_cannot_help():
     with pytest.raises(BudgetError) as info:
         plan_placement(blocks(2), MIB, prefetch=4)  # 2 streamed groups: 2 slots whatever the prefetch

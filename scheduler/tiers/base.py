@@ -108,6 +108,8 @@ class Tier:
         devices: device types it exists on.
         payload_in_vram: a slot tier whose payloads stay on the device (nothing crosses PCIe per use).
         reads_disk: a load reads the container (CUDA: through the plan's pinned host ring).
+        computes_compressed: its groups' layers compute from the payload (their kernels' scratch is charged:
+            ``GroupSize.compute_scratch_bytes``).
     """
 
     name: ClassVar[str]
@@ -115,6 +117,7 @@ class Tier:
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
     payload_in_vram: ClassVar[bool] = False
     reads_disk: ClassVar[bool] = False
+    computes_compressed: ClassVar[bool] = False
 
     def device_bytes(self, group: GroupSize) -> int:
         """Device bytes the group holds in this tier, outside the runtime's shared buffers (slots, ...)."""

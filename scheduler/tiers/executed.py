@@ -57,6 +57,7 @@ class ExecutedCompressedTier(Tier):
     name = "executed_compressed"
     uses_slot = False
     payload_in_vram = True
+    computes_compressed = True
 
     def device_bytes(self, group: GroupSize) -> int:
         return group.stored_bytes
