@@ -17,11 +17,12 @@ with a split-K that gives the SMs about 4 programs each, ``dot`` up to 64 rows, 
 depends only on ``(M, N, K, x dtype, device)`` and the table (read once per process), so :func:`cached_choice`
 resolves each key once: a model calls ``fused_linear`` per layer per token with a handful of keys.
 
-Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on
-demand: calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the
-end of every kernel). A runtime's plan leaves room for the decode scratch of its largest executed weight
-(``Fused12Codec.compute_scratch_bytes``); the split-K partials (a few MB) are not charged. On the CPU every path is the reference decode + ``torch.nn.functional.linear``
-unless ``path`` forces a kernel (Triton's interpreter runs them there, for tests).
+Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on demand:
+calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the end of every
+kernel). A runtime's plan leaves room for the decode scratch of its largest executed weight
+(``Fused12Codec.compute_scratch_bytes``); the split-K partials (a few MB) are not charged. On the CPU every
+path is the reference decode + ``torch.nn.functional.linear`` unless ``path`` forces a kernel (Triton's
+interpreter runs them there, for tests).
 
 A caller that multiplies by one weight again and again (a bound linear layer: ``compressed_linear``) passes
 the weight's :class:`~offload_runtime.native.triton_launch.LaunchCache`: from the second call with the same
