@@ -73,9 +73,11 @@ def _hooks_installed() -> bool:
         from triton import knobs
 
         _KNOBS = knobs
-    runtime = _KNOBS.runtime
-    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    runtime = _KNOBS.runtime  # checked on every replay: no generator, no any()
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def _launcher(compiled: Any) -> tuple[Callable, tuple]:
