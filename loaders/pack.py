@@ -37,7 +37,7 @@ from offload_runtime.loaders.sources import ModuleSource, SafetensorsSource, Sli
 from offload_runtime.loaders.tp import local_state_dict, planned_shard_dims
 from offload_runtime.loaders.tp_slices import slice_group
 from offload_runtime.loaders.writer import ContainerWriter
-from offload_runtime.native.base import GroupCodec
+from offload_runtime.native.base import EncodedGroup, GroupCodec
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.validate_args import check_pack
 
@@ -203,9 +203,34 @@ def _add(
 ) -> int:
     """Encode one stored group and hand it to the writer; returns its payload bytes."""
     group_codec = _resolve_codec(codec, layout, device)
-    encoded = group_codec.encode(layout, data.numpy())
+    gpu = _encode_device(device) if group_codec.encodes_on_device else None
+    if gpu is not None:
+        encoded = _encode_on_device(group_codec, layout, data, gpu)
+    else:
+        encoded = group_codec.encode(layout, data.numpy())
     writer.add_group(spec, layout, encoded, group_codec.name, **records)
     return int(encoded.payload.nbytes)
+
+
+def _encode_device(device: torch.device | str | int | None) -> torch.device | None:
+    """The GPU a codec that encodes on the device packs on: the one the container is for (``None``: the
+    GPU when there is one), or ``None`` for the CPU."""
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    chosen = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return chosen if chosen.type == "cuda" else None
+
+
+def _encode_on_device(
+    group_codec: GroupCodec, layout: GroupLayout, data: torch.Tensor, device: torch.device
+) -> EncodedGroup:
+    """Encode on the GPU the container is packed for (fused12: ~10x the CPU encoder's rate on a 16-core
+    host); the payload is the CPU encoder's, byte for byte (plain integer torch, tested on the GPU)."""
+    held = [data.to(device)]
+    encoded = group_codec.encode_tensor(layout, held)
+    payload = torch.empty(encoded.stored_size, dtype=torch.uint8)
+    encoded.write(payload)
+    return EncodedGroup(payload.numpy(), encoded.chunks, encoded.params, encoded.stored_layout)
 
 
 def _group_dims(spec: GroupSpec, dims: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:

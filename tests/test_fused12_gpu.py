@@ -180,3 +180,27 @@ def test_dot_tiles_of_more_rows_than_one_mma(m, block_m):
     y = fused_linear(x, planes, out=out, path="dot", config={**config, "num_stages": 2})
     error = float(((y - reference).abs() / magnitude.clamp_min(1e-30)).max())
     assert error <= 2.0**-16, error
+
+
+def test_packing_for_a_gpu_encodes_there_and_writes_the_cpu_encoders_container(tmp_path, monkeypatch):
+    """pack(device="cuda") encodes fused12 groups on the GPU (encode_tensor), and the file is the one the CPU
+    encoder writes, byte for byte."""
+    import filecmp
+
+    from offload_runtime.loaders import pack
+    from offload_runtime.native.fused12 import Fused12Codec
+    from offload_runtime.tiny import tiny_model
+
+    model = tiny_model("llama", num_layers=2, dtype=torch.bfloat16)
+    on_cpu = pack(model, tmp_path / "cpu.ort", codec="fused12", progress=False, device="cpu")
+    seen = []
+    encode_tensor = Fused12Codec.encode_tensor
+
+    def spy(self, layout, held, *args, **kwargs):
+        seen.append(held[0].device.type)
+        return encode_tensor(self, layout, held, *args, **kwargs)
+
+    monkeypatch.setattr(Fused12Codec, "encode_tensor", spy)
+    on_gpu = pack(model, tmp_path / "gpu.ort", codec="fused12", progress=False, device="cuda")
+    assert seen and set(seen) == {"cuda"}
+    assert filecmp.cmp(on_cpu, on_gpu, shallow=False)
