@@ -54,9 +54,9 @@ SMOKE_ROWS = (1, 5, 17)
 # GEMV (block_pairs, block_words, num_warps, num_stages), most promising first. Triton 3.6 does not
 # pipeline loads that feed no tl.dot (num_stages 1-3 give the same SASS): the GEMV hides latency with the
 # other warps resident on the SM, so the sweep varies tiles and warps instead.
-GEMV_CONFIGS = {
-    1: [(64, 32, 4, 1), (32, 32, 4, 1), (128, 32, 8, 1), (64, 16, 4, 1), (16, 32, 4, 1), (32, 32, 2, 1),
-        (32, 64, 4, 1), (64, 64, 8, 1), (128, 16, 4, 1), (64, 32, 8, 1), (16, 64, 4, 1), (64, 16, 8, 1)],
+GEMV_CONFIGS = {  # batch 1: the six that won a shape on the H200 (2026-11-30) first
+    1: [(16, 64, 4, 1), (32, 64, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1), (64, 32, 4, 1), (64, 64, 8, 1),
+        (128, 32, 8, 1), (64, 16, 4, 1), (32, 32, 2, 1), (128, 16, 4, 1), (64, 32, 8, 1), (64, 16, 8, 1)],
     4: [(32, 32, 4, 1), (16, 32, 4, 1), (64, 16, 8, 1), (32, 16, 4, 1)],
     8: [(16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1), (16, 64, 4, 1)],
 }  # fmt: skip
@@ -69,6 +69,10 @@ DOT_PREFILL = [
     (128, 32, 32, 8, 2),
     (64, 64, 32, 8, 2),
 ]
+# weight-as-left-operand tensor-core kernel (block_pairs, block_words, num_warps, num_stages), 1..16 rows
+WDOT_CONFIGS = [(64, 16, 4, 1), (64, 32, 4, 1), (128, 16, 8, 1), (32, 16, 4, 1), (64, 16, 4, 3)]
+WDOT_MAX_ROWS = 16
+PATH_KINDS = ("gemv", "wdot", "dot")
 TOLERANCE = 2.0**-16
 L2_COPIES = 3.0  # copies rotate over at least this many L2 sizes
 
@@ -112,13 +116,22 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
     from offload_runtime.native.layout import cdiv
 
     if smoke:
-        return [_gemv(4, 4, 2, 4, 1) if kind == "gemv" else _dot(16, 16, 4, 2, 4, 1)]
+        return [
+            {"gemv": _gemv(4, 4, 2, 4, 1), "wdot": _gemv(16, 16, 2, 4, 1)}.get(kind, _dot(16, 16, 4, 2, 4, 1))
+        ]
     out = []
     if kind == "gemv":
         for bp, bw, warps, stages in GEMV_CONFIGS[m]:
             base = auto_split(n, k, bp, bw, device)
             steps = cdiv(cdiv(k, 4), bw)
             for split in sorted({s for s in (1, base, 2 * base, 4 * base) if s <= max(steps // 2, 1)}):
+                out.append(_gemv(bp, bw, split, warps, stages))
+        return out
+    if kind == "wdot":
+        for bp, bw, warps, stages in WDOT_CONFIGS:
+            base = auto_split(n, k, bp, bw, device)
+            steps = cdiv(cdiv(k, 4), bw)
+            for split in sorted({s for s in (1, base, 2 * base) if s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
         return out
     for bm, bp, bw, warps, stages in DOT_SMALL if m <= 16 else DOT_PREFILL:
@@ -228,7 +241,9 @@ def measure(case: Case, variant: Variant, timer: Timer) -> None:
         variant.error = f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def run_shape(model, layers, n, k, rows, device, timer, smoke, deadline, log) -> list[Row]:
+def run_shape(
+    model, layers, n, k, rows, device, timer, smoke, deadline, log, only_kinds=PATH_KINDS
+) -> list[Row]:
     """Every row count of one weight shape: cuBLAS and each fused variant."""
     from offload_runtime.native import fused12_format as fmt
     from offload_runtime.native.fused12_decode_kernel import decode_into
@@ -265,7 +280,9 @@ def run_shape(model, layers, n, k, rows, device, timer, smoke, deadline, log) ->
             y32=torch.empty(m, n, dtype=torch.float32, device=device),
         )
         row.cublas_us = timer(_cublas_calls(case))
-        kinds = (["gemv"] if m <= 8 else []) + (["dot"] if m >= 4 else [])
+        kinds = ["gemv"] if m <= 8 else []
+        kinds += (["wdot"] if m <= WDOT_MAX_ROWS else []) + (["dot"] if m >= 4 else [])
+        kinds = [kind for kind in kinds if kind in only_kinds] or kinds[:1]
         essential = []  # the first config of each kind runs even past the deadline: every row gets a number
         for kind in kinds:
             configs = _configs(kind, m, n, k, device, smoke)
@@ -391,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="NxK", help="only run the batch-1 kernel of this shape (for ncu)"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--rows", help="comma-separated rows of x (default 1,4,8,512)")
+    parser.add_argument("--max-configs", type=int, help="try only the first N configs of each kernel's list")
+    parser.add_argument("--kinds", default=",".join(PATH_KINDS), help="kernels to sweep (decode always runs)")
     args = parser.parse_args(argv)
     table_path = args.table or args.out.with_name("fused12_table.json")
     if args.profile:
@@ -420,8 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(device)
     rows: list[Row] = []
     shapes, counts = (SMOKE_SHAPES, SMOKE_ROWS) if args.smoke else (SHAPES, ROWS)
+    if args.rows:
+        counts = tuple(int(v) for v in args.rows.split(","))
+    kinds = tuple(args.kinds.split(","))
+    if args.max_configs:  # a shorter sweep: the lists are ordered most promising first
+        for m in GEMV_CONFIGS:
+            GEMV_CONFIGS[m] = GEMV_CONFIGS[m][: args.max_configs]
+        for configs in (WDOT_CONFIGS, DOT_SMALL, DOT_PREFILL):
+            del configs[args.max_configs :]
     for model, layers, n, k in shapes:
-        rows += run_shape(model, layers, n, k, counts, device, timer, args.smoke, deadline, log)
+        rows += run_shape(model, layers, n, k, counts, device, timer, args.smoke, deadline, log, kinds)
         result = report(rows, {**meta, "seconds": round(time.perf_counter() - start, 1)})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -10,7 +10,7 @@ at 4 TB/s on an H200, ``fused_kernels_NOTES.md``) and whether a config spills.
 
 Usage::
 
-    python bench/fused_kernels_sass.py OUT.json [--kernels gemv,dot,decode] [--quick]
+    python bench/fused_kernels_sass.py OUT.json [--kernels gemv,wdot,dot,decode] [--quick]
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def jobs(kernels: set[str], quick: bool) -> list[tuple[str, dict, int, int]]:
     """``(kernel, constexprs, num_warps, num_stages)`` per benchmark config (``quick``: the first ones)."""
     from offload_runtime.native.fused12_bits import escape_chunk
     from offload_runtime.native.fused12_dot_kernel import DOT_ESCAPE_CHUNK
+    from offload_runtime.native.fused12_wdot_kernel import WDOT_ESCAPE_CHUNK
 
     bench = _bench_configs()
     out = []
@@ -119,6 +120,11 @@ def jobs(kernels: set[str], quick: bool) -> list[tuple[str, dict, int, int]]:
                 constexprs = {"BM": bm, "BP": bp, "BW": bw, "SPLIT_K": bm <= 16, "EVEN_K": True,
                               "EVEN_N": True, "EC": DOT_ESCAPE_CHUNK, "HAS_BIAS": False}  # fmt: skip
                 out.append(("dot", constexprs, warps, stages))
+    if "wdot" in kernels:
+        for bp, bw, warps, stages in bench.WDOT_CONFIGS[:1] if quick else bench.WDOT_CONFIGS:
+            constexprs = {"BP": bp, "BW": bw, "SPLIT_K": True, "EVEN_K": True, "EVEN_N": True,
+                          "EC": WDOT_ESCAPE_CHUNK, "HAS_BIAS": False}  # fmt: skip
+            out.append(("wdot", constexprs, warps, stages))
     if "decode" in kernels:
         out.append(("decode", {"BP": 16, "BW": 64}, 4, 1))
     return out
@@ -128,8 +134,9 @@ def run(kernels: set[str], quick: bool) -> list[dict]:
     from offload_runtime.native.fused12_decode_kernel import _decode_kernel
     from offload_runtime.native.fused12_dot_kernel import _dot_kernel
     from offload_runtime.native.fused12_gemv_kernel import _gemv_kernel
+    from offload_runtime.native.fused12_wdot_kernel import _wdot_kernel
 
-    functions = {"gemv": _gemv_kernel, "dot": _dot_kernel, "decode": _decode_kernel}
+    functions = {"gemv": _gemv_kernel, "dot": _dot_kernel, "wdot": _wdot_kernel, "decode": _decode_kernel}
     rows = []
     for kernel, constexprs, warps, stages in jobs(kernels, quick):
         start = time.perf_counter()
@@ -150,7 +157,7 @@ def run(kernels: set[str], quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--kernels", default="gemv,dot,decode")
+    parser.add_argument("--kernels", default="gemv,wdot,dot,decode")
     parser.add_argument("--quick", action="store_true", help="only the first config of each table")
     args = parser.parse_args(argv)
     import triton

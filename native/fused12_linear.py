@@ -3,6 +3,8 @@
 Three paths compute the same product of the exact weights with fp32 accumulation; they differ in speed:
 
 * ``"gemv"`` (:mod:`~offload_runtime.native.fused12_gemv_kernel`): FMA kernel for 1 to 8 rows of ``x``;
+* ``"wdot"`` (:mod:`~offload_runtime.native.fused12_wdot_kernel`): tensor-core kernel for 1 to 16 rows
+  of bf16 ``x``, the decoded weight as the left operand (one decode serves all rows);
 * ``"dot"`` (:mod:`~offload_runtime.native.fused12_dot_kernel`): tensor-core tile kernel, any number of
   rows, bf16 ``x``;
 * ``"decode"``: exact decode of ``W`` into a scratch bf16 buffer
@@ -48,8 +50,9 @@ from offload_runtime.native.triton_launch import Launch, LaunchCache
 
 TABLE_ENV = "OFFLOAD_RUNTIME_FUSED12_TABLE"
 TABLE_PATH = Path(__file__).with_name("fused12_table.json")
-PATHS = ("gemv", "dot", "decode")
+PATHS = ("gemv", "wdot", "dot", "decode")
 GEMV_MAX_ROWS = 8
+WDOT_MAX_ROWS = 16
 DOT_DEFAULT_MAX_ROWS = 64
 PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
 CHOICE_CACHE = 4096  # keys cached_choice keeps: few weight shapes, but prefill brings many values of M
@@ -152,9 +155,9 @@ def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.dev
         choice = tiles[-1] if tiles else None
     if choice is None:
         choice = default_choice(m, rows, cols, device)
-    if choice.path == "gemv" and m > GEMV_MAX_ROWS:
+    if (choice.path == "gemv" and m > GEMV_MAX_ROWS) or (choice.path == "wdot" and m > WDOT_MAX_ROWS):
         choice = default_choice(m, rows, cols, device)
-    if choice.path == "dot" and x_dtype != torch.bfloat16:
+    if choice.path in ("dot", "wdot") and x_dtype != torch.bfloat16:
         choice = default_choice(m, rows, cols, device) if m <= GEMV_MAX_ROWS else Choice("decode")
     return choice
 
@@ -231,9 +234,10 @@ def fused_linear(
         bias (`torch.Tensor`, *optional*): ``[N]``.
         out (`torch.Tensor`, *optional*): ``[..., N]`` of ``x``'s dtype with contiguous rows, written and
             returned (``None`` allocates it).
-        path (`str`, *optional*): ``"gemv"``, ``"dot"`` or ``"decode"`` instead of the table's choice.
-        config (`dict`, *optional*): the kernel config with ``path`` (fields of ``GemvConfig`` or
-            ``DotConfig``); ``None`` takes the table's or the default one.
+        path (`str`, *optional*): ``"gemv"``, ``"wdot"``, ``"dot"`` or ``"decode"`` instead of the table's
+            choice.
+        config (`dict`, *optional*): the kernel config with ``path`` (fields of ``GemvConfig``,
+            ``WdotConfig`` or ``DotConfig``); ``None`` takes the table's or the default one.
         launches (`LaunchCache`, *optional*): this weight's compiled launches (one cache per weight: a
             bound linear layer keeps one), replayed without Triton's per-call host work on CUDA.
 
@@ -320,7 +324,8 @@ def _run(choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | N
 def _launch(
     choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | None, y: torch.Tensor
 ) -> Launch:
-    """The kernel launch of a ``gemv`` or ``dot`` choice, its split-K workspace taken from the buffers."""
+    """The kernel launch of a ``gemv``, ``wdot`` or ``dot`` choice, its split-K workspace taken from the
+    buffers."""
     device = x.device
     if choice.path == "gemv":
         from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv_launch, workspace_needs
@@ -330,6 +335,13 @@ def _launch(
         need = workspace_needs(x.shape[0], planes, config)
         workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
         return gemv_launch(x, planes, y, bias, config, workspace)
+    if choice.path == "wdot":
+        from offload_runtime.native import fused12_wdot_kernel as wdot
+
+        config = wdot.WdotConfig(**(choice.config or {}))
+        need = wdot.workspace_needs(x.shape[0], planes, config)
+        workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
+        return wdot.wdot_launch(x, planes, y, bias, config, workspace)
     from offload_runtime.native.fused12_dot_kernel import DotConfig, dot_launch, workspace_needs
 
     fields = choice.config or default_choice(16, planes.rows, planes.cols, device).config

@@ -20,6 +20,8 @@ if triton_cpu.AVAILABLE:
     from offload_runtime.native.fused12_dot_kernel import workspace_needs as dot_needs
     from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv
     from offload_runtime.native.fused12_gemv_kernel import workspace_needs as gemv_needs
+    from offload_runtime.native.fused12_wdot_kernel import WdotConfig, wdot
+    from offload_runtime.native.fused12_wdot_kernel import workspace_needs as wdot_needs
 
 DEVICE = triton_cpu.DEVICE
 
@@ -111,6 +113,49 @@ def test_dot_matches_the_reference(rows, cols, m, split, with_bias):
     assert int(workspace[1].abs().sum()) == 0
 
 
+WDOT_CASES = [
+    (1, 1, 1, 1, False),
+    (64, 128, 2, 2, True),  # every split full (EVEN_K), N a multiple of the tile (EVEN_N)
+    (7, 5, 3, 1, True),
+    (33, 130, 16, 2, True),  # odd N, K not a multiple of 4
+    (70, 300, 8, 3, False),
+    (5, 257, 5, 4, True),
+]
+
+
+@pytest.mark.parametrize(("rows", "cols", "m", "split", "with_bias"), WDOT_CASES)
+def test_wdot_matches_the_reference(rows, cols, m, split, with_bias):
+    weight = _weight(rows, cols, seed=5 * rows + cols)
+    planes = fmt.encode(weight)
+    x = torch.randn(m, cols, device=DEVICE).bfloat16()
+    bias = torch.randn(rows, device=DEVICE).bfloat16() if with_bias else None
+    config = WdotConfig(block_pairs=16, block_words=16, split=split)
+    workspace = _workspace(wdot_needs(m, planes, config))
+    out = torch.full((m, rows), 7.0, device=DEVICE)
+    wdot(x, planes, out, bias, config, workspace)
+    _assert_matmul_close(out, x, weight, bias)
+    assert int(workspace[1].abs().sum()) == 0
+
+
+def test_wdot_refuses_more_rows_than_one_product():
+    planes = fmt.encode(_weight(8, 64, seed=1))
+    with pytest.raises(ValueError, match="<= 16"):
+        wdot(torch.randn(17, 64, device=DEVICE).bfloat16(), planes, torch.empty(17, 8, device=DEVICE))
+
+
+def _matmul(kernel, x, planes, out, split=1):
+    """``out = x W^T`` by ``kernel`` with small tiles (and a workspace when split)."""
+    if kernel == "gemv":
+        config = GemvConfig(block_pairs=4, block_words=8, split=split)
+        gemv(x, planes, out, None, config, _workspace(gemv_needs(x.shape[0], planes, config)))
+    elif kernel == "dot":
+        config = DotConfig(block_m=16, block_pairs=16, block_words=8, split=split)
+        dot(x, planes, out, None, config, _workspace(dot_needs(x.shape[0], planes, config)))
+    else:
+        config = WdotConfig(block_pairs=16, block_words=16, split=split)
+        wdot(x, planes, out, None, config, _workspace(wdot_needs(x.shape[0], planes, config)))
+
+
 def test_bf16_output_is_the_rounded_fp32_result():
     weight = _weight(9, 40, seed=5)
     planes = fmt.encode(weight)
@@ -122,7 +167,7 @@ def test_bf16_output_is_the_rounded_fp32_result():
     assert torch.all((out.float() - reference).abs() <= ulp)  # the interpreter truncates, the GPU rounds
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "wdot"])
 def test_non_finite_weights_propagate_like_a_matmul(kernel):
     weight = _weight(6, 24, seed=11, specials=False)
     weight[1, 3] = float("inf")
@@ -130,10 +175,7 @@ def test_non_finite_weights_propagate_like_a_matmul(kernel):
     planes = fmt.encode(weight)
     x = torch.randn(3, 24, device=DEVICE).bfloat16()
     out = torch.empty(3, 6, device=DEVICE)
-    if kernel == "gemv":
-        gemv(x, planes, out, None, GemvConfig(block_pairs=4, block_words=8))
-    else:
-        dot(x, planes, out, None, DotConfig(block_m=16, block_pairs=16, block_words=8))
+    _matmul(kernel, x, planes, out)
     reference = x.float() @ weight.float().T
     assert torch.equal(torch.isnan(out), torch.isnan(reference))
     assert torch.equal(torch.isinf(out), torch.isinf(reference))
@@ -154,7 +196,7 @@ def test_split_k_without_a_workspace_is_refused():
         )
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot"])
+@pytest.mark.parametrize("kernel", ["gemv", "dot", "wdot"])
 @pytest.mark.parametrize("split", [1, 3])
 def test_many_escapes_are_shared_by_the_splits(kernel, split):
     """Blocks with several chunks of escapes: each split takes every n-th chunk, the reducer adds them all."""
@@ -165,10 +207,5 @@ def test_many_escapes_are_shared_by_the_splits(kernel, split):
     assert planes.escapes > 500
     x = torch.randn(2, 130, device=DEVICE).bfloat16()
     out = torch.empty(2, 40, device=DEVICE)
-    if kernel == "gemv":
-        config = GemvConfig(block_pairs=4, block_words=8, split=split)  # 8 rows: ~125 escapes, 2 chunks
-        gemv(x, planes, out, None, config, _workspace(gemv_needs(2, planes, config)))
-    else:
-        config = DotConfig(block_m=16, block_pairs=16, block_words=8, split=split)  # 32 rows: ~16 chunks
-        dot(x, planes, out, None, config, _workspace(dot_needs(2, planes, config)))
+    _matmul(kernel, x, planes, out, split)  # blocks of 8 rows (gemv: ~125 escapes) or 32 (~16 chunks)
     _assert_matmul_close(out, x, weight, None)

@@ -54,6 +54,17 @@ def test_table_buckets_pick_the_smallest_bucket_at_least_m():
     assert fl.choose(4, 64, 64, torch.bfloat16, CPU, table).path == "gemv"  # shape not in the table
 
 
+def test_a_wdot_entry_serves_bf16_x_of_at_most_16_rows():
+    config = {"block_pairs": 16, "block_words": 16}
+    entries = [{"n": 64, "k": 128, "m": m, "path": "wdot", "config": config} for m in (4, 32)]
+    table = fl.parse_table({"entries": entries})
+    assert fl.choose(3, 64, 128, torch.bfloat16, CPU, table).path == "wdot"
+    assert fl.choose(16, 64, 128, torch.bfloat16, CPU, table).path == "wdot"
+    # more rows than one product, or x that tensor cores do not multiply: the default instead
+    assert fl.choose(17, 64, 128, torch.bfloat16, CPU, table) == fl.default_choice(17, 64, 128, CPU)
+    assert fl.choose(3, 64, 128, torch.float32, CPU, table) == fl.default_choice(3, 64, 128, CPU)
+
+
 def test_defaults_and_split_k_fill_the_sms():
     assert fl.default_choice(1, 4096, 4096, CPU).path == "gemv"
     assert fl.default_choice(16, 4096, 4096, CPU).path == "dot"
@@ -117,7 +128,7 @@ def test_cached_choice_is_the_tables_choice():
     try:
         choices = [fl.cached_choice(m, *key) for m in (1, 8, 9, 16, 64, 65)]
         assert choices == [fl.choose(m, *key) for m in (1, 8, 9, 16, 64, 65)]
-        assert {c.path for c in choices} == set(fl.PATHS)
+        assert {c.path for c in choices} == {"gemv", "dot", "decode"}  # every path of TABLE
         assert fl.cached_choice(16, *key) is choices[3]
     finally:
         fl.cached_choice.cache_clear()
@@ -149,6 +160,7 @@ def test_cpu_decode_path_is_f_linear_of_the_decoded_weight():
         ("gemv", {"block_pairs": 4, "block_words": 8, "split": 3}, torch.bfloat16),
         ("gemv", {"block_pairs": 4, "block_words": 8, "split": 1}, torch.float32),
         ("dot", {"block_m": 16, "block_pairs": 16, "block_words": 8, "split": 2}, torch.bfloat16),
+        ("wdot", {"block_pairs": 16, "block_words": 16, "split": 2}, torch.bfloat16),
         ("decode", None, torch.bfloat16),
     ],
 )

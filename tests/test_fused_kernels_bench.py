@@ -26,7 +26,7 @@ def test_smoke_run_writes_checked_results_and_a_table(tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert [row["m"] for row in result["rows"]] == list(bench.SMOKE_ROWS)
     variants = [v for row in result["rows"] for v in row["variants"]]
-    assert {v["path"] for v in variants} == {"gemv", "dot", "decode"}
+    assert {v["path"] for v in variants} == {"gemv", "wdot", "dot", "decode"}
     assert all(v["ok"] and v["us"] > 0 for v in variants), variants
     assert all(row["best"] and row["cublas_us"] > 0 for row in result["rows"])
     table = parse_table(json.loads((tmp_path / "fused12_table.json").read_text()))
