@@ -123,7 +123,7 @@ def jobs(kernels: set[str], quick: bool) -> list[tuple[str, dict, int, int]]:
     if "wdot" in kernels:
         for bp, bw, warps, stages in bench.WDOT_CONFIGS[:1] if quick else bench.WDOT_CONFIGS:
             constexprs = {"BP": bp, "BW": bw, "SPLIT_K": True, "EVEN_K": True, "EVEN_N": True,
-                          "EC": WDOT_ESCAPE_CHUNK, "HAS_BIAS": False}  # fmt: skip
+                          "EC": WDOT_ESCAPE_CHUNK, "HAS_BIAS": False, "X_WORDS": True}  # fmt: skip
             out.append(("wdot", constexprs, warps, stages))
     if "decode" in kernels:
         out.append(("decode", {"BP": 16, "BW": 64}, 4, 1))

@@ -12,9 +12,11 @@ operand's registers. The order of the columns within the reduction is the words'
 changes the summation order; ``x`` is loaded in the same order. The weight tiles are bf16 straight from the
 decoded pairs (``w'`` has 8 significant bits: exact), and products accumulate in fp32 (tensor cores).
 
-``x`` rows beyond ``M`` are masked to 0 (the product's N is 16, tensor cores' minimum in Triton). The
-escapes, split-K and the epilogue are the tile kernel's (:mod:`~offload_runtime.native.fused12_bits`), on
-``y = acc^T``.
+``x`` is loaded as one 8-byte word per 4 columns and row when its layout allows (bf16 rows of a multiple
+of 4 elements, 8-byte aligned: coalesced, a quarter of the load instructions of 2-byte gathers), split
+into the four classes with shifts. ``x`` rows beyond ``M`` are masked to 0 (the product's N is 16, tensor
+cores' minimum in Triton). The escapes, split-K and the epilogue are the tile kernel's
+(:mod:`~offload_runtime.native.fused12_bits`), on ``y = acc^T``.
 
 The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
@@ -40,6 +42,7 @@ from offload_runtime.native.fused12_bits import (
     store_result,
 )
 from offload_runtime.native.fused12_format import Planes
+from offload_runtime.native.fused12_gemv_kernel import _x_words
 from offload_runtime.native.layout import cdiv
 from offload_runtime.native.triton_launch import Launch
 
@@ -67,10 +70,10 @@ def _scaled_bf16(s, c, exp_xor):
 
 @triton.jit
 def _wdot_kernel(
-    x_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, x64_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym, exp_xor,
     BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -87,12 +90,19 @@ def _wdot_kernel(
     w_begin = split * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, nwords)
     x_cols = x_ptr + m_idx[None, :] * stride_xm
+    x64_rows = x64_ptr + m_idx[None, :] * (stride_xm // 4)
     for i in range(iters):  # counted: see the GEMV kernel
         w0 = tl.multiple_of(w_begin + i * BW, BW)
         words = w0 + tl.arange(0, BW)
         c, sa, sb = load_words(codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, False)
         at = x_cols + 4 * words[:, None]
-        if EVEN_K:  # every split full and K a multiple of 4: rows are the only mask
+        if X_WORDS:  # one coalesced 8-byte word per (word j, row m): columns 4j..4j+3, split by shifts
+            xw = tl.load(x64_rows + words[:, None], mask=m_mask[None, :] & (words < w_end)[:, None], other=0)
+            x0 = xw.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            x1 = (xw >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            x2 = (xw >> 32).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            x3 = (xw >> 48).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        elif EVEN_K:  # every split full and K a multiple of 4: rows are the only mask
             x0 = tl.load(at, mask=m_mask[None, :], other=0.0)
             x1 = tl.load(at + 1, mask=m_mask[None, :], other=0.0)
             x2 = tl.load(at + 2, mask=m_mask[None, :], other=0.0)
@@ -159,7 +169,8 @@ def wdot_launch(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Launch:
     """The launch of :func:`wdot` (same arguments), for
-    :class:`~offload_runtime.native.triton_launch.LaunchCache`: its per-call objects are ``x`` and ``out``."""
+    :class:`~offload_runtime.native.triton_launch.LaunchCache`: its per-call objects are ``x``, its 8-byte
+    word view (or ``x``) and ``out``."""
     rows_x, cols = x.shape
     if rows_x > ROWS or x.dtype != torch.bfloat16 or cols != planes.cols or x.stride(1) != 1:
         raise ValueError(f"wdot takes bf16 x [<= {ROWS}, {planes.cols}] with contiguous rows")
@@ -171,8 +182,9 @@ def wdot_launch(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
+    x64 = x.view(torch.int64) if _x_words(x) else x
     args = (
-        x, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
+        x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
         rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
         x.stride(0), out.stride(0), SCALED_EXP_XOR,
@@ -180,7 +192,7 @@ def wdot_launch(
     constexprs = dict(
         BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
         EVEN_K=k.even and cols % 4 == 0, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
-        EC=WDOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None,
+        EC=WDOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x64 is not x,
     )  # fmt: skip
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return Launch(_wdot_kernel, grid, args, constexprs, options, (x, out))
+    return Launch(_wdot_kernel, grid, args, constexprs, options, (x, x64, out))
