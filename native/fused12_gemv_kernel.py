@@ -15,6 +15,13 @@ Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM
 meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
 each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_bits.finish`).
 
+Escapes: without split-K a program sums its block's escape terms before its main loop, where their chain
+of dependent loads (row pointers, entries, ``x`` at their columns: three round trips to memory) waits while
+the SM streams other programs' weights. With split-K the grid is small (a k/v projection: 32 row blocks),
+every program is in the first wave, and that chain would sit on each program's critical path; so one extra
+program per block (the last index of axis 1) sums the escapes while the others stream, and hands them to
+the reduction as its "partial".
+
 The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
 
@@ -93,11 +100,21 @@ def _gemv_kernel(
     pair0 = pid_n * BP
     m_idx = tl.arange(0, MB)
     m_mask = m_idx < M
-    # escapes first: their dependent loads overlap other programs' streaming
-    ca, cb = escape_sums(
-        pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
-        MB, BP, EC, False, SPLIT_K,
-    )  # fmt: skip
+    if SPLIT_K:  # the block's last program sums its escapes and streams no weight (see the module doc)
+        escapes_here = split == n_splits - 1
+        ca = tl.zeros([MB, BP], dtype=tl.float32)
+        cb = tl.zeros([MB, BP], dtype=tl.float32)
+        if escapes_here:
+            ca, cb = escape_sums(
+                pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, 0, 1,
+                MB, BP, EC, False, False,
+            )  # fmt: skip
+        iters = tl.where(escapes_here, 0, iters)
+    else:  # escapes first: their dependent loads overlap other programs' streaming
+        ca, cb = escape_sums(
+            pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
+            MB, BP, EC, False, False,
+        )  # fmt: skip
     if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
         acc_a = tl.zeros([BP, BW], dtype=tl.float32)
         acc_b = tl.zeros([BP, BW], dtype=tl.float32)
@@ -142,7 +159,8 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    partials = 2 * config.split * rows_x * planes.rows  # per split: partial sums and escape terms
+    programs = config.split + 1  # the splits and the escapes' program
+    partials = 2 * programs * rows_x * planes.rows  # per program: partial sums and escape terms
     return partials, cdiv((planes.rows + 1) // 2, config.block_pairs)
 
 
@@ -194,11 +212,12 @@ def gemv_launch(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     x64 = x.view(torch.int64) if _x_words(x) else x
-    grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), k.split)
+    programs = k.split + 1 if k.split > 1 else 1  # split-K: one more program per block, for its escapes
+    grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), programs)
     args = (
         x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
         bias if bias is not None else out, out, partials, counters,
-        rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, k.split,
+        rows_x, planes.rows, cols, planes.pitch, k.nwords, k.words_per_split, k.iters, programs,
         x.stride(0), out.stride(0), SCALED_EXP_XOR,
     )  # fmt: skip
     constexprs = dict(
