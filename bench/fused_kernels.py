@@ -127,6 +127,8 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
             steps = cdiv(cdiv(k, 4), bw)
             for split in sorted({s for s in (1, base, 2 * base, 4 * base) if s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
+                if split > 1:  # the block's escapes in a program of their own (GemvConfig.escape_program)
+                    out.append({**_gemv(bp, bw, split, warps, stages), "escape_program": 1})
         return out
     if kind == "wdot":
         for bp, bw, warps, stages in WDOT_CONFIGS:

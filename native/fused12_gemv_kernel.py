@@ -15,12 +15,14 @@ Split-K (grid axis 1) lets a tall, skinny weight (N=8192, K=28672) fill every SM
 meet in a workspace (:func:`~offload_runtime.native.fused12_bits.reduce_splits`). The epilogue scales
 each row, adds its escapes and the bias (:func:`~offload_runtime.native.fused12_bits.finish`).
 
-Escapes: without split-K a program sums its block's escape terms before its main loop, where their chain
-of dependent loads (row pointers, entries, ``x`` at their columns: three round trips to memory) waits while
-the SM streams other programs' weights. With split-K the grid is small (a k/v projection: 32 row blocks),
-every program is in the first wave, and that chain would sit on each program's critical path; so one extra
-program per block (the last index of axis 1) sums the escapes while the others stream, and hands them to
-the reduction as its "partial".
+Escapes: by default a program sums its block's escape terms (its split's share of them) before its main
+loop, where their chain of dependent loads (row pointers, entries, ``x`` at their columns: three round
+trips to memory) waits while the SM streams other programs' weights. When the grid is small (a k/v
+projection: 32 row blocks), every program is in the first wave and that chain sits on each program's
+critical path; there
+``escape_program=1`` gives each block one extra program (the last index of axis 1) that sums the escapes
+while the others stream and hands them to the reduction as its "partial" (the H200 sweep of 2026-11-30:
+k/v projections 16-30 % faster, 70 B k/v 8.6 us against cuBLAS's 8.7; some large grids 10-20 % slower).
 
 The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """
@@ -54,7 +56,15 @@ MAX_ROWS = 8  # rows of x this kernel takes (its register tile grows with them)
 
 @dataclass(frozen=True)
 class GemvConfig(TileConfig):
-    """Tile and launch parameters of :func:`gemv` (fields of :class:`TileConfig`)."""
+    """Tile and launch parameters of :func:`gemv`: :class:`TileConfig`'s and
+
+    Attributes:
+        escape_program: with split-K, 1 gives each row block one more program that sums its escapes while
+            the others stream (faster for small grids: k/v projections), 0 shares them out among the
+            splits' prologues (faster for large grids, where other programs hide that chain).
+    """
+
+    escape_program: int = 0
 
 
 @triton.jit
@@ -93,14 +103,14 @@ def _gemv_kernel(
     M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym, exp_xor,
     MB: tl.constexpr, BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    X_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr, ESC_PROGRAM: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pair0 = pid_n * BP
     m_idx = tl.arange(0, MB)
     m_mask = m_idx < M
-    if SPLIT_K:  # the block's last program sums its escapes and streams no weight (see the module doc)
+    if ESC_PROGRAM:  # the block's last program sums its escapes and streams no weight (see the module doc)
         escapes_here = split == n_splits - 1
         ca = tl.zeros([MB, BP], dtype=tl.float32)
         cb = tl.zeros([MB, BP], dtype=tl.float32)
@@ -113,7 +123,7 @@ def _gemv_kernel(
     else:  # escapes first: their dependent loads overlap other programs' streaming
         ca, cb = escape_sums(
             pair0, N, M, top_ptr, esc_ptr_ptr, esc_ptr, x_ptr, stride_xm, m_idx, split, n_splits,
-            MB, BP, EC, False, False,
+            MB, BP, EC, False, SPLIT_K,
         )  # fmt: skip
     if MB == 1:  # one row of x: 2-D accumulators, x broadcast along the tile's rows
         acc_a = tl.zeros([BP, BW], dtype=tl.float32)
@@ -159,7 +169,7 @@ def workspace_needs(rows_x: int, planes: Planes, config: GemvConfig) -> tuple[in
     """``(fp32 partial sums, int32 counters)`` the split-K workspace must hold for this call."""
     if config.split == 1:
         return 0, 0
-    programs = config.split + 1  # the splits and the escapes' program
+    programs = config.split + (1 if config.escape_program else 0)  # the splits and the escapes' program
     partials = 2 * programs * rows_x * planes.rows  # per program: partial sums and escape terms
     return partials, cdiv((planes.rows + 1) // 2, config.block_pairs)
 
@@ -212,7 +222,8 @@ def gemv_launch(
     config = dataclasses.replace(config, split=k.split)  # a split past the end would have no words
     partials, counters = split_workspace(workspace_needs(rows_x, planes, config), workspace, k.split, out)
     x64 = x.view(torch.int64) if _x_words(x) else x
-    programs = k.split + 1 if k.split > 1 else 1  # split-K: one more program per block, for its escapes
+    own_program = bool(config.escape_program) and k.split > 1
+    programs = k.split + 1 if own_program else k.split
     grid = (cdiv((planes.rows + 1) // 2, config.block_pairs), programs)
     args = (
         x, x64, planes.sm, planes.codes, planes.top, planes.esc_ptr, planes.esc,
@@ -224,7 +235,7 @@ def gemv_launch(
         MB=_next_pow2(rows_x), BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
         EVEN_K=k.even, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
         EC=escape_chunk(_next_pow2(rows_x), config.block_pairs), HAS_BIAS=bias is not None,
-        X_WORDS=x64 is not x,
+        X_WORDS=x64 is not x, ESC_PROGRAM=own_program,
     )  # fmt: skip
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return Launch(_gemv_kernel, grid, args, constexprs, options, (x, x64, out))

@@ -76,13 +76,14 @@ GEMV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("escape_program", [0, 1])
 @pytest.mark.parametrize(("rows", "cols", "m", "split", "with_bias", "dtype"), GEMV_CASES)
-def test_gemv_matches_the_reference(rows, cols, m, split, with_bias, dtype):
+def test_gemv_matches_the_reference(rows, cols, m, split, with_bias, dtype, escape_program):
     weight = _weight(rows, cols, seed=rows + cols)
     planes = fmt.encode(weight)
     x = torch.randn(m, cols, device=DEVICE).to(dtype)
     bias = torch.randn(rows, device=DEVICE).bfloat16() if with_bias else None
-    config = GemvConfig(block_pairs=4, block_words=8, split=split)
+    config = GemvConfig(block_pairs=4, block_words=8, split=split, escape_program=escape_program)
     workspace = _workspace(gemv_needs(m, planes, config))
     out = torch.full((m, rows), 7.0, device=DEVICE)  # fp32 output: only the summation order may differ
     gemv(x, planes, out, bias, config, workspace)
@@ -146,8 +147,8 @@ def test_wdot_refuses_more_rows_than_one_product():
 
 def _matmul(kernel, x, planes, out, split=1):
     """``out = x W^T`` by ``kernel`` with small tiles (and a workspace when split)."""
-    if kernel == "gemv":
-        config = GemvConfig(block_pairs=4, block_words=8, split=split)
+    if kernel in ("gemv", "gemv+escape_program"):
+        config = GemvConfig(block_pairs=4, block_words=8, split=split, escape_program=int(kernel != "gemv"))
         gemv(x, planes, out, None, config, _workspace(gemv_needs(x.shape[0], planes, config)))
     elif kernel == "dot":
         config = DotConfig(block_m=16, block_pairs=16, block_words=8, split=split)
@@ -197,7 +198,7 @@ def test_split_k_without_a_workspace_is_refused():
         )
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "dot", "wdot"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv+escape_program", "dot", "wdot"])
 @pytest.mark.parametrize("split", [1, 3])
 def test_many_escapes_are_shared_by_the_splits(kernel, split):
     """Blocks with several chunks of escapes: each split takes every n-th chunk, the reducer adds them all."""

@@ -65,6 +65,17 @@ def test_a_wdot_entry_serves_bf16_x_of_at_most_16_rows():
     assert fl.choose(3, 64, 128, torch.float32, CPU, table) == fl.default_choice(3, 64, 128, CPU)
 
 
+def test_short_splits_give_the_escapes_a_program_of_their_own():
+    # 4 SMs on the CPU: 1 row block of 16 pairs, K split 16 ways (4 steps each): short splits
+    assert fl.default_choice(1, 32, 8192, CPU).config["escape_program"] == 1
+    assert fl.default_choice(1, 4096, 4096, CPU).config["split"] == 1  # no split: nothing to move
+    assert fl.default_choice(1, 4096, 4096, CPU).config["escape_program"] == 0
+    table = fl.parse_table(
+        {"entries": [{"n": 8, "k": 64, "m": 1, "path": "gemv", "config": {"escape_program": 0}}]}
+    )
+    assert fl.choose(1, 8, 64, torch.bfloat16, CPU, table).config == {"escape_program": 0}
+
+
 def test_defaults_and_split_k_fill_the_sms():
     assert fl.default_choice(1, 4096, 4096, CPU).path == "gemv"
     assert fl.default_choice(16, 4096, 4096, CPU).path == "dot"
@@ -80,6 +91,11 @@ def test_defaults_and_split_k_fill_the_sms():
         ({"entries": [{"n": 1, "k": 1, "m": 1, "path": "magic"}]}, "'path' must be one of"),
         ({"entries": [{"n": 1, "k": 0, "m": 1, "path": "decode"}]}, "positive integers"),
         ({"entries": [{"n": 1, "k": 1, "m": 1, "path": "gemv", "config": {"split": -1}}]}, "'config'"),
+        ({"entries": [{"n": 1, "k": 1, "m": 1, "path": "gemv", "config": {"split": 0}}]}, "'config'"),
+        (
+            {"entries": [{"n": 1, "k": 1, "m": 1, "path": "gemv", "config": {"escape_program": -1}}]},
+            "'config'",
+        ),
         ({"rows": []}, "no 'entries' list"),
     ],
 )
