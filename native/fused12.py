@@ -294,9 +294,14 @@ class Fused12Codec(GroupCodec):
     def compute_scratch_bytes(
         self, params: Mapping[str, Any], layout: GroupLayout, chunks: Sequence[Chunk]
     ) -> int:
-        # fused_linear's "decode" path (inputs of more than 64 rows): the largest weight, decoded to bf16
-        planes = [e.spec.nbytes for e in parse_params(params, layout, chunks) if e.kind == PLANES]
-        return max(planes, default=0)
+        # fused_linear's buffers: the "decode" path's (inputs of more than 64 rows: the largest weight,
+        # decoded to bf16) and the split-K workspace (bounded per weight by split_workspace_bound)
+        from offload_runtime.native.fused12_linear import split_workspace_bound
+
+        planes = [e.spec for e in parse_params(params, layout, chunks) if e.kind == PLANES]
+        if not planes:
+            return 0
+        return max(t.nbytes for t in planes) + max(split_workspace_bound(t.shape[0]) for t in planes)
 
     def encode(self, layout: GroupLayout, data: np.ndarray) -> EncodedGroup:
         data = np.ascontiguousarray(data, dtype=np.uint8)

@@ -21,8 +21,9 @@ resolves each key once: a model calls ``fused_linear`` per layer per token with 
 
 Split-K partial sums and the decode path's scratch live in buffers kept per (device, stream), grown on demand:
 calls on one stream are ordered, so they can share them (the split-K counters are 0 again at the end of every
-kernel). A runtime's plan leaves room for the decode scratch of its largest executed weight
-(``Fused12Codec.compute_scratch_bytes``); the split-K partials (a few MB) are not charged. On the CPU every
+kernel). The partials of a call never exceed :data:`SPLIT_WORKSPACE_BYTES` (a config that needs more runs
+with fewer splits), so a runtime's plan charges the decode scratch of its largest executed weight plus
+:func:`split_workspace_bound` (``Fused12Codec.compute_scratch_bytes``). On the CPU every
 path is the reference decode + ``torch.nn.functional.linear`` unless ``path`` forces a kernel (Triton's
 interpreter runs them there, for tests).
 
@@ -34,6 +35,7 @@ work, which at batch 1 takes longer than the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -56,6 +58,10 @@ WDOT_MAX_ROWS = 16
 DOT_DEFAULT_MAX_ROWS = 64
 PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
 SWITCHES = ("escape_program",)  # config fields that may be 0
+# split-K partial sums one stream's calls share, at most: a config that needs more runs with fewer splits,
+# so the plan can charge a bound (split_workspace_bound) instead of whatever a table asks
+SPLIT_WORKSPACE_BYTES = 16 << 20
+MAX_SPLITS = 128
 # a split this short (steps of K per program) gives its block's escapes a program of their own by default:
 # the H200 sweep had it 16-30 % faster on k/v projections (2-4 steps), up to 20 % slower at 11-13 steps
 ESCAPE_PROGRAM_MAX_STEPS = 8
@@ -328,6 +334,26 @@ def _run(choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | N
         torch.addmm(bias.to(x.dtype), x, weight.T, out=y)
 
 
+def split_workspace_bound(rows: int) -> int:
+    """Bytes of split-K workspace (fp32 partials and int32 counters) a call on a weight of ``rows`` output
+    features can take: what :data:`MAX_SPLITS` splits of up to 64 rows of ``x`` need, at most
+    :data:`SPLIT_WORKSPACE_BYTES` of partials."""
+    partials = min(SPLIT_WORKSPACE_BYTES, 4 * 2 * (MAX_SPLITS + 1) * DOT_DEFAULT_MAX_ROWS * rows)
+    return partials + 4 * ((rows + 1) // 2)  # counters: one per row block, at most one per pair
+
+
+def _fitted(config, need, rows_x: int, planes: Planes):
+    """``config`` with a split whose partials fit :data:`SPLIT_WORKSPACE_BYTES` (and at most
+    :data:`MAX_SPLITS`): the same product, summed in fewer pieces."""
+    split = min(config.split, MAX_SPLITS)
+    while (
+        split > 1
+        and 4 * need(rows_x, planes, dataclasses.replace(config, split=split))[0] > SPLIT_WORKSPACE_BYTES
+    ):
+        split -= 1
+    return config if split == config.split else dataclasses.replace(config, split=split)
+
+
 def _launch(
     choice: Choice, x: torch.Tensor, planes: Planes, bias: torch.Tensor | None, y: torch.Tensor
 ) -> Launch:
@@ -338,21 +364,21 @@ def _launch(
         from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv_launch, workspace_needs
 
         fields = choice.config or default_choice(1, planes.rows, planes.cols, device).config
-        config = GemvConfig(**fields)
+        config = _fitted(GemvConfig(**fields), workspace_needs, x.shape[0], planes)
         need = workspace_needs(x.shape[0], planes, config)
         workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
         return gemv_launch(x, planes, y, bias, config, workspace)
     if choice.path == "wdot":
         from offload_runtime.native import fused12_wdot_kernel as wdot
 
-        config = wdot.WdotConfig(**(choice.config or {}))
+        config = _fitted(wdot.WdotConfig(**(choice.config or {})), wdot.workspace_needs, x.shape[0], planes)
         need = wdot.workspace_needs(x.shape[0], planes, config)
         workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
         return wdot.wdot_launch(x, planes, y, bias, config, workspace)
     from offload_runtime.native.fused12_dot_kernel import DotConfig, dot_launch, workspace_needs
 
     fields = choice.config or default_choice(16, planes.rows, planes.cols, device).config
-    config = DotConfig(**fields)
+    config = _fitted(DotConfig(**fields), workspace_needs, x.shape[0], planes)
     need = workspace_needs(x.shape[0], planes, config)
     workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
     return dot_launch(x, planes, y, bias, config, workspace)

@@ -204,3 +204,30 @@ def test_wrong_feature_count_is_refused():
         fl.fused_linear(torch.zeros(2, 9, dtype=torch.bfloat16), planes)
     with pytest.raises(ValueError, match="path must be one of"):
         fl.fused_linear(torch.zeros(2, 8, dtype=torch.bfloat16), planes, path="cublas")
+
+
+@pytest.mark.skipif(not triton_cpu.AVAILABLE, reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("path", "config"),
+    [
+        ("gemv", {"block_pairs": 4, "block_words": 4, "split": 8, "escape_program": 1}),
+        ("wdot", {"block_pairs": 16, "block_words": 16, "split": 4}),
+        ("dot", {"block_m": 16, "block_pairs": 16, "block_words": 4, "split": 8}),
+    ],
+)
+def test_split_k_partials_stay_within_the_charged_workspace(monkeypatch, path, config):
+    """A config whose partials exceed SPLIT_WORKSPACE_BYTES runs with fewer splits (what the plan charges
+    is then a bound), and computes the same product."""
+    weight, x, bias = _case()
+    device = triton_cpu.DEVICE
+    planes = fmt.encode(weight.to(device))
+    x, bias = x.to(device, torch.bfloat16), bias.to(device)
+    cap = 4 * 2 * 3 * x.shape[0] * weight.shape[0]  # partials of 2 programs: split 2, or 1 and the escapes'
+    monkeypatch.setattr(fl, "SPLIT_WORKSPACE_BYTES", cap)
+    fl.release_buffers()
+    y = fl.fused_linear(x, planes, bias, path=path, config=config)
+    partials = fl._buffers(torch.device(device)).partials
+    assert partials is None or 4 * partials.numel() <= cap
+    reference = x.float() @ weight.to(device).float().T + bias.float()
+    assert torch.allclose(y.float(), reference, rtol=2**-7, atol=1e-5)
+    fl.release_buffers()
