@@ -21,6 +21,7 @@ Usage::
 
     python bench/fused_kernels.py $OUT/fused_kernels.json            # the H200 run
     python bench/fused_kernels.py $OUT/p.json --profile 28672x8192   # batch-1 kernel only, for ncu
+    python bench/fused_kernels.py $OUT/p.json --profile 8192x8192@8  # the table's kernel at 8 rows
     python bench/fused_kernels.py /tmp/s.json --smoke                # CPU, Triton interpreter, tiny shapes
 """
 
@@ -382,18 +383,24 @@ def print_table(result: dict) -> None:
 
 
 def profile(shape: str, table_path: Path | None) -> None:
-    """Run the batch-1 kernel of one shape a few times (under ncu): the table's config, else the default."""
+    """Run one shape's kernel a few times (under ncu): ``NxK`` at batch 1 or ``NxK@M`` at ``M`` rows, the
+    table's choice for it (``table_path``, else the packaged table), else the default."""
     from offload_runtime.native import fused12_format as fmt
-    from offload_runtime.native.fused12_linear import choose, fused_linear, parse_table
+    from offload_runtime.native.fused12_linear import choose, fused_linear, load_table, parse_table
 
-    n, k = (int(v) for v in shape.lower().split("x"))
+    dims, _, rows = shape.lower().partition("@")
+    n, k = (int(v) for v in dims.split("x"))
+    m = int(rows) if rows else 1
     device = torch.device("cuda")
-    table_obj = parse_table(json.loads(table_path.read_text())) if table_path and table_path.is_file() else {}
-    choice = choose(1, n, k, torch.bfloat16, device, table_obj)
+    if table_path and table_path.is_file():
+        table_obj = parse_table(json.loads(table_path.read_text()))
+    else:
+        table_obj = load_table()
+    choice = choose(m, n, k, torch.bfloat16, device, table_obj)
     weight = (torch.randn(n, k, device=device) * 0.02).bfloat16()
     planes = fmt.encode(weight)
-    x = torch.randn(1, k, device=device).bfloat16()
-    print(f"profiling {n}x{k} M=1 with {choice}", flush=True)
+    x = torch.randn(m, k, device=device).bfloat16()
+    print(f"profiling {n}x{k} M={m} with {choice}", flush=True)
     for _ in range(3):
         fused_linear(x, planes, path=choice.path, config=choice.config)
         torch.nn.functional.linear(x, weight)
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop trying configs after this long")
     parser.add_argument(
-        "--profile", metavar="NxK", help="only run the batch-1 kernel of this shape (for ncu)"
+        "--profile", metavar="NxK[@M]", help="only run this shape's kernel at M rows (default 1), for ncu"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     parser.add_argument("--rows", help="comma-separated rows of x (default 1,4,8,512)")
