@@ -112,8 +112,11 @@ def _dot(bm: int, bp: int, bw: int, split: int, warps: int, stages: int) -> dict
     return {"block_m": bm, **_gemv(bp, bw, split, warps, stages)}
 
 
-def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: bool) -> list[dict]:
-    """Configs to try for ``kind`` at ``m`` rows, most promising first; split-K around the SM-filling one."""
+def _configs(
+    kind: str, m: int, n: int, k: int, device: torch.device, smoke: bool, limit: int | None = None
+) -> list[dict]:
+    """Configs to try for ``kind`` at ``m`` rows, most promising first (the first ``limit`` tiles of its
+    list); split-K around the SM-filling one."""
     from offload_runtime.native.fused12_linear import auto_split
     from offload_runtime.native.layout import cdiv
 
@@ -123,7 +126,7 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
         ]
     out = []
     if kind == "gemv":
-        for bp, bw, warps, stages in GEMV_CONFIGS[m]:
+        for bp, bw, warps, stages in GEMV_CONFIGS[m][:limit]:
             base = auto_split(n, k, bp, bw, device)
             steps = cdiv(cdiv(k, 4), bw)
             for split in sorted({s for s in (1, base, 2 * base, 4 * base) if s <= max(steps // 2, 1)}):
@@ -132,13 +135,13 @@ def _configs(kind: str, m: int, n: int, k: int, device: torch.device, smoke: boo
                     out.append({**_gemv(bp, bw, split, warps, stages), "escape_program": 1})
         return out
     if kind == "wdot":
-        for bp, bw, warps, stages in WDOT_CONFIGS:
+        for bp, bw, warps, stages in WDOT_CONFIGS[:limit]:
             base = auto_split(n, k, bp, bw, device)
             steps = cdiv(cdiv(k, 4), bw)
             for split in sorted({s for s in (1, base, 2 * base) if s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
         return out
-    for bm, bp, bw, warps, stages in DOT_SMALL if m <= 16 else DOT_PREFILL:
+    for bm, bp, bw, warps, stages in (DOT_SMALL if m <= 16 else DOT_PREFILL)[:limit]:
         base = auto_split(n, k, bp, bw, device) if m <= 16 else 1
         out += [_dot(bm, bp, bw, split, warps, stages) for split in sorted({1, base, 2 * base})]
     return out
@@ -246,7 +249,7 @@ def measure(case: Case, variant: Variant, timer: Timer) -> None:
 
 
 def run_shape(
-    model, layers, n, k, rows, device, timer, smoke, deadline, log, only_kinds=PATH_KINDS
+    model, layers, n, k, rows, device, timer, smoke, deadline, log, only_kinds=PATH_KINDS, max_configs=None
 ) -> list[Row]:
     """Every row count of one weight shape: cuBLAS and each fused variant."""
     from offload_runtime.native import fused12_format as fmt
@@ -289,7 +292,7 @@ def run_shape(
         kinds = [kind for kind in kinds if kind in only_kinds] or kinds[:1]
         essential = []  # the first config of each kind runs even past the deadline: every row gets a number
         for kind in kinds:
-            configs = _configs(kind, m, n, k, device, smoke)
+            configs = _configs(kind, m, n, k, device, smoke, max_configs)
             row.variants += [Variant(kind, config) for config in configs]
             essential.append(row.variants[-len(configs)])
         if m > 8:
@@ -453,13 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         counts = tuple(int(v) for v in args.rows.split(","))
     kinds = tuple(args.kinds.split(","))
-    if args.max_configs:  # a shorter sweep: the lists are ordered most promising first
-        for m in GEMV_CONFIGS:
-            GEMV_CONFIGS[m] = GEMV_CONFIGS[m][: args.max_configs]
-        for configs in (WDOT_CONFIGS, DOT_SMALL, DOT_PREFILL):
-            del configs[args.max_configs :]
     for model, layers, n, k in shapes:
-        rows += run_shape(model, layers, n, k, counts, device, timer, args.smoke, deadline, log, kinds)
+        rows += run_shape(
+            model, layers, n, k, counts, device, timer, args.smoke, deadline, log, kinds, args.max_configs
+        )
         result = report(rows, {**meta, "seconds": round(time.perf_counter() - start, 1)})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -110,11 +110,18 @@ SCALED_EXP_XOR = 0x3F803F80
 
 
 @triton.jit
-def scaled_pair(s, c, exp_xor):
-    """fp32 ``w'`` of the two weights of bf16-pair lanes 0 and 1: sign/mantissa word ``s`` (``sm`` word, or
+def scaled_bits(s, c, exp_xor):
+    """The bf16 pair (uint32, lane 0 = low 16 bits) of ``w'`` for sign/mantissa word ``s`` (``sm`` word, or
     ``rotr8`` of it for columns 4j+2, 4j+3), code word ``c`` (codes at bits 7-10 and 23-26) and
-    ``exp_xor`` = :data:`SCALED_EXP_XOR`: two LOP3s, then a shift and a mask."""
-    p = (s & 0x807F807F) | ((c & 0x07800780) ^ exp_xor)
+    ``exp_xor`` = :data:`SCALED_EXP_XOR`: two LOP3s."""
+    return (s & 0x807F807F) | ((c & 0x07800780) ^ exp_xor)
+
+
+@triton.jit
+def scaled_pair(s, c, exp_xor):
+    """fp32 ``w'`` of the two weights of bf16-pair lanes 0 and 1 (:func:`scaled_bits`, then a shift and a
+    mask)."""
+    p = scaled_bits(s, c, exp_xor)
     return (p << 16).to(tl.float32, bitcast=True), (p & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 

@@ -19,10 +19,10 @@ Escapes: by default a program sums its block's escape terms (its split's share o
 loop, where their chain of dependent loads (row pointers, entries, ``x`` at their columns: three round
 trips to memory) waits while the SM streams other programs' weights. When the grid is small (a k/v
 projection: 32 row blocks), every program is in the first wave and that chain sits on each program's
-critical path; there
-``escape_program=1`` gives each block one extra program (the last index of axis 1) that sums the escapes
-while the others stream and hands them to the reduction as its "partial" (the H200 sweep of 2026-11-30:
-k/v projections 16-30 % faster, 70 B k/v 8.6 us against cuBLAS's 8.7; some large grids 10-20 % slower).
+critical path; there ``escape_program=1`` gives each block one extra program (the last index of axis 1)
+that sums the escapes while the others stream and hands them to the reduction as its "partial" (the H200
+sweep of 2026-11-30: k/v projections 16-30 % faster, 70 B k/v 8.6 us against cuBLAS's 8.7; some large
+grids 10-20 % slower).
 
 The oracle its tests use: the exactly decoded weight, multiplied in fp32 by torch.
 """

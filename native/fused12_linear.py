@@ -361,24 +361,21 @@ def _launch(
     buffers."""
     device = x.device
     if choice.path == "gemv":
-        from offload_runtime.native.fused12_gemv_kernel import GemvConfig, gemv_launch, workspace_needs
+        from offload_runtime.native import fused12_gemv_kernel as kernel
 
-        fields = choice.config or default_choice(1, planes.rows, planes.cols, device).config
-        config = _fitted(GemvConfig(**fields), workspace_needs, x.shape[0], planes)
-        need = workspace_needs(x.shape[0], planes, config)
-        workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
-        return gemv_launch(x, planes, y, bias, config, workspace)
-    if choice.path == "wdot":
-        from offload_runtime.native import fused12_wdot_kernel as wdot
+        make, launch, default_rows = kernel.GemvConfig, kernel.gemv_launch, 1
+    elif choice.path == "wdot":
+        from offload_runtime.native import fused12_wdot_kernel as kernel
 
-        config = _fitted(wdot.WdotConfig(**(choice.config or {})), wdot.workspace_needs, x.shape[0], planes)
-        need = wdot.workspace_needs(x.shape[0], planes, config)
-        workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
-        return wdot.wdot_launch(x, planes, y, bias, config, workspace)
-    from offload_runtime.native.fused12_dot_kernel import DotConfig, dot_launch, workspace_needs
+        make, launch, default_rows = kernel.WdotConfig, kernel.wdot_launch, None
+    else:
+        from offload_runtime.native import fused12_dot_kernel as kernel
 
-    fields = choice.config or default_choice(16, planes.rows, planes.cols, device).config
-    config = _fitted(DotConfig(**fields), workspace_needs, x.shape[0], planes)
-    need = workspace_needs(x.shape[0], planes, config)
+        make, launch, default_rows = kernel.DotConfig, kernel.dot_launch, 16
+    fields = choice.config
+    if not fields and default_rows is not None:
+        fields = default_choice(default_rows, planes.rows, planes.cols, device).config
+    config = _fitted(make(**(fields or {})), kernel.workspace_needs, x.shape[0], planes)
+    need = kernel.workspace_needs(x.shape[0], planes, config)
     workspace = _buffers(device).workspace(need, device) if config.split > 1 else None
-    return dot_launch(x, planes, y, bias, config, workspace)
+    return launch(x, planes, y, bias, config, workspace)

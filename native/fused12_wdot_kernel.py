@@ -38,6 +38,7 @@ from offload_runtime.native.fused12_bits import (
     load_words,
     rotl8,
     rotr8,
+    scaled_bits,
     split_workspace,
     store_result,
 )
@@ -61,8 +62,9 @@ class WdotConfig(TileConfig):
 
 @triton.jit
 def _scaled_bf16(s, c, exp_xor):
-    """bf16 ``w'`` of lanes 0 and 1 of a pair (see ``scaled_pair`` of ``fused12_bits``), as two tiles."""
-    p = (s & 0x807F807F) | ((c & 0x07800780) ^ exp_xor)
+    """bf16 ``w'`` of lanes 0 and 1 of a pair (:func:`~offload_runtime.native.fused12_bits.scaled_bits`),
+    as two tiles."""
+    p = scaled_bits(s, c, exp_xor)
     lo = p.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     hi = (p >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return lo, hi
