@@ -29,7 +29,7 @@ from offload_runtime.loaders.groups import GroupSpec
 from offload_runtime.loaders.reader import locate_error
 from offload_runtime.loaders.verify import VerifyPolicy
 from offload_runtime.native import GroupCodec, GroupLayout, get_codec, resolve_codec
-from offload_runtime.native.base import EncodedTensor
+from offload_runtime.native.base import EncodedTensor, HostBuffer
 from offload_runtime.native.chunking import crc32_spans
 
 Fill = Callable[[int, torch.Tensor], None]
@@ -73,7 +73,7 @@ class SyntheticSource:
         self._layouts = list(layouts)
         self._index = {spec.name: i for i, spec in enumerate(specs)}
         self._codecs: list[GroupCodec] = [resolve_codec(codec, layout, self.device) for layout in layouts]
-        self._host: torch.Tensor | None = None  # reusable (pinned on CUDA) host buffer for D2H copies
+        self._host = HostBuffer(pinned=self.device.type == "cuda")  # reused for the encoders' D2H copies
         self._live_bytes = 0
         self.peak_group_bytes = 0
         self.generated: dict[str, int] = {}
@@ -178,7 +178,7 @@ class SyntheticSource:
 
     def trim(self) -> None:
         """Free the reusable host buffer (after dispatch; a later read allocates it again)."""
-        self._host = None
+        self._host.release()
 
     def close(self) -> None:
         """Release the host buffer; present for the reader interface."""
@@ -202,15 +202,9 @@ class SyntheticSource:
             # handed over in a list the encoders pop from: no caller frame keeps the buffer alive, so it is
             # freed as soon as an encoder is done with it (GPU memory is tight next to a full budget)
             held = [self._generate(index, name)]
-            return self._codecs[index].encode_tensor(layout, held, checksums, host_buffer=self._host_buffer)
+            return self._codecs[index].encode_tensor(layout, held, checksums, host_buffer=self._host)
         finally:
             self._live_bytes -= layout.size
-
-    def _host_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._host is None or self._host.numel() < nbytes:
-            self._host = None  # free the old one first
-            self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return self._host
 
     def _check_same(self, entry: GroupEntry, encoded: EncodedTensor, payload: torch.Tensor) -> None:
         """Compare the second encoding (and the bytes copied out) with the first, chunk by chunk."""
