@@ -81,8 +81,8 @@ class Buffers:
         host_ring_count: host buffers disk reads land in (pinned on CUDA); ``host_ring_each`` bytes each.
         overhead_bytes: allocator slack (CUDA): charged once for the one arena allocation.
         compute_scratch_bytes: the largest kernel scratch of the groups executed compressed (a long input
-            decodes one weight to bf16 for cuBLAS); the kernels' wrapper allocates it on first use, not the
-            arena, so the plan leaves room for it.
+            decodes one weight to bf16 for cuBLAS; split-K partial sums); the kernels' wrapper allocates it
+            on first use, not the arena, so the plan leaves room for it.
     """
 
     nslots: int = 0
