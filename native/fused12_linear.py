@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from offload_runtime.errors import UsageError
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native.fused12_format import Planes
 from offload_runtime.native.layout import cdiv
@@ -82,16 +83,23 @@ class Choice:
         return self.path, tuple(sorted(self.config.items())) if self.config else None
 
 
+TABLE_HINT = f"re-measure it with bench/fused_kernels.py, or unset ${TABLE_ENV} for the packaged table"
+
+
+def _bad_table(summary: str) -> UsageError:
+    return UsageError(summary, hint=TABLE_HINT)
+
+
 def _check_choice(row: Any, where: str) -> Choice:
     if not isinstance(row, dict) or row.get("path") not in PATHS:
-        raise ValueError(f"{where}: 'path' must be one of {PATHS}")
+        raise _bad_table(f"{where}: 'path' must be one of {PATHS}")
     config = row.get("config")
     if row["path"] == "decode":
         return Choice("decode")
     if not isinstance(config, dict) or not all(
         isinstance(v, int) and (v > 0 or (k in SWITCHES and v == 0)) for k, v in config.items()
     ):
-        raise ValueError(f"{where}: 'config' must map field names to positive integers (switches: 0 or 1)")
+        raise _bad_table(f"{where}: 'config' must map field names to positive integers (switches: 0 or 1)")
     return Choice(row["path"], dict(config))
 
 
@@ -99,16 +107,16 @@ def parse_table(obj: Any, source: str = "table") -> dict[tuple[int, int], list[t
     """``{(N, K): [(m bucket, choice), ...] sorted by m}`` from the JSON object a benchmark wrote.
 
     Raises:
-        ValueError: for a malformed table, naming ``source`` and the entry.
+        UsageError: for a malformed table (also a ``ValueError``), naming ``source`` and the entry.
     """
     entries = obj.get("entries") if isinstance(obj, dict) else None
     if not isinstance(entries, list):
-        raise ValueError(f"{source}: not a fused12 kernel table (no 'entries' list)")
+        raise _bad_table(f"{source}: not a fused12 kernel table (no 'entries' list)")
     table: dict[tuple[int, int], list[tuple[int, Choice]]] = {}
     for i, row in enumerate(entries):
         where = f"{source} entry {i}"
         if not isinstance(row, dict) or not all(isinstance(row.get(k), int) and row[k] > 0 for k in "nkm"):
-            raise ValueError(f"{where}: 'n', 'k' and 'm' must be positive integers")
+            raise _bad_table(f"{where}: 'n', 'k' and 'm' must be positive integers")
         table.setdefault((row["n"], row["k"]), []).append((row["m"], _check_choice(row, where)))
     for rows in table.values():
         rows.sort(key=lambda item: item[0])
@@ -118,11 +126,19 @@ def parse_table(obj: Any, source: str = "table") -> dict[tuple[int, int], list[t
 @functools.lru_cache(maxsize=4)
 def load_table(path: str | None = None) -> dict[tuple[int, int], list[tuple[int, Choice]]]:
     """The kernel table at ``path`` (default: ``$OFFLOAD_RUNTIME_FUSED12_TABLE``, else the packaged one);
-    empty when there is no such file."""
+    empty when there is no such file.
+
+    Raises:
+        UsageError: the file is not JSON, or not a kernel table (naming the file and the entry).
+    """
     path = path or os.environ.get(TABLE_ENV) or str(TABLE_PATH)
     if not Path(path).is_file():
         return {}
-    return parse_table(json.loads(Path(path).read_text()), source=path)
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad_table(f"{path}: not a fused12 kernel table (not JSON: {exc})") from None
+    return parse_table(obj, source=path)
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import triton_cpu  # selects the interpreter before the kernel modules are imported
 
+from offload_runtime.errors import UsageError
 from offload_runtime.native import fused12_format as fmt
 from offload_runtime.native import fused12_linear as fl
 
@@ -102,6 +103,19 @@ def test_defaults_and_split_k_fill_the_sms():
 def test_malformed_tables_are_refused(table, message):
     with pytest.raises(ValueError, match=message):
         fl.parse_table(table, source="t.json")
+
+
+def test_a_table_file_that_is_not_json_is_a_usage_error_naming_it(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text("{not json")
+    monkeypatch.setenv(fl.TABLE_ENV, str(path))
+    fl.load_table.cache_clear()
+    try:
+        with pytest.raises(UsageError, match=f"{path}: not a fused12 kernel table") as caught:
+            fl.load_table()
+        assert fl.TABLE_ENV in caught.value.hint
+    finally:
+        fl.load_table.cache_clear()
 
 
 def test_table_file_from_the_environment(tmp_path, monkeypatch):
