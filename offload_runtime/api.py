@@ -309,7 +309,7 @@ def dispatch_compressed(
     verify: str = "once",
     experts: str = "auto",
     expert_cache: str = "auto",
-    expert_policy: str = "lru",
+    expert_policy: str = "layer-lru",
     speculate: bool = False,
     execute_compressed: bool = False,
 ) -> nn.Module:
@@ -334,8 +334,9 @@ def dispatch_compressed(
             them with their block.
         expert_cache (`str`, defaults to `"auto"`): ``"compressed"`` (CUDA default) or ``"decoded"``
             entries of the expert cache.
-        expert_policy (`str`, defaults to `"lru"`): the expert cache's replacement policy, ``"lru"`` or
-            ``"lfu"``.
+        expert_policy (`str`, defaults to `"layer-lru"`): the expert cache's replacement policy:
+            ``"layer-lru"`` (recency counted in each MoE layer's own steps; a prefill's sweep over every
+            expert does not flush it), ``"lru"`` or ``"lfu"``.
         speculate (`bool`, defaults to `False`): prefetch the next MoE layer's likely experts (CUDA).
         execute_compressed (`bool`, defaults to `False`): groups stored with a codec that executes
             compressed (``codec="fused12"``) whose compressed tensors are all ``nn.Linear`` weights are kept
@@ -410,7 +411,7 @@ def load_compressed(
     verify: str = "once",
     experts: str = "auto",
     expert_cache: str = "auto",
-    expert_policy: str = "lru",
+    expert_policy: str = "layer-lru",
     speculate: bool = False,
     execute_compressed: bool = False,
     tensor_parallel: bool | None = None,

@@ -47,13 +47,13 @@ class ExpertOptions:
         experts: ``"auto"`` (expert granularity when the container and device allow it), ``"expert"``
             (required: an error otherwise), ``"block"`` (experts stream with their block).
         cache: ``"auto"``, ``"compressed"`` or ``"decoded"`` cache entries (``auto``: compressed on CUDA).
-        policy: ``"lru"`` or ``"lfu"``.
+        policy: ``"layer-lru"``, ``"lru"`` or ``"lfu"``.
         speculate: prefetch the next MoE layer's likely experts (CUDA).
     """
 
     experts: str = "auto"
     cache: str = "auto"
-    policy: str = "lru"
+    policy: str = "layer-lru"
     speculate: bool = False
 
     def __post_init__(self) -> None:
@@ -63,7 +63,7 @@ class ExpertOptions:
 def dispatch_options(
     experts: str = "auto",
     cache: str = "auto",
-    policy: str = "lru",
+    policy: str = "layer-lru",
     speculate: bool = False,
     *,
     tensor_parallel: bool = False,

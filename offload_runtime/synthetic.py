@@ -393,7 +393,7 @@ def dispatch_synthetic(
     dtype: torch.dtype = torch.bfloat16,
     experts: str = "auto",
     expert_cache: str = "auto",
-    expert_policy: str = "lru",
+    expert_policy: str = "layer-lru",
     speculate: bool = False,
     source: Any = None,
     execute_compressed: bool = False,

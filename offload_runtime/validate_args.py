@@ -30,7 +30,7 @@ GGUF_MAGIC = b"GGUF"
 VERIFY_POLICIES = ("once", "always", "never")  # the reader's (loaders.reader.VERIFY_POLICIES)
 EXPERT_GRANULARITIES = ("auto", "expert", "block")  # expert_dispatch.ExpertOptions.experts
 EXPERT_CACHE_MODES = ("auto", "compressed", "decoded")  # "auto" or scheduler.experts_plan.ENTRY_MODES
-EXPERT_POLICIES = ("lru", "lfu")  # scheduler.expert_cache.POLICIES
+EXPERT_POLICIES = ("layer-lru", "lru", "lfu")  # scheduler.expert_cache.POLICIES
 _DEVICE = re.compile(r"(?P<type>cpu|cuda)(?::(?P<index>\d+))?")
 
 
@@ -312,7 +312,7 @@ def output_file(
 
 
 def check_expert_options(
-    experts: Any = "auto", expert_cache: Any = "auto", expert_policy: Any = "lru"
+    experts: Any = "auto", expert_cache: Any = "auto", expert_policy: Any = "layer-lru"
 ) -> None:
     """A mixture of experts' granularity, expert cache entries and the cache's replacement policy (checked
     when ``expert_dispatch.ExpertOptions`` is made: the entry points make it before any work)."""

@@ -14,16 +14,33 @@ Protocol, per step (one experts module's forward):
    cache can give now, and says so; the caller decodes it straight into its slot, uncached.
 2. The caller loads each miss into its entry (``Lookup.entries``), computes, then ``release(step)``.
 
-Policies (by name): ``"lru"`` evicts the least recently used key; ``"lfu"`` evicts the least frequently
-used, with aging (every ``aging_interval`` lookups all counts halve, so yesterday's favourites fade) and
-least recent first among equal counts. Counters: requests, hits, misses (overflows included), evictions,
-overflows; ``requests == hits + misses`` always.
+Policies (by name):
+
+- ``"layer-lru"`` (the default) is LRU with age counted in *visits of the key's own layer* (a key is
+  ``(layer, expert)``; a lookup visits the layer of its keys): it evicts the key whose layer has run most
+  often since the key was last used; among equally old keys, the one whose layer runs furthest in the future
+  (the MoE layers run in a fixed cycle, ``layer_order``, else the order lookups first show them); then the
+  least recently used. Why: every forward visits the layers in turn, so plain LRU measures age across the
+  cycle and, when a forward touches more experts than the cache holds (a prefill routes nearly every
+  expert), it evicts each expert just before its layer comes round again and hits nothing (the classic
+  LRU loop). Counted per layer, the experts a forward used are all equally young, and the tie goes to the
+  layer that will be needed last: Belady's choice for a cycle, so a full scan keeps ``capacity`` experts
+  for the next one. An expert its layer did not route the last time is older than one it did, which keeps
+  what LRU gets right when consecutive tokens reuse experts. A lookup with ``visit=False`` (a prefetch
+  ahead of the layer's step) refreshes its keys without counting a visit. Keys that are not tuples all
+  belong to one layer, where this is plain LRU.
+- ``"lru"`` evicts the least recently used key.
+- ``"lfu"`` evicts the least frequently used, with aging (every ``aging_interval`` lookups all counts
+  halve, so yesterday's favourites fade) and least recent first among equal counts.
+
+Counters: requests, hits, misses (overflows included), evictions, overflows; ``requests == hits + misses``
+always.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable
+from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -82,11 +99,11 @@ class _LRU:
     def evict(self, key: Key) -> None:
         self.order.pop(key, None)
 
-    def victim(self, evictable: set[Key]) -> Key | None:
-        return next((k for k in self.order if k in evictable), None)
+    def victim(self, pinned: Container[Key]) -> Key | None:
+        return next((k for k in self.order if k not in pinned), None)
 
-    def tick(self) -> None:
-        """One lookup passed (LRU keeps no counts)."""
+    def tick(self, layer: Hashable, visit: bool) -> None:
+        """A lookup of ``layer``'s keys begins (LRU keeps no counts)."""
 
 
 class _LFU(_LRU):
@@ -106,18 +123,74 @@ class _LFU(_LRU):
     def seen(self, key: Key) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + 1.0
 
-    def victim(self, evictable: set[Key]) -> Key | None:
-        rank = {k: i for i, k in enumerate(self.order)}  # position in recency: lower is older
-        candidates = [k for k in evictable if k in rank]
-        return min(candidates, key=lambda k: (self.counts.get(k, 0.0), rank[k]), default=None)
+    def victim(self, pinned: Container[Key]) -> Key | None:
+        # rank in recency: lower is older
+        candidates = [(self.counts.get(k, 0.0), r, k) for r, k in enumerate(self.order) if k not in pinned]
+        return min(candidates, key=lambda c: c[:2], default=(0, 0, None))[2]
 
-    def tick(self) -> None:
+    def tick(self, layer: Hashable, visit: bool) -> None:
         self.lookups += 1
         if self.lookups % self.aging_interval == 0:
             self.counts = {k: c / 2 for k, c in self.counts.items() if c >= 1 / 64}
 
 
-POLICIES = ("lru", "lfu")
+def layer_of(key: Key) -> Hashable:
+    """The layer of a ``(layer, expert)`` key; every other key belongs to one layer, ``None``."""
+    return key[0] if isinstance(key, tuple) and key else None
+
+
+class _LayerLRU:
+    """Age in visits of the key's own layer, then distance to the layer's next visit, then recency
+    (the module docstring says why). Each layer keeps its cached keys in recency order, oldest first, so a
+    victim is found by looking at the oldest unpinned key of each layer: O(layers), not O(entries)."""
+
+    def __init__(self, layer_order: Sequence[Hashable]) -> None:
+        self.position: dict[Hashable, int] = {layer: i for i, layer in enumerate(dict.fromkeys(layer_order))}
+        self.visits: dict[Hashable, int] = {}
+        self.layers: dict[Hashable, OrderedDict[Key, int]] = {}  # layer -> key -> visit of its last use
+        self.current: Hashable = None
+
+    def _place(self, layer: Hashable) -> int:
+        if layer not in self.position:
+            self.position[layer] = len(self.position)
+        return self.position[layer]
+
+    def touch(self, key: Key) -> None:
+        layer = layer_of(key)
+        self._place(layer)  # a lookup may mix layers: each key's layer has a place in the cycle
+        keys = self.layers.setdefault(layer, OrderedDict())
+        keys[key] = self.visits.get(layer, 0)
+        keys.move_to_end(key)
+
+    def seen(self, key: Key) -> None:
+        """An overflow keeps no entry, so no age."""
+
+    def evict(self, key: Key) -> None:
+        self.layers.get(layer_of(key), {}).pop(key, None)
+
+    def victim(self, pinned: Container[Key]) -> Key | None:
+        cycle = len(self.position)
+        here = self.position.get(self.current, 0)
+        best, best_rank = None, None
+        for layer, keys in self.layers.items():
+            key = next((k for k in keys if k not in pinned), None)  # pinned keys are the young ones
+            if key is None:
+                continue
+            distance = (self.position[layer] - here) % cycle or cycle  # its layer's next visit, in layers
+            rank = (self.visits.get(layer, 0) - keys[key], distance)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = key, rank
+        return best
+
+    def tick(self, layer: Hashable, visit: bool) -> None:
+        self._place(layer)
+        if visit:  # a prefetch runs during another layer's step: distances stay measured from that one
+            self.current = layer
+            self.visits[layer] = self.visits.get(layer, 0) + 1
+
+
+POLICIES = ("layer-lru", "lru", "lfu")
+DEFAULT_POLICY = "layer-lru"
 
 
 class ExpertCache:
@@ -125,15 +198,24 @@ class ExpertCache:
 
     Args:
         capacity (`int`): number of entries (>= 0).
-        policy (`str`, defaults to `"lru"`): ``"lru"`` or ``"lfu"``.
+        policy (`str`, defaults to `"layer-lru"`): one of :data:`POLICIES`.
         aging_interval (`int`, *optional*): LFU halves every count every this many lookups; defaults to
             ``max(capacity, 1)``.
+        layer_order (`Sequence`, *optional*): ``"layer-lru"``'s layers in the order a forward runs them;
+            layers it does not name are placed in the order lookups first show them.
 
     Attributes:
         stats: :class:`CacheStats`.
     """
 
-    def __init__(self, capacity: int, policy: str = "lru", *, aging_interval: int | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        policy: str = DEFAULT_POLICY,
+        *,
+        aging_interval: int | None = None,
+        layer_order: Sequence[Hashable] = (),
+    ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         if policy not in POLICIES:
@@ -141,7 +223,13 @@ class ExpertCache:
         self.capacity = capacity
         self.policy_name = policy
         interval = aging_interval if aging_interval is not None else max(capacity, 1)
-        self._policy = _LRU() if policy == "lru" else _LFU(max(1, interval))
+        self._policy = (
+            _LayerLRU(layer_order)
+            if policy == "layer-lru"
+            else _LRU()
+            if policy == "lru"
+            else _LFU(max(1, interval))
+        )
         self._entry: dict[Key, int] = {}
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self._held: dict[int, set[Key]] = {}  # unreleased step -> its keys
@@ -169,15 +257,19 @@ class ExpertCache:
         """Whether an unreleased step holds ``key``."""
         return key in self._pins
 
-    def lookup(self, keys: Iterable[Key]) -> Lookup:
-        """Hits, misses (with their entries), victims and overflow for one step's ``keys``; pins them."""
+    def lookup(self, keys: Iterable[Key], *, visit: bool = True) -> Lookup:
+        """Hits, misses (with their entries), victims and overflow for one step's ``keys``; pins them.
+
+        ``visit=False`` marks a lookup ahead of its layer's step (a prefetch): it does not count as a visit
+        of the layer (``"layer-lru"``'s age)."""
         wanted = list(dict.fromkeys(keys))
         result = Lookup(self._next_step)
         self._next_step += 1
         self._held[result.step] = set(wanted)
         for key in wanted:
             self._pins[key] = self._pins.get(key, 0) + 1
-        self._policy.tick()
+        if wanted:
+            self._policy.tick(layer_of(wanted[0]), visit)
         for key in wanted:
             if key in self._entry:
                 result.hits.append(key)
@@ -219,8 +311,7 @@ class ExpertCache:
     def _take_entry(self, result: Lookup) -> int | None:
         if self._free:
             return self._free.pop()
-        evictable = {k for k in self._entry if k not in self._pins}
-        victim = self._policy.victim(evictable)
+        victim = self._policy.victim(self._pins)
         if victim is None:
             return None
         result.victims.append(victim)

@@ -19,6 +19,11 @@ Protocol of ``make_ready(module, ids)`` (CUDA, compressed entries), all enqueued
    buffer and is copied; uncached misses go through the staging buffers in rounds;
 4. the compute stream waits for the decode; ``release`` records the slot's release event and unpins.
 
+At dispatch (``warm_cache``) every entry gets an expert, in the order a forward runs them (the first MoE
+layers' experts first: the first forward uses them first, and ``"layer-lru"`` keeps the earliest layers'
+longest), so the first prompt does not pay for a cache that is empty but already in the budget. The
+bytes it moves are not counted as a step's (``offload_stats.experts.warmed`` says how many experts).
+
 ``"decoded"`` entries (CUDA option, and the CPU's way): a miss is decoded into its entry (on CUDA via a
 staging buffer), and every use copies the entry's tensors into the slot. With ``speculate=True`` (CUDA),
 after enqueueing a step the runtime applies the next MoE layer's router to this step's hidden states and
@@ -136,7 +141,7 @@ class ExpertRuntime:
         self.experts: dict[Key, _Expert] = {
             (g.expert.module, g.expert.index): _Expert(g, self.slots[g.expert.module]) for g in entries
         }
-        self.cache = ExpertCache(plan.capacity, plan.policy)
+        self.cache = ExpertCache(plan.capacity, plan.policy, layer_order=[m.path for m in self.modules])
         self.entries = [self.arena.take(plan.entry_bytes) for _ in range(plan.capacity)]
         self._steps: dict[str, int] = {}
         self.speculate = speculate and device.type == "cuda"
@@ -149,7 +154,7 @@ class ExpertRuntime:
         for m in self.modules:
             self.hooks[m.path] = hook_class(m.path, self.slots[m.path], self)
             self.hooks[m.path].attach(model.get_submodule(m.path))
-        self.loads.place_all_in_cache()
+        self.warm_cache()
 
     def _slot(self, model: nn.Module, module: ExpertsModule) -> ExpertSlot:
         layout = slot_layout(model, module)
@@ -180,6 +185,20 @@ class ExpertRuntime:
             self.cache.release(step)
         self.loads.release()  # last: it raises if the step's checked decode was wrong
 
+    def warm_cache(self) -> None:
+        """Fill every entry at dispatch, experts in the order a forward runs them (module docstring)."""
+        order = [(m.path, e) for m in self.modules for e in range(m.num_experts)]
+        keys = [k for k in order if k in self.experts][: self.plan.capacity]
+        if not keys:
+            return
+        s = self.stats
+        moved = s.h2d_bytes, s.disk_bytes
+        look = self.cache.lookup(keys, visit=False)  # not a step: no layer's visit
+        self.loads.warm(keys, look)
+        self.cache.release(look.step)
+        s.h2d_bytes, s.disk_bytes = moved  # dispatch's bytes, not a step's
+        s.warmed = len(keys)
+
     def speculate_next(self, module: str, hidden: torch.Tensor) -> None:
         """Copy ahead the experts the next MoE layer's router picks for ``hidden`` (a guess)."""
         following = self.next_module.get(module)
@@ -192,7 +211,9 @@ class ExpertRuntime:
         if not picks:
             return
         ids = sorted(set(picks[0].reshape(-1).tolist()))
-        look = self.cache.lookup([(following, e) for e in ids if e < self.slots[following].num_experts])
+        look = self.cache.lookup(
+            [(following, e) for e in ids if e < self.slots[following].num_experts], visit=False
+        )
         cached = [k for k in look.misses if k in look.entries]
         self.loads.fill(cached, look)
         self.cache.release(look.step)
@@ -234,8 +255,8 @@ class CpuExpertLoads:
         self.staging = torch.empty(rt.plan.host_ring_each, dtype=torch.uint8)
         self.homes = _read_homes(rt, pinned=False)
 
-    def place_all_in_cache(self) -> None:
-        """Decoded entries fill on first use."""
+    def warm(self, keys: list[Key], look: Any) -> None:
+        self.fill(keys, look)
 
     def make_ready(self, keys: list[Key], look: Any) -> None:
         rt = self.rt
@@ -261,7 +282,10 @@ class CpuExpertLoads:
         decode_held_payload(rt.source, entry, home, out)
 
     def fill(self, keys: list[Key], look: Any) -> None:
-        """No speculation on the CPU."""
+        """Decode ``keys`` (cached misses) into their entries (the CPU does not speculate: this warms)."""
+        for key in keys:
+            expert = self.rt.experts[key]
+            self._decode(expert, self.rt.entries[look.entries[key]][: expert.entry.decoded_size])
 
     def release(self) -> None:
         """CPU copies are done when make_ready returns."""
@@ -308,20 +332,22 @@ class CudaExpertLoads:
         self.slot_free: torch.cuda.Event | None = None
         self._pending: list = []  # checked decodes of the current step, resolved in release()
 
-    def place_all_in_cache(self) -> None:
-        """When every expert has an entry (homes 'cache'), its payload goes there now, once."""
+    def warm(self, keys: list[Key], look: Any) -> None:
+        """Fill ``keys``' entries at dispatch: like a step's misses (``fill``), except experts whose home is
+        the cache itself (no host copy, and no ring when none is on disk), read through one bounce buffer;
+        a checked decode (decoded entries) is resolved here, so damage is found at dispatch."""
         rt = self.rt
-        if not all(h == "cache" for h in rt.plan.homes.values()):
-            return
+        homeless = [k for k in keys if rt.plan.homes.get(rt.experts[k].name) == "cache"]
         bounce = None
-        for key, expert in rt.experts.items():
-            look = rt.cache.lookup([key])
-            index = look.entries[key]
+        for key in homeless:
+            expert = rt.experts[key]
             size = expert.entry.stored_size
             if bounce is None or bounce.numel() < size:
                 bounce = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            rt.entries[index][:size].copy_(rt.source.read_into(expert.name, bounce))  # synchronous
-            rt.cache.release(look.step)
+            payload = rt.source.read_into(expert.name, bounce)
+            rt.entries[look.entries[key]][:size].copy_(payload)  # synchronous: the bounce is reused
+        self.fill([k for k in keys if k not in set(homeless)], look)
+        self._resolve_checks()
 
     # -- entries -------------------------------------------------------------------------------------------
     def _home_bytes(self, expert: _Expert) -> torch.Tensor:

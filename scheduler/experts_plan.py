@@ -73,7 +73,7 @@ class ExpertPlan:
         device: ``"cpu"`` or ``"cuda"``.
         budget_bytes: what the expert part may hold on the device.
         mode: ``"compressed"`` or ``"decoded"`` cache entries.
-        policy: the cache's replacement policy (``"lru"`` or ``"lfu"``).
+        policy: the cache's replacement policy (``"layer-lru"``, ``"lru"`` or ``"lfu"``).
         slot_bytes: the expert slot (the largest experts module's stacked parameters).
         entry_bytes: one cache entry.
         capacity: cache entries.
@@ -159,7 +159,7 @@ def plan_experts(
     device: str,
     host_budget_bytes: int | None = None,
     mode: str | None = None,
-    policy: str = "lru",
+    policy: str = "layer-lru",
     decoder_sizes=None,
 ) -> ExpertPlan:
     """Size the expert part of a runtime (see the module docstring).
@@ -171,7 +171,7 @@ def plan_experts(
         device: ``"cpu"`` or ``"cuda"``.
         host_budget_bytes: cap on payload bytes kept in host RAM (``None``: unbounded).
         mode: ``"compressed"`` or ``"decoded"`` entries; default: compressed on CUDA, decoded on the CPU.
-        policy: ``"lru"`` or ``"lfu"``.
+        policy: ``"layer-lru"``, ``"lru"`` or ``"lfu"``.
         decoder_sizes: ``(max_chunks, max_chunk_bytes) -> DecoderSizes`` of the codec's batched decoder
             (CUDA only).
 

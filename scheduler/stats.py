@@ -39,6 +39,7 @@ class ExpertStats:
         wait_seconds: host time spent making experts ready (routing sync, lookups, enqueueing).
         speculated: experts prefetched for the next layer on a guess; ``speculated_used``: of those, the
             ones the next layer did route to (precision = used / speculated).
+        warmed: experts placed in the cache at dispatch (their bytes are not in ``h2d_bytes``).
     """
 
     steps: int = 0
@@ -51,6 +52,7 @@ class ExpertStats:
     wait_seconds: float = 0.0
     speculated: int = 0
     speculated_used: int = 0
+    warmed: int = 0
 
     @property
     def hit_rate(self) -> float:

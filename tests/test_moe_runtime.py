@@ -3,7 +3,7 @@
 Budgets force experts through every path: the minimum (the other groups stream too; the cache has one
 entry, so steps routing several experts decode the rest uncached), a budget with a partial cache (hits,
 misses, evictions), payload homes in RAM and on disk; batch 1 and 3, prefill and greedy decoding, both
-replacement policies; every architecture of the tiny MoE configs."""
+replacement policies; the cache filled at dispatch; every architecture of the tiny MoE configs."""
 
 from __future__ import annotations
 
@@ -49,7 +49,12 @@ def half_cache_budget(path) -> int:
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize(
     ("regime", "policy", "host"),
-    [("minimum", "lru", None), ("half the experts", "lfu", None), ("half the experts", "lru", 0.0)],
+    [
+        ("minimum", "lru", None),
+        ("half the experts", "lfu", None),
+        ("half the experts", "lru", 0.0),
+        ("half the experts", "layer-lru", None),
+    ],
 )
 def test_routed_experts_stream_bit_identical_within_budget(packed, batch, regime, policy, host):
     _arch, reference, path, minimum = packed
@@ -84,6 +89,25 @@ def test_routed_experts_stream_bit_identical_within_budget(packed, batch, regime
         assert stats.disk_bytes > 0
     remove_offload(model)
     assert torch.equal(outputs(model, ids)[0], want_logits)  # whole again, ordinary parameters
+
+
+def test_the_cache_is_full_at_dispatch_and_the_first_forward_hits(packed):
+    """Dispatch fills every entry with experts in execution order, read from their homes (on disk here),
+    without counting those bytes as a step's; the first forward then hits the first layer's experts."""
+    _arch, reference, path, _minimum = packed
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(7))
+    want_logits = outputs(reference, ids)[0]
+    model = load_compressed(path, half_cache_budget(path) / GIB, device="cpu", host_budget_gb=0.0)
+    runtime, plan = model._offload_runtime.runtime.experts, model.offload_plan.experts
+    stats = model.offload_stats.experts
+    assert stats.warmed == plan.capacity == len(runtime.cache) > 1
+    assert (stats.requested, stats.disk_bytes, stats.h2d_bytes) == (0, 0, 0)
+    first = runtime.modules[0]
+    in_first_layer = min(plan.capacity, first.num_experts)
+    assert sum((first.path, e) in runtime.cache for e in range(first.num_experts)) == in_first_layer
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want_logits)
+    assert stats.hits > 0 and stats.requested == stats.hits + stats.misses
 
 
 def test_block_granularity_on_request(packed):

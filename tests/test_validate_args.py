@@ -205,7 +205,7 @@ def _arena_bytes(module: torch.nn.Module) -> int:
     [
         ("experts", "experts", "auto, expert, block"),
         ("expert_cache", "fp8", "auto, compressed, decoded"),
-        ("expert_policy", "fifo", "lru, lfu"),
+        ("expert_policy", "fifo", "layer-lru, lru, lfu"),
     ],
 )
 def test_expert_options_are_refused_before_any_work(container, argument, value, accepted, monkeypatch):
