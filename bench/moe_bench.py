@@ -9,7 +9,9 @@ The model is synthetic (``offload_runtime.synthetic``): generated and encoded on
 shared by every row), never materialised. Rows, greedy decoding at batch 1 after a warm-up:
 
 * ``block``: every MoE block streamed with all its experts (today's block granularity);
-* ``expert``: only the routed experts move, through the compressed expert cache (LRU);
+* ``expert``: only the routed experts move, through the compressed expert cache (the default policy,
+  ``layer-lru``), filled at dispatch;
+* ``expert-lru``: the same with plain LRU (not in the default rows): what the policy is worth;
 * ``expert+speculate``: the same, prefetching the next layer's likely experts on a guess;
 * ``expert-decoded``: ``expert`` with a cache of decoded entries (fewer entries in the same bytes, no decode
   on a hit) instead of compressed ones;
@@ -41,7 +43,7 @@ from torch import nn
 
 GIB = 1 << 30
 ROWS = ("block", "expert", "expert+speculate")
-EXTRA_ROWS = ("resident", "expert-decoded")
+EXTRA_ROWS = ("resident", "expert-decoded", "expert-lru")
 RESIDENT_GB = 1024.0  # a budget above every synthetic shape: every group resident
 GATE_SPEEDUP = {"mixtral-8x7b": 2.5, "qwen3-30b-a3b": 5.0}
 
@@ -128,6 +130,7 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
         source=source,
         experts="block" if row in ("block", "resident") else "expert",
         expert_cache="decoded" if row == "expert-decoded" else "auto",
+        expert_policy="lru" if row == "expert-lru" else "layer-lru",
         speculate=row == "expert+speculate",
         host_budget_gb=args.host_budget_gb,
     )
@@ -164,6 +167,8 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
         e = result["experts"]
         result["hit_rate"] = e["hits"] / e["requested"] if e["requested"] else 0.0
         result["cache_entries"] = plan.experts.capacity
+        result["cache_policy"] = plan.experts.policy
+        result["warmed_at_dispatch"] = stats.experts.warmed
         result["speculation_precision"] = e["speculated_used"] / e["speculated"] if e["speculated"] else None
     if row == args.profile:
         result["profile"] = profile_generate(model, ids, args.tokens, device)
@@ -295,6 +300,7 @@ def main() -> None:
                 result["identical"] = None
             results["rows"].append(result)
             log(json.dumps(result))
+            Path(args.out).write_text(json.dumps(results, indent=2))  # a run cut short keeps its rows
         results["gates"] = gates(results)
         log(json.dumps(results["gates"]))
     finally:
