@@ -72,6 +72,7 @@ DOT_PREFILL = [
 ]
 # weight-as-left-operand tensor-core kernel (block_pairs, block_words, num_warps, num_stages), 1..16 rows
 # (BW = 32 beat 16 on every shape of the first H200 sweep: the per-step MMA waits are fewer)
+WDOT_RESIDENT = 4  # wdot programs resident per SM at 4 warps (ncu, 8192 x 28672 at M=8: register-bound)
 WDOT_CONFIGS = [(64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (64, 64, 8, 1)]
 WDOT_MAX_ROWS = 16
 PATH_KINDS = ("gemv", "wdot", "dot")
@@ -117,7 +118,7 @@ def _configs(
 ) -> list[dict]:
     """Configs to try for ``kind`` at ``m`` rows, most promising first (the first ``limit`` tiles of its
     list); split-K around the SM-filling one."""
-    from offload_runtime.native.fused12_linear import auto_split
+    from offload_runtime.native.fused12_linear import sm_count, auto_split
     from offload_runtime.native.layout import cdiv
 
     if smoke:
@@ -138,7 +139,11 @@ def _configs(
         for bp, bw, warps, stages in WDOT_CONFIGS[:limit]:
             base = auto_split(n, k, bp, bw, device)
             steps = cdiv(cdiv(k, 4), bw)
-            for split in sorted({s for s in (1, base, 2 * base) if s <= max(steps // 2, 1)}):
+            blocks = cdiv((n + 1) // 2, bp)
+            # whole waves too: ncu at M=8 found 2.42 waves of 4 resident programs per SM (128 registers), a
+            # partial last wave of up to a third of the time (fused_kernels_NOTES.md)
+            waves = {WDOT_RESIDENT * sm_count(device) * w // blocks for w in (1, 2, 3)}
+            for split in sorted({s for s in (1, base, 2 * base, *waves) if 1 <= s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
         return out
     for bm, bp, bw, warps, stages in (DOT_SMALL if m <= 16 else DOT_PREFILL)[:limit]:

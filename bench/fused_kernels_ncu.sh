@@ -13,10 +13,11 @@ out=${1:?usage: fused_kernels_ncu.sh OUT_DIR [NxK]}
 shape=${2:-28672x8192}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-report="${REPORT_DIR:-/tmp}/fused12_${shape}"
+name=${shape//@/_}  # device calls bring back plain names only
+report="${REPORT_DIR:-/tmp}/fused12_${name}"
 # -k: the fused GEMV and whatever cuBLAS runs for bf16 x [1, K] @ W^T (gemv / gemm kernel names vary)
 ncu --clock-control none --set full -k 'regex:_gemv_kernel|_wdot_kernel|_dot_kernel|gemv|gemm|cutlass|sm90' \
     -c 6 -f -o "$report" \
     python "$here/fused_kernels.py" "$out/fused_kernels.json" --profile "$shape"
-ncu --import "$report.ncu-rep" --page details > "$out/fused12_${shape}.txt"
-echo "wrote $out/fused12_${shape}.txt (full report: $report.ncu-rep)"
+ncu --import "$report.ncu-rep" --page details > "$out/fused12_${name}.txt"
+echo "wrote $out/fused12_${name}.txt (full report: $report.ncu-rep)"

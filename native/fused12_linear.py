@@ -142,7 +142,8 @@ def load_table(path: str | None = None) -> dict[tuple[int, int], list[tuple[int,
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for any other device: the interpreter's tests)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -152,7 +153,7 @@ def auto_split(rows: int, cols: int, block_pairs: int, block_words: int, device:
     """Split-K that gives the SMs about :data:`PROGRAMS_PER_SM` programs, each with >= 4 steps of K."""
     blocks = cdiv((rows + 1) // 2, block_pairs)
     steps = cdiv(cdiv(cols, 4), block_words)
-    wanted = cdiv(PROGRAMS_PER_SM * _sm_count(device), blocks)
+    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), blocks)
     return max(1, min(wanted, steps // 4))
 
 
