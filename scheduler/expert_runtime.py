@@ -337,16 +337,16 @@ class CudaExpertLoads:
         the cache itself (no host copy, and no ring when none is on disk), read through one bounce buffer;
         a checked decode (decoded entries) is resolved here, so damage is found at dispatch."""
         rt = self.rt
-        homeless = [k for k in keys if rt.plan.homes.get(rt.experts[k].name) == "cache"]
+        homeless = {k for k in keys if rt.plan.homes.get(rt.experts[k].name) == "cache"}
         bounce = None
-        for key in homeless:
+        for key in (k for k in keys if k in homeless):  # in execution order
             expert = rt.experts[key]
             size = expert.entry.stored_size
             if bounce is None or bounce.numel() < size:
                 bounce = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             payload = rt.source.read_into(expert.name, bounce)
             rt.entries[look.entries[key]][:size].copy_(payload)  # synchronous: the bounce is reused
-        self.fill([k for k in keys if k not in set(homeless)], look)
+        self.fill([k for k in keys if k not in homeless], look)
         self._resolve_checks()
 
     # -- entries -------------------------------------------------------------------------------------------
