@@ -96,7 +96,11 @@ def dispatch_options(
 
 def expert_granularity(groups: Sequence[GroupEntry], device: torch.device, options: ExpertOptions) -> bool:
     """Whether groups stored with experts of their own (a container's, a synthetic source's) run at expert
-    granularity on ``device``."""
+    granularity on ``device``.
+
+    Raises:
+        UsageError: ``experts="expert"`` where it cannot run, or compressed cache entries off CUDA.
+    """
     experts = [g for g in groups if g.kind == "expert"]
     if not experts or options.experts == "block":
         return False
@@ -108,9 +112,15 @@ def expert_granularity(groups: Sequence[GroupEntry], device: torch.device, optio
         elif get_codec(next(iter(codecs))).batch_decoder_sizes(1, 1) is None:
             reason = f"codec {next(iter(codecs))!r} has no batched GPU decoder"
     if reason is None:
+        if device.type != "cuda" and options.cache == "compressed":
+            raise usage_error(
+                f"expert_cache='compressed' needs a CUDA device (its entries are decoded on the GPU), got "
+                f"device {str(device)!r}",
+                "use expert_cache='decoded' or 'auto' on the CPU",
+            )
         return True
     if options.experts == "expert":
-        raise ValueError(f"experts='expert' is not possible here: {reason}; use experts='block'")
+        raise usage_error(f"experts='expert' is not possible here: {reason}", "use experts='block'")
     logger.warning("offload_runtime: experts stream with their blocks (block granularity): %s", reason)
     return False
 

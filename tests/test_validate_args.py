@@ -229,6 +229,24 @@ def test_expert_options_are_refused_before_any_work(container, argument, value, 
         ExpertOptions(**{options[argument]: value})
 
 
+def test_compressed_expert_entries_on_the_cpu_are_a_usage_error(tmp_path):
+    """They need a GPU decoder; the CPU cache holds decoded experts. It was a bare ValueError from the
+    planner, which the CLI reported as a bug."""
+    message = "expert_cache='compressed' needs a CUDA device"
+    moe = offload_runtime.pack(
+        tiny_model("qwen3_moe"), tmp_path / "moe.safetensors", codec="zstd", progress=False
+    )
+    with pytest.raises(UsageError, match=re.escape(message)) as info:
+        offload_runtime.load_compressed(moe, budget_gb=1, device="cpu", expert_cache="compressed")
+    assert "expert_cache='decoded'" in str(info.value)  # the hint
+    with pytest.raises(UsageError, match=re.escape(message)):
+        dispatch_synthetic("tiny-qwen3-moe", 1, device="cpu", expert_cache="compressed")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        offload_runtime.dispatch_compressed(
+            tiny_model("qwen3_moe"), budget_gb=1, device="cpu", expert_cache="compressed"
+        )
+
+
 def test_expert_choices_are_the_runtime_s():
     from offload_runtime.scheduler.expert_cache import POLICIES
     from offload_runtime.scheduler.experts_plan import ENTRY_MODES
