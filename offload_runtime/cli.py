@@ -119,7 +119,7 @@ def describe_error(exc: Exception, args: argparse.Namespace) -> tuple[str, int]:
     if isinstance(exc, BudgetError) and hasattr(args, "budget_gb"):
         exc = _cli_budget_error(exc, args)
     if isinstance(exc, OffloadError):
-        text, status = str(exc), 2
+        text, status = _cli_words(str(exc), args), 2
     elif isinstance(exc, OSError) and exc.filename is not None:
         what = "no such file" if isinstance(exc, FileNotFoundError) else exc.strerror or type(exc).__name__
         text, status = f"{what}: {exc.filename}", 2
@@ -133,6 +133,17 @@ def describe_error(exc: Exception, args: argparse.Namespace) -> tuple[str, int]:
         status = 1
     # one line: a CheckpointMismatchError's list ("\n  - item") joined with "; "
     return "; ".join(re.sub(r"^\s*- ", "", line) for line in text.splitlines() if line.strip()), status
+
+
+def _cli_words(text: str, args: argparse.Namespace) -> str:
+    """The API's ``name='value'`` in an error's text as this command's ``--name value``, for the options the
+    command has (``expert_cache='decoded'`` -> ``--expert-cache decoded``)."""
+
+    def option(match: re.Match) -> str:
+        name, value = match.groups()
+        return f"--{name.replace('_', '-')} {value}" if hasattr(args, name) else match.group(0)
+
+    return re.sub(r"\b([a-z][a-z_]*)='([^']*)'", option, text)
 
 
 def _cli_budget_error(exc, args: argparse.Namespace):

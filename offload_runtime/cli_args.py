@@ -46,7 +46,7 @@ def add_budget(
 
 def add_run_options(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     """``--max-new-tokens``, ``--device``, ``--prefetch``, ``--host-budget-gb``, ``--experts``,
-    ``--speculate`` and ``--execute-compressed``."""
+    ``--expert-cache``, ``--expert-policy``, ``--speculate`` and ``--execute-compressed``."""
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -78,6 +78,20 @@ def add_run_options(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> 
         "container stores experts as groups; expert: require it) or whole blocks (block) (default auto)",
     )
     parser.add_argument(
+        "--expert-cache",
+        choices=("auto", "compressed", "decoded"),
+        default="auto",
+        help="the expert cache's entries: compressed (decoded into the slot on use) or decoded (copied) "
+        "(default auto: compressed on CUDA)",
+    )
+    parser.add_argument(
+        "--expert-policy",
+        choices=("layer-lru", "lru", "lfu"),
+        default="layer-lru",
+        help="the expert cache's replacement policy: layer-lru (recency counted in each MoE layer's own "
+        "steps), lru or lfu (default layer-lru)",
+    )
+    parser.add_argument(
         "--speculate",
         action="store_true",
         help="mixtures of experts on CUDA: prefetch the next layer's likely experts",
@@ -94,6 +108,8 @@ def run_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``load_compressed``/``dispatch_synthetic`` that ``add_run_options`` adds."""
     return {
         "experts": args.experts,
+        "expert_cache": args.expert_cache,
+        "expert_policy": args.expert_policy,
         "speculate": args.speculate,
         "execute_compressed": args.execute_compressed,
     }

@@ -132,3 +132,23 @@ def test_bench_streams_experts_on_their_own_unless_asked_for_blocks(experts, exp
     )
     assert result.returncode == 0, result.stderr
     assert ("expert plan on cpu" in result.stdout) is expert_plan, result.stdout
+
+
+def test_bench_takes_the_expert_cache_options():
+    args = ["--synthetic", "tiny-qwen3-moe", "--budget-gb", "0.001", "--device", "cpu", "--codec", "zstd"]
+    options = ["--expert-cache", "decoded", "--expert-policy", "lfu", "--max-new-tokens", "2"]
+    command = [sys.executable, "-m", "offload_runtime", "bench", *args, *options]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "decoded entries" in result.stdout and "(lfu)" in result.stdout, result.stdout  # (the CPU's)
+    bad = subprocess.run([*command, "--expert-policy", "fifo"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice: 'fifo'" in bad.stderr
+    # compressed entries need CUDA: one error line, in the command's words
+    cpu = subprocess.run(
+        [*command, "--expert-cache", "compressed"], capture_output=True, text=True, timeout=300
+    )
+    assert cpu.returncode == 2 and len(cpu.stderr.strip().splitlines()) == 1, cpu.stderr
+    assert (
+        "--expert-cache compressed needs a CUDA device" in cpu.stderr
+        and "--expert-cache decoded" in cpu.stderr
+    )
