@@ -72,7 +72,6 @@ DOT_PREFILL = [
 ]
 # weight-as-left-operand tensor-core kernel (block_pairs, block_words, num_warps, num_stages), 1..16 rows
 # (BW = 32 beat 16 on every shape of the first H200 sweep: the per-step MMA waits are fewer)
-WDOT_RESIDENT = 4  # wdot programs resident per SM at 4 warps (ncu, 8192 x 28672 at M=8: register-bound)
 WDOT_CONFIGS = [(64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1), (64, 64, 8, 1)]
 WDOT_MAX_ROWS = 16
 PATH_KINDS = ("gemv", "wdot", "dot")
@@ -118,7 +117,7 @@ def _configs(
 ) -> list[dict]:
     """Configs to try for ``kind`` at ``m`` rows, most promising first (the first ``limit`` tiles of its
     list); split-K around the SM-filling one."""
-    from offload_runtime.native.fused12_linear import sm_count, auto_split
+    from offload_runtime.native.fused12_linear import WDOT_RESIDENT_PER_SM, auto_split, sm_count
     from offload_runtime.native.layout import cdiv
 
     if smoke:
@@ -142,7 +141,7 @@ def _configs(
             blocks = cdiv((n + 1) // 2, bp)
             # whole waves too: ncu at M=8 found 2.42 waves of 4 resident programs per SM (128 registers), a
             # partial last wave of up to a third of the time (fused_kernels_NOTES.md)
-            waves = {WDOT_RESIDENT * sm_count(device) * w // blocks for w in (1, 2, 3)}
+            waves = {WDOT_RESIDENT_PER_SM * sm_count(device) * w // blocks for w in (1, 2, 3)}
             for split in sorted({s for s in (1, base, 2 * base, *waves) if 1 <= s <= max(steps // 2, 1)}):
                 out.append(_gemv(bp, bw, split, warps, stages))
         return out

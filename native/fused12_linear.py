@@ -15,7 +15,8 @@ beside this module, or the file named by ``$OFFLOAD_RUNTIME_FUSED12_TABLE``): pe
 rows buckets ``m`` with the fastest path and its config; a call takes the smallest bucket ``>= M`` (else the
 largest), except that a bucket above 64 rows (prefill) does not serve M <= 64: a measured ``dot`` tile that
 covers M rows does, else the default. Shapes the table lacks get :func:`default_choice`: ``gemv`` up to 8 rows
-with a split-K that gives the SMs about 4 programs each, ``dot`` up to 64 rows, ``decode`` above. The choice
+with a split-K that gives the SMs about 4 programs each (``wdot`` in whole waves of split-K for 5 to 8 rows
+of a weight of at least 4096 rows), ``dot`` up to 64 rows, ``decode`` above. The choice
 depends only on ``(M, N, K, x dtype, device)`` and the table (read once per process), so :func:`cached_choice`
 resolves each key once: a model calls ``fused_linear`` per layer per token with a handful of keys.
 
@@ -58,6 +59,10 @@ GEMV_MAX_ROWS = 8
 WDOT_MAX_ROWS = 16
 DOT_DEFAULT_MAX_ROWS = 64
 PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide HBM latency
+# wdot is the default for 5..8 rows of a weight of >= 4096 rows: at M=8 it won every such shape measured on
+# the H200, in whole waves of split-K (2026-12-01-h200-fused12-kernels-wdot-waves.json); the GEMV won k/v
+WDOT_DEFAULT_MIN_M, WDOT_DEFAULT_MIN_N = 5, 4096
+WDOT_RESIDENT_PER_SM = 4  # wdot programs resident per SM at 4 warps (128 registers: ncu, M=8)
 SWITCHES = ("escape_program",)  # config fields that may be 0
 # split-K partial sums one stream's calls share, at most: a config that needs more runs with fewer splits,
 # so the plan can charge a bound (split_workspace_bound) instead of whatever a table asks
@@ -158,18 +163,26 @@ def auto_split(rows: int, cols: int, block_pairs: int, block_words: int, device:
 
 
 def default_choice(m: int, rows: int, cols: int, device: torch.device) -> Choice:
-    """The path for a shape the table does not list (see the module docstring)."""
-    if m <= GEMV_MAX_ROWS:  # 32 x 32 words: 4.4 instructions/weight, 80 registers on sm_90 (SASS report)
-        split = auto_split(rows, cols, 32, 32, device)
-        short = split > 1 and cdiv(cdiv(cols, 4), 32 * split) <= ESCAPE_PROGRAM_MAX_STEPS
-        config = {"block_pairs": 32, "block_words": 32, "split": split, "num_warps": 4, "num_stages": 1}
-        return Choice("gemv", {**config, "escape_program": int(short)})
+    """The path for a shape the table does not list (see the module docstring), for bf16 ``x``."""
+    if WDOT_DEFAULT_MIN_M <= m <= GEMV_MAX_ROWS and rows >= WDOT_DEFAULT_MIN_N:
+        split = max(1, WDOT_RESIDENT_PER_SM * sm_count(device) // cdiv((rows + 1) // 2, 32))  # whole waves
+        return Choice("wdot", {"block_pairs": 32, "block_words": 32, "split": split, "num_warps": 4})
+    if m <= GEMV_MAX_ROWS:
+        return _gemv_default(rows, cols, device)
     if m <= DOT_DEFAULT_MAX_ROWS:
         block_m = 16 if m <= 16 else 64
         split = auto_split(rows, cols, 32, 16, device) if m <= 16 else 1
         config = {"block_m": block_m, "block_pairs": 32, "block_words": 16, "split": split}
         return Choice("dot", {**config, "num_warps": 4, "num_stages": 2})
     return Choice("decode")
+
+
+def _gemv_default(rows: int, cols: int, device: torch.device) -> Choice:
+    """The GEMV with 32 x 32 words (4.4 instructions/weight, 80 registers on sm_90: SASS report)."""
+    split = auto_split(rows, cols, 32, 32, device)
+    short = split > 1 and cdiv(cdiv(cols, 4), 32 * split) <= ESCAPE_PROGRAM_MAX_STEPS
+    config = {"block_pairs": 32, "block_words": 32, "split": split, "num_warps": 4, "num_stages": 1}
+    return Choice("gemv", {**config, "escape_program": int(short)})
 
 
 def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.device, table=None) -> Choice:
@@ -187,8 +200,8 @@ def choose(m: int, rows: int, cols: int, x_dtype: torch.dtype, device: torch.dev
         choice = default_choice(m, rows, cols, device)
     if (choice.path == "gemv" and m > GEMV_MAX_ROWS) or (choice.path == "wdot" and m > WDOT_MAX_ROWS):
         choice = default_choice(m, rows, cols, device)
-    if choice.path in ("dot", "wdot") and x_dtype != torch.bfloat16:
-        choice = default_choice(m, rows, cols, device) if m <= GEMV_MAX_ROWS else Choice("decode")
+    if choice.path in ("dot", "wdot") and x_dtype != torch.bfloat16:  # tensor cores multiply bf16 x only
+        choice = _gemv_default(rows, cols, device) if m <= GEMV_MAX_ROWS else Choice("decode")
     return choice
 
 

@@ -245,3 +245,20 @@ def test_split_k_partials_stay_within_the_charged_workspace(monkeypatch, path, c
     reference = x.float() @ weight.to(device).float().T + bias.float()
     assert torch.allclose(y.float(), reference, rtol=2**-7, atol=1e-5)
     fl.release_buffers()
+
+
+def test_the_default_for_5_to_8_rows_of_a_wide_weight_is_wdot_in_whole_waves(monkeypatch):
+    """Measured on the H200 (``2026-12-01-h200-fused12-kernels-wdot-waves.json`` and the packaged table):
+    at M=8 `wdot` with split-K of whole waves won every shape with N >= 4096, the GEMV the k/v ones."""
+    monkeypatch.setattr(fl, "sm_count", lambda device: 132)
+    for rows, cols, split in [(8192, 8192, 4), (8192, 28672, 4), (14336, 4096, 2), (4096, 14336, 8)]:
+        for m in (5, 8):
+            choice = fl.default_choice(m, rows, cols, CPU)
+            assert choice.path == "wdot" and choice.config["split"] == split, (rows, m, choice)
+            assert (choice.config["block_pairs"], choice.config["block_words"]) == (32, 32)
+    assert fl.default_choice(8, 1024, 8192, CPU).path == "gemv"  # k/v: the GEMV
+    assert fl.default_choice(4, 8192, 8192, CPU).path == "gemv"  # M=4: the GEMV
+    assert fl.default_choice(9, 8192, 8192, CPU).path == "dot"
+    assert fl.default_choice(8, 128 * 1024, 8192, CPU).config["split"] == 1  # more blocks than a wave
+    # wdot multiplies bf16 x only: fp32 x of 8 rows takes the GEMV
+    assert fl.choose(8, 8192, 8192, torch.float32, CPU, fl.parse_table({"entries": []})).path == "gemv"
