@@ -24,11 +24,11 @@ Policies (by name):
   cycle and, when a forward touches more experts than the cache holds (a prefill routes nearly every
   expert), it evicts each expert just before its layer comes round again and hits nothing (the classic
   LRU loop). Counted per layer, the experts a forward used are all equally young, and the tie goes to the
-  layer that will be needed last: Belady's choice for a cycle, so a full scan keeps ``capacity`` experts
-  for the next one. An expert its layer did not route the last time is older than one it did, which keeps
-  what LRU gets right when consecutive tokens reuse experts. A lookup with ``visit=False`` (a prefetch
-  ahead of the layer's step) refreshes its keys without counting a visit. Keys that are not tuples all
-  belong to one layer, where this is plain LRU.
+  layer that will be needed last: Belady's choice for a cycle, so a full scan keeps at least ``capacity``
+  minus one layer's experts for the next one. An expert its layer did not route the last time is older
+  than one it did, which keeps what LRU gets right when consecutive tokens reuse experts. A lookup with
+  ``visit=False`` (a prefetch ahead of the layer's step) refreshes its keys without counting a visit.
+  Keys that are not tuples all belong to one layer, where this is plain LRU.
 - ``"lru"`` evicts the least recently used key.
 - ``"lfu"`` evicts the least frequently used, with aging (every ``aging_interval`` lookups all counts
   halve, so yesterday's favourites fade) and least recent first among equal counts.
