@@ -72,21 +72,21 @@ def add_run_options(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> 
     )
     parser.add_argument(
         "--experts",
-        choices=("auto", "expert", "block"),
+        choices=check.EXPERT_GRANULARITIES,
         default="auto",
         help="mixtures of experts: stream only the routed experts through an expert cache (auto, when the "
         "container stores experts as groups; expert: require it) or whole blocks (block) (default auto)",
     )
     parser.add_argument(
         "--expert-cache",
-        choices=("auto", "compressed", "decoded"),
+        choices=check.EXPERT_CACHE_MODES,
         default="auto",
         help="the expert cache's entries: compressed (decoded into the slot on use) or decoded (copied) "
         "(default auto: compressed on CUDA)",
     )
     parser.add_argument(
         "--expert-policy",
-        choices=("layer-lru", "lru", "lfu"),
+        choices=check.EXPERT_POLICIES,
         default="layer-lru",
         help="the expert cache's replacement policy: layer-lru (recency counted in each MoE layer's own "
         "steps), lru or lfu (default layer-lru)",
