@@ -39,8 +39,9 @@ always.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
-from collections.abc import Container, Hashable, Iterable, Sequence
+from collections.abc import Container, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -102,6 +103,12 @@ class _LRU:
     def victim(self, pinned: Container[Key]) -> Key | None:
         return next((k for k in self.order if k not in pinned), None)
 
+    def victims(self, pinned: Container[Key]) -> Iterator[Key]:
+        """Victims in eviction order, for one lookup: between two of them the caller evicts the one it got
+        and touches only keys in ``pinned``, which changes no other candidate's rank."""
+        while (key := self.victim(pinned)) is not None:
+            yield key
+
     def tick(self, layer: Hashable, visit: bool) -> None:
         """A lookup of ``layer``'s keys begins (LRU keeps no counts)."""
 
@@ -125,8 +132,14 @@ class _LFU(_LRU):
 
     def victim(self, pinned: Container[Key]) -> Key | None:
         # rank in recency: lower is older
+        return next(self.victims(pinned), None)
+
+    def victims(self, pinned: Container[Key]) -> Iterator[Key]:
+        # ranked once: evicting one key or touching a pinned one leaves the others' order as it was
         candidates = [(self.counts.get(k, 0.0), r, k) for r, k in enumerate(self.order) if k not in pinned]
-        return min(candidates, key=lambda c: c[:2], default=(0, 0, None))[2]
+        candidates.sort(key=lambda c: c[:2])
+        for _, _, key in candidates:
+            yield key
 
     def tick(self, layer: Hashable, visit: bool) -> None:
         self.lookups += 1
@@ -141,8 +154,9 @@ def layer_of(key: Key) -> Hashable:
 
 class _LayerLRU:
     """Age in visits of the key's own layer, then distance to the layer's next visit, then recency
-    (the module docstring says why). Each layer keeps its cached keys in recency order, oldest first, so a
-    victim is found by looking at the oldest unpinned key of each layer: O(layers), not O(entries)."""
+    (the module docstring says why). Each layer keeps its cached keys in recency order, oldest first, so
+    the candidates are each layer's oldest unpinned key: a lookup ranks them once (O(layers)), then each
+    victim costs O(log layers), not O(entries)."""
 
     def __init__(self, layer_order: Sequence[Hashable]) -> None:
         self.position: dict[Hashable, int] = {layer: i for i, layer in enumerate(dict.fromkeys(layer_order))}
@@ -169,18 +183,32 @@ class _LayerLRU:
         self.layers.get(layer_of(key), {}).pop(key, None)
 
     def victim(self, pinned: Container[Key]) -> Key | None:
+        return next(self.victims(pinned), None)
+
+    def victims(self, pinned: Container[Key]) -> Iterator[Key]:
+        """Each layer's oldest unpinned key ranked once per lookup in a heap; after a layer's candidate is
+        evicted only that layer's next one is ranked (nothing else changes during a lookup: its own keys
+        are pinned). Ranks never tie: each layer has its own distance."""
         cycle = len(self.position)
         here = self.position.get(self.current, 0)
-        best, best_rank = None, None
-        for layer, keys in self.layers.items():
-            key = next((k for k in keys if k not in pinned), None)  # pinned keys are the young ones
-            if key is None:
-                continue
+
+        def ranked(layer: Hashable, keys: OrderedDict[Key, int]) -> tuple | None:
+            for key in keys:  # the oldest unpinned one (pinned keys are the young ones)
+                if key not in pinned:
+                    break
+            else:
+                return None
             distance = (self.position[layer] - here) % cycle or cycle  # its layer's next visit, in layers
-            rank = (self.visits.get(layer, 0) - keys[key], distance)
-            if best_rank is None or rank > best_rank:
-                best, best_rank = key, rank
-        return best
+            return (keys[key] - self.visits.get(layer, 0), -distance, key, layer)  # oldest, furthest first
+
+        heap = [r for layer, keys in self.layers.items() if (r := ranked(layer, keys)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, _, key, layer = heapq.heappop(heap)
+            yield key
+            following = ranked(layer, self.layers[layer])
+            if following is not None:
+                heapq.heappush(heap, following)
 
     def tick(self, layer: Hashable, visit: bool) -> None:
         self._place(layer)
@@ -275,11 +303,14 @@ class ExpertCache:
                 result.hits.append(key)
                 result.entries[key] = self._entry[key]
                 self._policy.touch(key)
+        victims: Iterator[Key] | None = None  # ranked once per lookup, on its first miss without a free entry
         for key in wanted:
             if key in self._entry:
                 continue
             result.misses.append(key)
-            index = self._take_entry(result)
+            if not self._free and victims is None:
+                victims = self._policy.victims(self._pins)
+            index = self._take_entry(result, victims)
             if index is None:
                 result.overflow.append(key)
                 self._policy.seen(key)  # its use still counts in a frequency history
@@ -308,10 +339,10 @@ class ExpertCache:
             else:
                 del self._pins[key]
 
-    def _take_entry(self, result: Lookup) -> int | None:
+    def _take_entry(self, result: Lookup, victims: Iterator[Key] | None) -> int | None:
         if self._free:
             return self._free.pop()
-        victim = self._policy.victim(self._pins)
+        victim = next(victims, None) if victims is not None else None
         if victim is None:
             return None
         result.victims.append(victim)
