@@ -12,9 +12,9 @@ Protocol, for each experts module (``loaders/moe.py`` finds them) and each forwa
 2. **Routing** (:meth:`ExpertHook.pre_forward`): before the module's forward, the expert indices are read
    from the call's arguments: the one integer tensor among them (``top_k_index [tokens, k]``, passed
    positionally by Mixtral, Qwen2/3-MoE, DeepSeek-V3 and OLMoE, and as ``router_indices`` by gpt-oss).
-   Their union is computed on their device as a mask of ``E + 1`` booleans (an index ``>= E``, an
-   expert-parallel sentinel the implementations skip, lands in the extra one) and copied to the host:
-   **one host synchronisation per experts module per step**, never one per expert.
+   They are copied to the host, where their union is taken (an index ``>= E``, an expert-parallel
+   sentinel the implementations skip, is no expert): **one host synchronisation per experts module per
+   step**, never one per expert, and no kernel launch.
 3. **Loads** (``provider.make_ready(module, expert_ids)``): with the sorted list of every expert the step
    uses, so a GPU provider enqueues all of them at once (cache hits, loads, decodes into their slices) and
    returns once the compute stream may read them (on CUDA: an event wait on the stream, no host sync).
@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,10 +130,10 @@ def routed_experts(module: str, num_experts: int, args: tuple, kwargs: dict) -> 
             actual=f"{len(found)} integer tensors",
             hint="this experts module's signature is not supported; dispatch it at block granularity",
         )
-    indices = found[0].reshape(-1)
-    mask = torch.zeros(num_experts + 1, dtype=torch.bool, device=indices.device)
-    mask[indices.clamp(0, num_experts)] = True  # sentinels (>= E) land in the last entry
-    return mask[:num_experts].cpu().nonzero().flatten().tolist()
+    # the indices themselves come to the host (one copy, no kernel: at batch 1 three launches for a mask
+    # on the device cost more host time than the copy); the union is taken there
+    ids = np.unique(np.clip(found[0].reshape(-1).cpu().numpy(), 0, num_experts))
+    return ids[ids < num_experts].tolist()  # sentinels (>= E) are not experts
 
 
 class ExpertHook:
