@@ -162,6 +162,7 @@ def run_row(row: str, args, config, source, device, ids) -> tuple[dict, torch.Te
         "budget_bytes": plan.budget_bytes,
         "peak_weight_bytes": stats.peak_weight_bytes,
         "experts": {k: after[k] - before_experts.get(k, 0) for k in after},
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
     }
     if plan.experts is not None:
         e = result["experts"]
