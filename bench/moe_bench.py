@@ -224,6 +224,8 @@ def gates(results: dict) -> dict:
         out[f"expert>={need}x_block"] = rows["expert"]["tok_s"] >= need * rows["block"]["tok_s"]
         if rows["expert"].get("decode_tok_s") and rows["block"].get("decode_tok_s"):
             results["decode_speedup"] = rows["expert"]["decode_tok_s"] / rows["block"]["decode_tok_s"]
+    if "resident" in rows and "expert" in rows:  # what no offloading can beat: the model's own speed
+        results["expert_vs_resident"] = rows["expert"]["tok_s"] / rows["resident"]["tok_s"]
     h2d = results.get("h2d_pinned_GBps")
     if h2d and "expert" in rows and rows["expert"]["pcie_bytes_per_token"]:
         bound = h2d * 1e9 / rows["expert"]["pcie_bytes_per_token"]

@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "moe_bench.py"
 
 def test_dry_run_compares_every_row_with_the_reference(tmp_path):
     out = tmp_path / "moe.json"
-    rows = "block,expert,expert-lru,expert-decoded"
+    rows = "resident,block,expert,expert-lru,expert-decoded"
     proc = subprocess.run(
         [sys.executable, str(BENCH), str(out), "--dry-run", "--rows", rows],
         capture_output=True, text=True, timeout=600,
@@ -28,3 +28,4 @@ def test_dry_run_compares_every_row_with_the_reference(tmp_path):
     assert by_row["expert"]["warmed_at_dispatch"] == by_row["expert"]["cache_entries"] > 0
     assert "experts" not in by_row["block"]["plan"] and "experts:" in by_row["expert"]["plan"]
     assert result["gates"] == {"lossless_rows_identical": True, "peak_weight<=budget": True}
+    assert result["expert_vs_resident"] == by_row["expert"]["tok_s"] / by_row["resident"]["tok_s"]
