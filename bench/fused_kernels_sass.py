@@ -122,9 +122,11 @@ def jobs(kernels: set[str], quick: bool) -> list[tuple[str, dict, int, int]]:
                 out.append(("dot", constexprs, warps, stages))
     if "wdot" in kernels:
         for bp, bw, warps, stages in bench.WDOT_CONFIGS[:1] if quick else bench.WDOT_CONFIGS:
-            constexprs = {"BP": bp, "BW": bw, "SPLIT_K": True, "EVEN_K": True, "EVEN_N": True,
-                          "EC": WDOT_ESCAPE_CHUNK, "HAS_BIAS": False, "X_WORDS": True}  # fmt: skip
-            out.append(("wdot", constexprs, warps, stages))
+            for prefetch in (False, True):
+                constexprs = {"BP": bp, "BW": bw, "SPLIT_K": True, "EVEN_K": True, "EVEN_N": True,
+                              "EC": WDOT_ESCAPE_CHUNK, "HAS_BIAS": False, "X_WORDS": True,
+                              "PREFETCH": prefetch}  # fmt: skip
+                out.append(("wdot", constexprs, warps, stages))
     if "decode" in kernels:
         out.append(("decode", {"BP": 16, "BW": 64}, 4, 1))
     return out

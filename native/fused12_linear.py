@@ -63,7 +63,7 @@ PROGRAMS_PER_SM = 4  # default split-K target: enough programs in flight to hide
 # the H200, in whole waves of split-K (2026-12-01-h200-fused12-kernels-wdot-waves.json); the GEMV won k/v
 WDOT_DEFAULT_MIN_M, WDOT_DEFAULT_MIN_N = 5, 4096
 WDOT_RESIDENT_PER_SM = 4  # wdot programs resident per SM at 4 warps (128 registers: ncu, M=8)
-SWITCHES = ("escape_program",)  # config fields that may be 0
+SWITCHES = ("escape_program", "prefetch")  # config fields that may be 0
 # split-K partial sums one stream's calls share, at most: a config that needs more runs with fewer splits,
 # so the plan can charge a bound (split_workspace_bound) instead of whatever a table asks
 SPLIT_WORKSPACE_BYTES = 16 << 20

@@ -54,10 +54,17 @@ WDOT_ESCAPE_CHUNK = 32  # as the tile kernel's (>= 16 for the escape terms' tl.d
 @dataclass(frozen=True)
 class WdotConfig(TileConfig):
     """Tile and launch parameters of :func:`wdot` (:class:`TileConfig`'s; ``block_pairs``,
-    ``block_words >= 16``)."""
+    ``block_words >= 16``).
+
+    Attributes:
+        prefetch: 1 loads the next step's words and ``x`` before this step's decode and products (a
+            software pipeline by hand: Triton pipelines only loads that feed ``tl.dot`` directly, and
+            Nsight Compute found this kernel waiting on its loads; it costs a second set of registers).
+    """
 
     block_pairs: int = 64
     block_words: int = 16
+    prefetch: int = 0
 
 
 @triton.jit
@@ -71,11 +78,55 @@ def _scaled_bf16(s, c, exp_xor):
 
 
 @triton.jit
+def _x_tiles(x_cols, x64_rows, words, w_end, K, m_mask, X_WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The four column classes of ``x`` for a step's words, ``[BW, 16]`` bf16 each."""
+    at = x_cols + 4 * words[:, None]
+    if X_WORDS:  # one coalesced 8-byte word per (word j, row m): columns 4j..4j+3, split by shifts
+        xw = tl.load(x64_rows + words[:, None], mask=m_mask[None, :] & (words < w_end)[:, None], other=0)
+        x0 = xw.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        x1 = (xw >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        x2 = (xw >> 32).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        x3 = (xw >> 48).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif EVEN_K:  # every split full and K a multiple of 4: rows are the only mask
+        x0 = tl.load(at, mask=m_mask[None, :], other=0.0)
+        x1 = tl.load(at + 1, mask=m_mask[None, :], other=0.0)
+        x2 = tl.load(at + 2, mask=m_mask[None, :], other=0.0)
+        x3 = tl.load(at + 3, mask=m_mask[None, :], other=0.0)
+    else:
+        mask_x = m_mask[None, :] & (words < w_end)[:, None]
+        x0 = tl.load(at, mask=mask_x & (4 * words < K)[:, None], other=0.0)
+        x1 = tl.load(at + 1, mask=mask_x & (4 * words + 1 < K)[:, None], other=0.0)
+        x2 = tl.load(at + 2, mask=mask_x & (4 * words + 2 < K)[:, None], other=0.0)
+        x3 = tl.load(at + 3, mask=mask_x & (4 * words + 3 < K)[:, None], other=0.0)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _products(acc_a, acc_b, c, sa, sb, x0, x1, x2, x3, exp_xor):
+    """One step: decode the words into ``w'`` tiles (rows A and B, four column classes) and accumulate
+    their 8 products with ``x``."""
+    a0, a1 = _scaled_bf16(sa, c, exp_xor)
+    a2, a3 = _scaled_bf16(rotr8(sa), c << 4, exp_xor)
+    b0, b1 = _scaled_bf16(sb, c >> 4, exp_xor)
+    b2, b3 = _scaled_bf16(rotr8(sb), rotl8(c), exp_xor)
+    acc_a = tl.dot(a0, x0, acc_a)
+    acc_a = tl.dot(a1, x1, acc_a)
+    acc_a = tl.dot(a2, x2, acc_a)
+    acc_a = tl.dot(a3, x3, acc_a)
+    acc_b = tl.dot(b0, x0, acc_b)
+    acc_b = tl.dot(b1, x1, acc_b)
+    acc_b = tl.dot(b2, x2, acc_b)
+    acc_b = tl.dot(b3, x3, acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _wdot_kernel(
     x_ptr, x64_ptr, sm_ptr, codes_ptr, top_ptr, esc_ptr_ptr, esc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, pitch, nwords, words_per_split, iters, n_splits, stride_xm, stride_ym, exp_xor,
     BP: tl.constexpr, BW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, EC: tl.constexpr, HAS_BIAS: tl.constexpr, X_WORDS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -93,40 +144,28 @@ def _wdot_kernel(
     w_end = tl.minimum(w_begin + words_per_split, nwords)
     x_cols = x_ptr + m_idx[None, :] * stride_xm
     x64_rows = x64_ptr + m_idx[None, :] * (stride_xm // 4)
-    for i in range(iters):  # counted: see the GEMV kernel
-        w0 = tl.multiple_of(w_begin + i * BW, BW)
-        words = w0 + tl.arange(0, BW)
+    if PREFETCH:  # step i + 1's loads are issued before step i's decode and products (the last one peeled)
+        words = tl.multiple_of(w_begin, BW) + tl.arange(0, BW)
         c, sa, sb = load_words(codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, False)
-        at = x_cols + 4 * words[:, None]
-        if X_WORDS:  # one coalesced 8-byte word per (word j, row m): columns 4j..4j+3, split by shifts
-            xw = tl.load(x64_rows + words[:, None], mask=m_mask[None, :] & (words < w_end)[:, None], other=0)
-            x0 = xw.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            x1 = (xw >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            x2 = (xw >> 32).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            x3 = (xw >> 48).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        elif EVEN_K:  # every split full and K a multiple of 4: rows are the only mask
-            x0 = tl.load(at, mask=m_mask[None, :], other=0.0)
-            x1 = tl.load(at + 1, mask=m_mask[None, :], other=0.0)
-            x2 = tl.load(at + 2, mask=m_mask[None, :], other=0.0)
-            x3 = tl.load(at + 3, mask=m_mask[None, :], other=0.0)
-        else:
-            mask_x = m_mask[None, :] & (words < w_end)[:, None]
-            x0 = tl.load(at, mask=mask_x & (4 * words < K)[:, None], other=0.0)
-            x1 = tl.load(at + 1, mask=mask_x & (4 * words + 1 < K)[:, None], other=0.0)
-            x2 = tl.load(at + 2, mask=mask_x & (4 * words + 2 < K)[:, None], other=0.0)
-            x3 = tl.load(at + 3, mask=mask_x & (4 * words + 3 < K)[:, None], other=0.0)
-        a0, a1 = _scaled_bf16(sa, c, exp_xor)
-        a2, a3 = _scaled_bf16(rotr8(sa), c << 4, exp_xor)
-        b0, b1 = _scaled_bf16(sb, c >> 4, exp_xor)
-        b2, b3 = _scaled_bf16(rotr8(sb), rotl8(c), exp_xor)
-        acc_a = tl.dot(a0, x0, acc_a)
-        acc_a = tl.dot(a1, x1, acc_a)
-        acc_a = tl.dot(a2, x2, acc_a)
-        acc_a = tl.dot(a3, x3, acc_a)
-        acc_b = tl.dot(b0, x0, acc_b)
-        acc_b = tl.dot(b1, x1, acc_b)
-        acc_b = tl.dot(b2, x2, acc_b)
-        acc_b = tl.dot(b3, x3, acc_b)
+        x0, x1, x2, x3 = _x_tiles(x_cols, x64_rows, words, w_end, K, m_mask, X_WORDS, EVEN_K)
+        for i in range(iters - 1):
+            words = tl.multiple_of(w_begin + (i + 1) * BW, BW) + tl.arange(0, BW)
+            cn, san, sbn = load_words(
+                codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, False
+            )  # fmt: skip
+            xn0, xn1, xn2, xn3 = _x_tiles(x_cols, x64_rows, words, w_end, K, m_mask, X_WORDS, EVEN_K)
+            acc_a, acc_b = _products(acc_a, acc_b, c, sa, sb, x0, x1, x2, x3, exp_xor)
+            c, sa, sb, x0, x1, x2, x3 = cn, san, sbn, xn0, xn1, xn2, xn3
+        acc_a, acc_b = _products(acc_a, acc_b, c, sa, sb, x0, x1, x2, x3, exp_xor)
+    else:
+        for i in range(iters):  # counted: see the GEMV kernel
+            w0 = tl.multiple_of(w_begin + i * BW, BW)
+            words = w0 + tl.arange(0, BW)
+            c, sa, sb = load_words(
+                codes_ptr, sm_ptr, pair0, N, pitch, words, w_end, BP, EVEN_K, EVEN_N, False
+            )  # fmt: skip
+            x0, x1, x2, x3 = _x_tiles(x_cols, x64_rows, words, w_end, K, m_mask, X_WORDS, EVEN_K)
+            acc_a, acc_b = _products(acc_a, acc_b, c, sa, sb, x0, x1, x2, x3, exp_xor)
     store_result(
         tl.trans(acc_a), tl.trans(acc_b), ca, cb, pair0, N, M, top_ptr, bias_ptr, y_ptr, stride_ym, ws_ptr,
         cnt_ptr, pid_n, split, n_splits, m_idx, BP, HAS_BIAS, SPLIT_K,
@@ -195,6 +234,7 @@ def wdot_launch(
         BP=config.block_pairs, BW=config.block_words, SPLIT_K=k.split > 1,
         EVEN_K=k.even and cols % 4 == 0, EVEN_N=planes.rows % (2 * config.block_pairs) == 0,
         EC=WDOT_ESCAPE_CHUNK, HAS_BIAS=bias is not None, X_WORDS=x64 is not x,
+        PREFETCH=bool(config.prefetch) and k.iters > 1,
     )  # fmt: skip
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return Launch(_wdot_kernel, grid, args, constexprs, options, (x, x64, out))

@@ -125,13 +125,23 @@ WDOT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("rows", "cols", "m", "split", "with_bias"), WDOT_CASES)
-def test_wdot_matches_the_reference(rows, cols, m, split, with_bias):
+WDOT_PREFETCH_CASES = [  # several steps per split: the prefetching loop runs, then its peeled last step
+    (70, 300, 8, 1, False, 1),  # 5 steps, K not a multiple of the step
+    (64, 256, 4, 2, True, 1),  # 2 steps per split, every split full
+    (33, 520, 16, 3, True, 1),  # 3 steps per split, the last split short
+]
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "m", "split", "with_bias", "prefetch"),
+    [(*case, 0) for case in WDOT_CASES] + WDOT_PREFETCH_CASES,
+)
+def test_wdot_matches_the_reference(rows, cols, m, split, with_bias, prefetch):
     weight = _weight(rows, cols, seed=5 * rows + cols)
     planes = fmt.encode(weight)
     x = torch.randn(m, cols, device=DEVICE).bfloat16()
     bias = torch.randn(rows, device=DEVICE).bfloat16() if with_bias else None
-    config = WdotConfig(block_pairs=16, block_words=16, split=split)
+    config = WdotConfig(block_pairs=16, block_words=16, split=split, prefetch=prefetch)
     workspace = _workspace(wdot_needs(m, planes, config))
     out = torch.full((m, rows), 7.0, device=DEVICE)
     wdot(x, planes, out, bias, config, workspace)
