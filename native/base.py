@@ -107,9 +107,10 @@ class EncodedTensor:
 
 
 class HostBuffer:
-    """A host buffer reused for what device encoders copy back, one group after another (the
-    ``host_buffer`` of :meth:`GroupCodec.encode_tensor`): grown on demand, pinned when ``pinned``, so the
-    pinning (~0.5 s/GB) is paid for the largest group once, not for every group."""
+    """A host buffer reused one group after another (what device encoders copy back, the ``host_buffer`` of
+    :meth:`GroupCodec.encode_tensor`; a payload read at dispatch on its way to the device): grown on
+    demand, pinned when ``pinned``, so the pinning (~0.5 s/GB) is paid for the largest group once, not for
+    every group. A caller reuses it only once the copy that read the previous contents is done."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned

@@ -25,6 +25,7 @@ from offload_runtime.loaders.reader import locate_error
 from offload_runtime.loaders.source import GroupSource
 from offload_runtime.loaders.verify import DECODED
 from offload_runtime.native import GpuDecoder, get_codec
+from offload_runtime.native.base import HostBuffer
 from offload_runtime.native.workspace import DecodeWorkspace
 from offload_runtime.scheduler.arena import BumpAllocator
 from offload_runtime.scheduler.order import ExecutionOrder
@@ -71,8 +72,8 @@ class CudaLoader:
         # only disk reads block the host; without them loads merely enqueue work (inline engine)
         self.blocks_host = bool(pcie.host_ring)
         self._checks: dict[int, tuple[str, Any]] = {}  # slot index -> (group, pending check of its load)
-        self._host_decode: torch.Tensor | None = None  # reused by decode_into for CPU-decodable codecs
-        self._bounce: torch.Tensor | None = None  # pinned, reused by decode_into for device-only codecs
+        self._host_decode = HostBuffer(pinned=False)  # reused by decode_into for CPU-decodable codecs
+        self._bounce = HostBuffer(pinned=True)  # reused by decode_into for device-only codecs
 
     def new_slot_events(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
         return torch.cuda.Event(), torch.cuda.Event()
@@ -118,17 +119,11 @@ class CudaLoader:
         """
         out = out[: entry.decoded_size]
         if get_codec(entry.codec).decodes_on_cpu(entry.params):
-            if self._host_decode is None or self._host_decode.numel() < entry.decoded_size:
-                self._host_decode = None
-                self._host_decode = torch.empty(entry.decoded_size, dtype=torch.uint8)
-            host = self._host_decode[: entry.decoded_size]
+            host = self._host_decode(entry.decoded_size)[: entry.decoded_size]
             self.source.decode_cpu(entry.name, host)
             out.copy_(host)  # pageable: synchronous, and at dispatch faster than pinning a buffer first
             return
-        if self._bounce is None or self._bounce.numel() < entry.stored_size:
-            self._bounce = None
-            self._bounce = torch.empty(entry.stored_size, dtype=torch.uint8, pin_memory=True)
-        staged = self.source.read_into(entry.name, self._bounce)
+        staged = self.source.read_into(entry.name, self._bounce(entry.stored_size))
         stream = self.decode_stream
         allocate = BumpAllocator(window).take if window is not None else None
         with torch.cuda.stream(stream):
@@ -156,8 +151,8 @@ class CudaLoader:
         """Dispatch is over: wait for the resident decodes, drop the buffers ``decode_into`` kept for them."""
         torch.cuda.current_stream(self.device).synchronize()
         self.decode_stream.synchronize()
-        self._host_decode = None
-        self._bounce = None
+        self._host_decode.release()
+        self._bounce.release()
 
     def record_release(self, slot: Slot) -> None:
         slot.release_event.record(torch.cuda.current_stream(self.device))

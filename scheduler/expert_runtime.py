@@ -48,12 +48,14 @@ from offload_runtime.loaders.reader import decode_held_payload
 from offload_runtime.loaders.source import GroupSource
 from offload_runtime.loaders.verify import DECODED
 from offload_runtime.native import get_codec
+from offload_runtime.native.base import HostBuffer
 from offload_runtime.native.batch_decode import BatchItem
 from offload_runtime.native.layout import GroupLayout
 from offload_runtime.native.workspace import DecodeWorkspace
 from offload_runtime.scheduler.arena import DeviceArena
 from offload_runtime.scheduler.expert_cache import ExpertCache
 from offload_runtime.scheduler.experts_plan import ExpertPlan
+from offload_runtime.scheduler.host_ring import HostReadRing
 from offload_runtime.scheduler.stats import ExpertStats, OffloadStats
 
 Key = tuple[str, int]
@@ -323,12 +325,7 @@ class CudaExpertLoads:
         self.entry_ready = [torch.cuda.Event() for _ in rt.entries]
         self.entry_read: list[torch.cuda.Event | None] = [None] * len(rt.entries)
         self.homes = _read_homes(rt, pinned=True)
-        self.ring = [
-            torch.empty(plan.host_ring_each, dtype=torch.uint8, pin_memory=True)
-            for _ in range(plan.host_ring_count)
-        ]
-        self.ring_free: list[torch.cuda.Event | None] = [None] * len(self.ring)
-        self._ring_next = 0
+        self.ring = HostReadRing(plan.host_ring_count, plan.host_ring_each)
         self.slot_free: torch.cuda.Event | None = None
         self._pending: list = []  # checked decodes of the current step, resolved in release()
 
@@ -338,43 +335,36 @@ class CudaExpertLoads:
         a checked decode (decoded entries) is resolved here, so damage is found at dispatch."""
         rt = self.rt
         homeless = {k for k in keys if rt.plan.homes.get(rt.experts[k].name) == "cache"}
-        bounce = None
+        bounce = HostBuffer(pinned=True)
         for key in (k for k in keys if k in homeless):  # in execution order
             expert = rt.experts[key]
             size = expert.entry.stored_size
-            if bounce is None or bounce.numel() < size:
-                bounce = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            payload = rt.source.read_into(expert.name, bounce)
+            payload = rt.source.read_into(expert.name, bounce(size))
             rt.entries[look.entries[key]][:size].copy_(payload)  # synchronous: the bounce is reused
         self.fill([k for k in keys if k not in homeless], look)
         self._resolve_checks()
 
     # -- entries -------------------------------------------------------------------------------------------
-    def _home_bytes(self, expert: _Expert) -> torch.Tensor:
-        """The expert's payload in pinned host memory (its home copy, or read into the ring now)."""
+    def _home_bytes(self, expert: _Expert) -> tuple[torch.Tensor, int | None]:
+        """The expert's payload in pinned host memory: its home copy, or read into the ring now (with the
+        ring buffer's index)."""
         home = self.homes.get(expert.name)
         if home is not None:
-            return home
-        r = self._ring_next
-        self._ring_next = (r + 1) % len(self.ring)
-        if self.ring_free[r] is not None:
-            self.ring_free[r].synchronize()  # the previous copy out of this pinned buffer is done
+            return home, None
         self.rt.stats.disk_bytes += expert.entry.stored_size
-        return self.rt.source.read_into(expert.name, self.ring[r])
+        return self.ring.read(expert.name, self.rt.source.read_into)
 
     def _copy(self, expert: _Expert, dest: torch.Tensor, after: torch.cuda.Event | None) -> None:
         """Copy ``expert``'s payload into ``dest`` on the copy stream, after ``after``."""
-        src = self._home_bytes(expert)
+        src, ring = self._home_bytes(expert)
         size = expert.entry.stored_size
         stream = self.copy_stream
         if after is not None:
             stream.wait_event(after)
         with torch.cuda.stream(stream):
             dest[:size].copy_(src[:size], non_blocking=True)
-        if expert.name not in self.homes:
-            event = torch.cuda.Event()
-            event.record(stream)
-            self.ring_free[(self._ring_next - 1) % len(self.ring)] = event
+        if ring is not None:
+            self.ring.copied(ring, stream)
         self.rt.stats.h2d_bytes += size
 
     def fill(self, keys: list[Key], look: Any) -> None:

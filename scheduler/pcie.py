@@ -22,12 +22,11 @@ import torch
 from offload_runtime.errors import PlanError
 from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.scheduler.arena import DeviceArena
+from offload_runtime.scheduler.host_ring import HostReadRing, ReadInto
 from offload_runtime.scheduler.order import ExecutionOrder
 from offload_runtime.scheduler.planner import Buffers
 from offload_runtime.scheduler.staging import StagingRing
 from offload_runtime.scheduler.timing import H2D, GpuTimer
-
-ReadInto = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class PcieStager:
@@ -57,12 +56,7 @@ class PcieStager:
         self.staging_free = [torch.cuda.Event() for _ in range(n)]
         self.copy_done = [torch.cuda.Event() for _ in range(n)]
         self.ring = StagingRing({name: j % n for j, name in enumerate(over_pcie)}, n) if n else None
-        self.host_ring = [
-            torch.empty(buffers.host_ring_each, dtype=torch.uint8, pin_memory=True)
-            for _ in range(buffers.host_ring_count)
-        ]
-        self.ring_free = [torch.cuda.Event() for _ in self.host_ring]
-        self._ring_next = 0
+        self.host_ring = HostReadRing(buffers.host_ring_count, buffers.host_ring_each)
 
     def __repr__(self) -> str:
         return f"PcieStager(staging={len(self.staging)}, host_ring={len(self.host_ring)}, {self.ring})"
@@ -86,10 +80,7 @@ class PcieStager:
         if copy_now:
             ring = None
             if host_src is None:
-                ring = self._ring_next
-                self._ring_next = (ring + 1) % len(self.host_ring)
-                self.ring_free[ring].synchronize()  # the previous H2D out of this pinned buffer is done
-                host_src = read(entry.name, self.host_ring[ring])
+                host_src, ring = self.host_ring.read(entry.name, read)
             self._copy(entry.stored_size, k, host_src, ring)
         return self.staging[k][: entry.stored_size], k, entry.stored_size if copy_now else 0
 
@@ -131,7 +122,7 @@ class PcieStager:
             self.timer.end(H2D, start, self.copy_stream, nbytes)
             self.copy_done[k].record(self.copy_stream)
             if ring is not None:
-                self.ring_free[ring].record(self.copy_stream)
+                self.host_ring.copied(ring, self.copy_stream)
 
     def close(self) -> None:
         self.copy_stream.synchronize()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from offload_runtime.loaders.format import GroupEntry
+from offload_runtime.native.base import HostBuffer
 from offload_runtime.scheduler.sizes import GroupSize
 from offload_runtime.scheduler.tiers.base import Tier, TierContext, TierStore
 
@@ -23,20 +24,17 @@ class DevicePayloadStore(TierStore):
     def __init__(self, tier: Tier, ctx: TierContext) -> None:
         super().__init__(tier, ctx)
         self.payloads: dict[str, torch.Tensor] = {}
-        self._bounce: torch.Tensor | None = None
+        self._bounce = HostBuffer(pinned=True)
 
     def place(self, entry: GroupEntry) -> None:
         super().place(entry)
-        if self._bounce is None or self._bounce.numel() < entry.stored_size:
-            self._bounce = None  # free the smaller one first
-            self._bounce = torch.empty(entry.stored_size, dtype=torch.uint8, pin_memory=True)
-        staged = self.ctx.source.read_into(entry.name, self._bounce)
+        staged = self.ctx.source.read_into(entry.name, self._bounce(entry.stored_size))
         self.payloads[entry.name] = self.ctx.arena.take(entry.stored_size).copy_(staged)  # synchronous
         self.counters.device_bytes += entry.stored_size
 
     def finish_placing(self) -> None:
         """Every group is placed: the bounce buffer is not needed any more."""
-        self._bounce = None
+        self._bounce.release()
 
     def device_payload(self, entry: GroupEntry, pcie: PcieStager) -> tuple[torch.Tensor, int | None]:
         self.counters.loads += 1
@@ -44,7 +42,7 @@ class DevicePayloadStore(TierStore):
 
     def close(self) -> None:
         self.payloads.clear()
-        self._bounce = None
+        self._bounce.release()
 
 
 class DeviceCompressedTier(Tier):

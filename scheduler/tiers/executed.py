@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.native import get_codec
+from offload_runtime.native.base import HostBuffer
 from offload_runtime.scheduler.sizes import GroupSize
 from offload_runtime.scheduler.tiers.base import Tier, TierContext, TierStore
 
@@ -26,14 +25,11 @@ class ExecutedStore(TierStore):
     def __init__(self, tier: Tier, ctx: TierContext) -> None:
         super().__init__(tier, ctx)
         self.views: dict[str, dict[str, Any]] = {}
-        self._bounce: torch.Tensor | None = None
+        self._bounce = HostBuffer(pinned=ctx.pinned)
 
     def place(self, entry: GroupEntry) -> None:
         super().place(entry)
-        if self._bounce is None or self._bounce.numel() < entry.stored_size:
-            self._bounce = None
-            self._bounce = torch.empty(entry.stored_size, dtype=torch.uint8, pin_memory=self.ctx.pinned)
-        staged = self.ctx.source.read_into(entry.name, self._bounce)
+        staged = self.ctx.source.read_into(entry.name, self._bounce(entry.stored_size))
         payload = self.ctx.arena.take(entry.stored_size)[: entry.stored_size]
         payload.copy_(staged)  # synchronous
         codec = get_codec(entry.codec)
@@ -41,14 +37,14 @@ class ExecutedStore(TierStore):
         self.counters.device_bytes += entry.stored_size
 
     def finish_placing(self) -> None:
-        self._bounce = None
+        self._bounce.release()
 
     def compute_views(self, name: str) -> dict[str, Any]:
         return self.views[name]
 
     def close(self) -> None:
         self.views.clear()
-        self._bounce = None
+        self._bounce.release()
 
 
 class ExecutedCompressedTier(Tier):
