@@ -11,11 +11,6 @@ each subcommand runs on its arguments before loading anything (``offload_runtime
 every typed error raised later (``offload_runtime.errors``), re-worded where the API's hint names a
 Python argument. A failure that is none of these (a bug) is one line too, with exit status 1; set
 ``OFFLOAD_RUNTIME_DEBUG=1`` to get its traceback.
-
-The command owns its process, so it asks torch to pin host memory by registering it
-(:data:`PINNED_BY_REGISTERING`) unless the user configured pinning: dispatch pins every host-tier payload
-and expert home, and on the H200 host ``cudaHostAlloc`` took 0.46 s/GB where malloc + ``cudaHostRegister``
-took 0.13 s/GB at the same H2D rate (``bench/results/2026-11-30-h200-pinned-alloc.json``).
 """
 
 from __future__ import annotations
@@ -54,16 +49,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 DEBUG_ENV = "OFFLOAD_RUNTIME_DEBUG"
-ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"  # read by torch when its CUDA allocators start
-PINNED_BY_REGISTERING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-
-
-def pin_by_registering(environ: dict[str, str] | os._Environ = os.environ) -> None:
-    """Add :data:`PINNED_BY_REGISTERING` to torch's allocator settings, unless they already say how to pin
-    (a user's ``pinned_...`` option wins; their other options are kept). Before torch starts CUDA only."""
-    current = environ.get(ALLOC_CONF_ENV, "")
-    if "pinned_" not in current:
-        environ[ALLOC_CONF_ENV] = ",".join(filter(None, [current, PINNED_BY_REGISTERING]))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    pin_by_registering()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse would blame the top-level parser: name the subcommand they were given to

@@ -56,6 +56,7 @@ from offload_runtime.scheduler.arena import DeviceArena
 from offload_runtime.scheduler.expert_cache import ExpertCache
 from offload_runtime.scheduler.experts_plan import ExpertPlan
 from offload_runtime.scheduler.host_ring import HostReadRing
+from offload_runtime.scheduler.pinning import pin_by_registering
 from offload_runtime.scheduler.stats import ExpertStats, OffloadStats
 
 Key = tuple[str, int]
@@ -301,6 +302,7 @@ class CudaExpertLoads:
     docstring)."""
 
     def __init__(self, rt: ExpertRuntime) -> None:
+        pin_by_registering()  # before the homes and the ring are pinned (pinning.py says why)
         self.rt = rt
         plan, device, arena = rt.plan, rt.device, rt.arena
         self.compressed = plan.mode == "compressed"

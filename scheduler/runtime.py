@@ -25,6 +25,7 @@ from offload_runtime.scheduler.engine import Engine
 from offload_runtime.scheduler.loader import CpuLoader, Loader
 from offload_runtime.scheduler.order import ExecutionOrder
 from offload_runtime.scheduler.pcie import PcieStager
+from offload_runtime.scheduler.pinning import pin_by_registering
 from offload_runtime.scheduler.planner import Plan, plan_placement
 from offload_runtime.scheduler.sizes import measure_groups
 from offload_runtime.scheduler.slots import Slot
@@ -116,6 +117,8 @@ def build_runtime(
         force_streamed=force_streamed,
     )
     stats = OffloadStats()
+    if device.type == "cuda":
+        pin_by_registering()  # before anything is pinned: host-tier payloads, rings (pinning.py says why)
     arena = DeviceArena(plan.arena_bytes, device)
     streaming = arena.take(plan.buffers.streaming_region_bytes)  # slots, staging, dispatch window
     region = BumpAllocator(streaming)

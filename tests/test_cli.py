@@ -5,13 +5,7 @@ import sys
 import pytest
 
 from offload_runtime import __version__
-from offload_runtime.cli import (
-    ALLOC_CONF_ENV,
-    PINNED_BY_REGISTERING,
-    SUBCOMMANDS,
-    build_parser,
-    pin_by_registering,
-)
+from offload_runtime.cli import SUBCOMMANDS, build_parser
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -75,27 +69,3 @@ def test_subcommand_help_mentions_gguf_dequantisation():
     text = " ".join(proc.stdout.split())
     assert "de-quantised to --dtype" in text and "lossless relative to those de-quantised weights" in text
     assert "--force" in text
-
-
-@pytest.mark.parametrize(
-    ("before", "after"),
-    [
-        (None, PINNED_BY_REGISTERING),
-        ("expandable_segments:True", f"expandable_segments:True,{PINNED_BY_REGISTERING}"),
-        ("pinned_use_background_threads:True", "pinned_use_background_threads:True"),  # the user's pinning
-    ],
-)
-def test_the_command_pins_by_registering_unless_told_how_to_pin(before, after):
-    environ = {} if before is None else {ALLOC_CONF_ENV: before}
-    pin_by_registering(environ)
-    assert environ == {ALLOC_CONF_ENV: after}
-
-
-def test_main_sets_the_pinning_before_any_subcommand_runs(monkeypatch):
-    from offload_runtime.cli import main
-
-    monkeypatch.delenv(ALLOC_CONF_ENV, raising=False)
-    assert main([]) == 0  # no subcommand: the help
-    import os
-
-    assert os.environ[ALLOC_CONF_ENV] == PINNED_BY_REGISTERING
