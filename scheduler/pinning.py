@@ -4,8 +4,8 @@ A CUDA runtime pins host memory for the payloads it keeps in RAM (tens of GB for
 its rings and bounce buffers. torch's pinned allocator calls ``cudaHostAlloc`` by default, which took
 0.46 s/GB on an H200 host; configured with ``pinned_use_cuda_host_register`` it allocates ordinary memory
 and registers it (``cudaHostRegister``, its pages touched by several threads) at 0.13-0.16 s/GB, with the
-same H2D rate (``bench/results/2026-11-30-h200-pinned-alloc.json``, and the same setting applied at run
-time in ``2026-12-01-h200-pinned-register-at-runtime.txt``). For a 70 B model's 90 GB in RAM that is
+same H2D rate (``bench/results/2026-11-30-h200-pinned-alloc.json``; applied at run time, by a dispatch:
+``2026-12-01-h200-pinned-register-by-dispatch.txt``). For a 70 B model's 90 GB in RAM that is
 about half a minute of dispatch.
 
 So before a CUDA runtime pins anything, :func:`pin_by_registering` applies that setting to torch's
