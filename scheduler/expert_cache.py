@@ -131,11 +131,11 @@ class _LFU(_LRU):
         self.counts[key] = self.counts.get(key, 0.0) + 1.0
 
     def victim(self, pinned: Container[Key]) -> Key | None:
-        # rank in recency: lower is older
         return next(self.victims(pinned), None)
 
     def victims(self, pinned: Container[Key]) -> Iterator[Key]:
-        # ranked once: evicting one key or touching a pinned one leaves the others' order as it was
+        # count, then rank in recency (lower is older); ranked once: evicting one key or touching a pinned
+        # one leaves the others' order as it was
         candidates = [(self.counts.get(k, 0.0), r, k) for r, k in enumerate(self.order) if k not in pinned]
         candidates.sort(key=lambda c: c[:2])
         for _, _, key in candidates:
