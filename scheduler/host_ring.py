@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from offload_runtime.errors import PlanError
+
 ReadInto = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -60,10 +62,10 @@ class HostReadRing:
             `tuple`: the payload (what ``read_into`` returns) and the buffer's index, for :meth:`copied`.
 
         Raises:
-            ValueError: the ring has no buffer (the plan put nothing on disk).
+            PlanError: the ring has no buffer (the plan put nothing on disk), naming the group.
         """
         if not self.buffers:
-            raise ValueError(f"no host ring buffer to read {name} into: the plan put nothing on disk")
+            raise PlanError("the plan gives this disk read no host ring buffer", group=name)
         k = self._next
         self._next = (k + 1) % len(self.buffers)
         if self._copied[k] is not None:

@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from offload_runtime.errors import PlanError
 from offload_runtime.scheduler.host_ring import HostReadRing
 
 
@@ -61,5 +62,6 @@ def test_a_buffer_keeps_one_event_recorded_again_at_each_copy(ring):
 def test_a_ring_without_buffers_refuses_to_read():
     ring = HostReadRing(0, 8, pinned=False, event=FakeEvent)
     assert not ring
-    with pytest.raises(ValueError, match="nothing on disk"):
+    with pytest.raises(PlanError, match="no host ring buffer") as info:
         ring.read("layer.0", _read)
+    assert info.value.group == "layer.0"
