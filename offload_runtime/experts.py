@@ -130,10 +130,16 @@ def routed_experts(module: str, num_experts: int, args: tuple, kwargs: dict) -> 
             actual=f"{len(found)} integer tensors",
             hint="this experts module's signature is not supported; dispatch it at block granularity",
         )
+    return unique_experts(found[0], num_experts)
+
+
+def unique_experts(indices: torch.Tensor, num_experts: int) -> list[int]:
+    """The sorted unique experts among ``indices`` (any shape, any device: one host sync); indices
+    ``>= num_experts`` (expert-parallel sentinels) are not experts."""
     # the indices themselves come to the host (one copy, no kernel: at batch 1 three launches for a mask
     # on the device cost more host time than the copy); the union is taken there
-    ids = np.unique(np.clip(found[0].reshape(-1).cpu().numpy(), 0, num_experts))
-    return ids[ids < num_experts].tolist()  # sentinels (>= E) are not experts
+    ids = np.unique(np.clip(indices.reshape(-1).cpu().numpy(), 0, num_experts))
+    return ids[ids < num_experts].tolist()
 
 
 class ExpertHook:

@@ -100,13 +100,10 @@ class _LRU:
     def evict(self, key: Key) -> None:
         self.order.pop(key, None)
 
-    def victim(self, pinned: Container[Key]) -> Key | None:
-        return next((k for k in self.order if k not in pinned), None)
-
     def victims(self, pinned: Container[Key]) -> Iterator[Key]:
         """Victims in eviction order, for one lookup: between two of them the caller evicts the one it got
         and touches only keys in ``pinned``, which changes no other candidate's rank."""
-        while (key := self.victim(pinned)) is not None:
+        while (key := next((k for k in self.order if k not in pinned), None)) is not None:
             yield key
 
     def tick(self, layer: Hashable, visit: bool) -> None:
@@ -129,9 +126,6 @@ class _LFU(_LRU):
 
     def seen(self, key: Key) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + 1.0
-
-    def victim(self, pinned: Container[Key]) -> Key | None:
-        return next(self.victims(pinned), None)
 
     def victims(self, pinned: Container[Key]) -> Iterator[Key]:
         # count, then rank in recency (lower is older); ranked once: evicting one key or touching a pinned
@@ -181,9 +175,6 @@ class _LayerLRU:
 
     def evict(self, key: Key) -> None:
         self.layers.get(layer_of(key), {}).pop(key, None)
-
-    def victim(self, pinned: Container[Key]) -> Key | None:
-        return next(self.victims(pinned), None)
 
     def victims(self, pinned: Container[Key]) -> Iterator[Key]:
         """Each layer's oldest unpinned key ranked once per lookup in a heap; after a layer's candidate is

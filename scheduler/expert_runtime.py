@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from offload_runtime.errors import CorruptCheckpointError, OffloadError
-from offload_runtime.experts import ExpertHook, ExpertSlot
+from offload_runtime.experts import ExpertHook, ExpertSlot, unique_experts
 from offload_runtime.loaders.format import GroupEntry
 from offload_runtime.loaders.moe import ExpertsModule
 from offload_runtime.loaders.reader import decode_held_payload
@@ -213,10 +213,8 @@ class ExpertRuntime:
         picks = [t for t in (out if isinstance(out, tuple) else (out,)) if not t.is_floating_point()]
         if not picks:
             return
-        ids = sorted(set(picks[0].reshape(-1).tolist()))
-        look = self.cache.lookup(
-            [(following, e) for e in ids if e < self.slots[following].num_experts], visit=False
-        )
+        ids = unique_experts(picks[0], self.slots[following].num_experts)
+        look = self.cache.lookup([(following, e) for e in ids], visit=False)
         cached = [k for k in look.misses if k in look.entries]
         self.loads.fill(cached, look)
         self.cache.release(look.step)
